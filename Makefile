@@ -1,0 +1,66 @@
+# The README's two commands: `make repro` and `make test`. Each sets up what it needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# Stage commands call `python`: the venv's. DVC must not phone home (no network here).
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+PIP_QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2 || true)
+
+.PHONY: help venv data repro test test-fast lint bench lock clean
+
+help:
+	@echo "make repro     set up the venv, materialize data/ if missing, run dvc repro"
+	@echo "make test      set up the venv and run the whole test suite"
+	@echo "make test-fast the tests not marked slow"
+	@echo "make lint      ruff check and format check"
+	@echo "make bench     benchmarks (bench/), printing their figures"
+
+# Reinstalls only when pyproject.toml or requirements.lock change.
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3 $(PIP_QUIET)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]' $(PIP_QUIET)
+	@touch $@
+
+venv: $(STAMP)
+
+# data/ is tracked by data.dvc. Pull it from a DVC remote when one is configured, else
+# materialize the default raw data from installed packages; then check it against data.dvc.
+data: $(STAMP)
+	@if [ ! -d data ]; then \
+	  if [ -n "$$(dvc remote list)" ] && dvc pull --quiet data.dvc; then :; \
+	  else gm data materialize --out data --quiet; fi; \
+	fi
+	gm data verify --dvc-file data.dvc
+
+repro: data
+	dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check gm pipelines tests bench
+	$(BIN)/ruff format --check gm pipelines tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_data.py
+
+# Regenerate the full pin set after changing pyproject.toml's dependencies.
+lock:
+	rm -rf /tmp/gm-lock && $(PYTHON) -m venv /tmp/gm-lock
+	/tmp/gm-lock/bin/python -m pip install --quiet --upgrade pip==26.3 $(PIP_QUIET)
+	/tmp/gm-lock/bin/python -m pip install --quiet -e '.[dev]' $(PIP_QUIET)
+	/tmp/gm-lock/bin/python -m pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock
+
+clean:
+	rm -rf $(VENV)

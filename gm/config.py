@@ -1,0 +1,179 @@
+"""Load sections of ``params.yaml`` into frozen dataclasses.
+
+Every key is checked: an unknown key, a value of the wrong type or a value out of range is a
+``ConfigError`` that names the file and the dotted key (``params.yaml: datasets.emoji.fit``).
+Dataclass fields carry their own validation in ``__post_init__`` through :func:`check`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from gm.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a syntax error is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read params file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def section(params: dict[str, Any], dotted: str, source: str = "params.yaml") -> Any:
+    """Return ``params[a][b]...`` for ``dotted = 'a.b'``; a missing key names the full path."""
+    node: Any = params
+    walked = []
+    for part in dotted.split("."):
+        walked.append(part)
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{source}: missing key {'.'.join(walked)}")
+        node = node[part]
+    return node
+
+
+class _Invalid(Exception):
+    pass
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Validation helper for ``__post_init__``: raise a ConfigError on ``key`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for alt in get_args(tp):
+            try:
+                return _convert(value, alt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        k_tp, v_tp = get_args(tp)
+        return {
+            _convert(k, k_tp, key): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()
+        }
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], key: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad values name ``key.field``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{key}." if key else ""
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (expected one of: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # __post_init__ checks name the bare field; give them their full path.
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(prefix) else prefix + msg) from None
+
+
+def load_section(
+    cls: type[T], params_path: str | os.PathLike, dotted: str
+) -> T:
+    """Load ``dotted`` from the YAML file into ``cls``; errors are prefixed with the file name."""
+    params = load_yaml(params_path)
+    try:
+        return from_dict(cls, section(params, dotted, str(params_path)), dotted)
+    except ConfigError as e:
+        msg = str(e)
+        src = str(params_path)
+        raise ConfigError(msg if msg.startswith(src) else f"{src}: {msg}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass → plain JSON-able dict (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,97 @@
+"""The Parquet layout of gm datasets, shared by writers and readers.
+
+An image column is ``fixed_size_binary`` holding one (H, W, C) array in row-major order; its field
+metadata says ``dtype`` (uint8 or float32 in [0, 255]) and ``shape``. One file per pyramid level,
+named ``{R}x{R}.parquet``, rows sorted by id. Metadata is read from the schema, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gm.errors import DataError
+from gm.io import atomic_path
+
+FORMAT_VERSION = 1
+
+
+def level_file(resolution: int) -> str:
+    return f"{resolution}x{resolution}.parquet"
+
+
+def image_field(name: str, shape: tuple[int, ...], dtype: np.dtype) -> pa.Field:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    meta = {"dtype": dtype.name, "shape": json.dumps(list(shape))}
+    return pa.field(name, pa.binary(nbytes), nullable=False, metadata=meta)
+
+
+def image_array(images: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """(N, ...) array → fixed-size binary array without a Python loop."""
+    images = np.ascontiguousarray(images)
+    n = images.shape[0]
+    width = images[0].nbytes if n else int(np.prod(images.shape[1:])) * images.itemsize
+    buf = pa.py_buffer(images.reshape(n, -1).view(np.uint8).reshape(-1))
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, buf])
+
+
+def decode_images(column: pa.ChunkedArray | pa.Array, field: pa.Field) -> np.ndarray:
+    """Fixed-size binary column → (N, *shape) array of the field's dtype (one copy at most)."""
+    meta = field.metadata or {}
+    try:
+        dtype = np.dtype(meta[b"dtype"].decode())
+        shape = tuple(json.loads(meta[b"shape"]))
+    except KeyError:
+        raise DataError(f"column {field.name!r} has no dtype/shape metadata") from None
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    if n == 0:
+        return np.empty((0, *shape), dtype=dtype)
+    data = column.buffers()[1]
+    width = column.type.byte_width
+    start = column.offset * width
+    flat = np.frombuffer(data, dtype=np.uint8, count=n * width, offset=start)
+    return flat.view(dtype).reshape(n, *shape)
+
+
+def write_table(path: str | os.PathLike, table: pa.Table, metadata: dict[str, object]) -> None:
+    """Atomically write ``table`` with gm metadata in the schema (zstd, deterministic bytes)."""
+    meta = dict(table.schema.metadata or {})
+    meta[b"gm"] = json.dumps({"format_version": FORMAT_VERSION, **metadata}, sort_keys=True)
+    table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            compression_level=3,
+            row_group_size=4096,
+            use_dictionary=["split", "label_name", "domain"],
+            write_statistics=["id", "split", "label"],
+            store_schema=True,
+        )
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, object]:
+    path = Path(path)
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    raw = (schema.metadata or {}).get(b"gm")
+    if raw is None:
+        raise DataError(f"{path}: not a gm dataset file (no 'gm' schema metadata)")
+    meta = json.loads(raw)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path}: dataset format version {meta.get('format_version')} is not supported "
+            f"(this gm reads version {FORMAT_VERSION}); rebuild it with `dvc repro`"
+        )
+    return meta

@@ -1,0 +1,33 @@
+"""DVC stage `prepare@<name>`: raw folder → multi-resolution Parquet dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+from gm import params
+from gm.errors import ConfigError
+from gm.cli import guarded
+from gm.data.prepare import prepare_dataset
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pipelines.prepare", description=__doc__)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap.add_argument("--name", required=True, help="key under `datasets` in the params file")
+    ap.add_argument("--raw", required=True, help="raw image folder (or folder of Parquet tables)")
+    ap.add_argument("--out", required=True, help="output dataset folder (replaced atomically)")
+    args = ap.parse_args(argv)
+    p = params.load(args.params)
+    if args.name not in p.datasets:
+        raise ConfigError(f"{args.params}: datasets.{args.name}: no such dataset")
+    m = prepare_dataset(args.raw, args.out, p.datasets[args.name], name=args.name)
+    print(
+        f"{args.name}: {m['num_images']} images, {len(m['classes'])} classes, "
+        f"levels {m['resolutions']}, {len(m['skipped'])} inputs skipped → {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
