@@ -10,8 +10,8 @@ machine, so ``data.dvc`` stays valid (tests/test_sources.py checks the hash).
   extras are left out.
 - ``digits``: scikit-learn's 1,797 labelled 8x8 handwritten digits (UCI, CC BY 4.0), grey levels
   0..16 mapped to 0..255.
-- ``photos``: the photographs shipped with scikit-image (public domain / CC0, see its
-  ``skimage/data/README.txt``), copied byte for byte, for super-resolution and compression.
+- ``photos``: twelve photographs shipped with scikit-image (public domain or CC0, as its
+  ``skimage.data`` docstrings state), copied byte for byte, for super-resolution and compression.
 """
 
 from __future__ import annotations
@@ -197,10 +197,11 @@ def materialize_digits(out: Path, progress: bool = True) -> int:
     return len(images)
 
 
+# Only the photographs whose scikit-image docstring states public domain, CC0 or no known
+# copyright restrictions.
 PHOTOS = [
     "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
-    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png",
-    "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "rocket.jpg",
 ]
 
 
