@@ -34,8 +34,9 @@ def guarded(fn: Callable[..., int]) -> Callable[..., int]:
 def _cmd_data_materialize(args) -> int:
     from gm.data.sources import materialize
 
-    written = materialize(args.out, only=args.only or None, force=args.force,
-                          progress=not args.quiet)
+    written = materialize(
+        args.out, only=args.only or None, force=args.force, progress=not args.quiet
+    )
     for name, n in written.items():
         state = "kept (exists; --force rebuilds)" if n is None else f"{n} images"
         print(f"{Path(args.out) / name}: {state}")
@@ -58,8 +59,10 @@ def _cmd_data_inspect(args) -> int:
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         if "counts" in m and "resolutions" in m:
-            print(f"{path}: dataset {m['dataset']!r}, {m['num_images']} images, "
-                  f"{m['channels']} channel(s), levels {m['resolutions']}")
+            print(
+                f"{path}: dataset {m['dataset']!r}, {m['num_images']} images, "
+                f"{m['channels']} channel(s), levels {m['resolutions']}"
+            )
             width = max(len(c) for c in m["classes"])
             print(f"  {'class':<{width}}  {'train':>6} {'val':>6} {'test':>6}")
             for c in m["classes"]:
@@ -67,8 +70,10 @@ def _cmd_data_inspect(args) -> int:
                 print(f"  {c:<{width}}  {row}")
             print(f"  mean {m['mean']}  std {m['std']}  content {m['content_hash'][:16]}")
         else:
-            print(f"{path}: paired dataset {m.get('name')!r} ({m.get('kind')}) from "
-                  f"{m.get('dataset')!r}")
+            print(
+                f"{path}: paired dataset {m.get('name')!r} ({m.get('kind')}) from "
+                f"{m.get('dataset')!r}"
+            )
             for f, info in m.get("files", {}).items():
                 print(f"  {f}: {info['rows']} rows {info.get('counts')}")
         for s in m.get("skipped", [])[: args.limit]:
@@ -85,9 +90,9 @@ def _cmd_data_inspect(args) -> int:
 
 def _cmd_prepare(args) -> int:
     from gm import params
-    from gm.errors import ConfigError
     from gm.data.pairs import build_pairs
     from gm.data.prepare import prepare_dataset
+    from gm.errors import ConfigError
 
     p = params.load(args.params)
     wanted = set(args.names)
@@ -97,8 +102,13 @@ def _cmd_prepare(args) -> int:
     out = Path(args.out)
     for name, cfg in p.datasets.items():
         if not wanted or name in wanted:
-            m = prepare_dataset(Path(args.data) / name, out / "pyramid" / name, cfg, name=name,
-                                progress=not args.quiet)
+            m = prepare_dataset(
+                Path(args.data) / name,
+                out / "pyramid" / name,
+                cfg,
+                name=name,
+                progress=not args.quiet,
+            )
             print(f"{out / 'pyramid' / name}: {m['num_images']} images, levels {m['resolutions']}")
     for name, cfg in p.pairs.items():
         if not wanted or name in wanted:
@@ -131,22 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"gm {gm.__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="materialize or inspect raw data",
-                          description="Materialize the default raw data or inspect a folder.")
+    data = sub.add_parser(
+        "data",
+        help="materialize or inspect raw data",
+        description="Materialize the default raw data or inspect a folder.",
+    )
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     mat = dsub.add_parser(
-        "materialize", help="write the default raw datasets (emoji, digits, photos)",
+        "materialize",
+        help="write the default raw datasets (emoji, digits, photos)",
         description="Write the default raw datasets from files shipped in installed packages "
         "(byte-identical on every machine; nothing is downloaded).",
     )
     mat.add_argument("--out", default="data", help="raw data folder (default: %(default)s)")
-    mat.add_argument("--only", action="append", metavar="NAME",
-                     help="only this dataset (repeatable): emoji, digits, photos")
+    mat.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="only this dataset (repeatable): emoji, digits, photos",
+    )
     mat.add_argument("--force", action="store_true", help="rebuild datasets that exist")
     mat.add_argument("--quiet", action="store_true", help="no progress bars")
     mat.set_defaults(func=_cmd_data_materialize)
     ver = dsub.add_parser(
-        "verify", help="check data/ against its .dvc file and add it to the DVC cache",
+        "verify",
+        help="check data/ against its .dvc file and add it to the DVC cache",
         description="Check that the raw data matches the hash recorded in its .dvc file (the "
         "default data is byte-identical on every machine); if it does, store it in the local "
         "DVC cache. Exits 2 naming the difference otherwise.",
@@ -154,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--dvc-file", default="data.dvc", help="default: %(default)s")
     ver.set_defaults(func=_cmd_data_verify)
     ins = dsub.add_parser(
-        "inspect", help="summarize a raw folder or a prepared dataset",
+        "inspect",
+        help="summarize a raw folder or a prepared dataset",
         description="Summarize a raw image folder (classes, counts, non-images) or a prepared "
         "dataset or paired dataset (from its manifest).",
     )
@@ -163,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=_cmd_data_inspect)
 
     prep = sub.add_parser(
-        "prepare", help="build datasets outside DVC",
+        "prepare",
+        help="build datasets outside DVC",
         description="Build the multi-resolution and paired datasets of a params file, the same "
         "as `dvc repro` does, without DVC (e.g. for a quick look at a new folder).",
     )
@@ -174,8 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=_cmd_prepare)
 
-    models = sub.add_parser("models", help="list registered model families",
-                            description="List the registered model families and their papers.")
+    models = sub.add_parser(
+        "models",
+        help="list registered model families",
+        description="List the registered model families and their papers.",
+    )
     models.set_defaults(func=_cmd_models)
     return ap
 

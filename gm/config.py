@@ -51,10 +51,6 @@ def section(params: dict[str, Any], dotted: str, source: str = "params.yaml") ->
     return node
 
 
-class _Invalid(Exception):
-    pass
-
-
 def check(ok: bool, key: str, message: str) -> None:
     """Validation helper for ``__post_init__``: raise a ConfigError on ``key`` unless ``ok``."""
     if not ok:
@@ -85,12 +81,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for alt in get_args(tp):
             try:
                 return _convert(value, alt, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
@@ -101,9 +96,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         k_tp, v_tp = get_args(tp)
-        return {
-            _convert(k, k_tp, key): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()
-        }
+        return {_convert(k, k_tp, key): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is type(None):
@@ -155,9 +148,7 @@ def from_dict(cls: type[T], data: dict[str, Any], key: str = "") -> T:
         raise ConfigError(msg if msg.startswith(prefix) else prefix + msg) from None
 
 
-def load_section(
-    cls: type[T], params_path: str | os.PathLike, dotted: str
-) -> T:
+def load_section(cls: type[T], params_path: str | os.PathLike, dotted: str) -> T:
     """Load ``dotted`` from the YAML file into ``cls``; errors are prefixed with the file name."""
     params = load_yaml(params_path)
     try:

@@ -34,7 +34,9 @@ def parse(raw: dict[str, Any], source: str = "params.yaml") -> Params:
 def _parse(raw: dict[str, Any]) -> Params:
     for key in raw:
         if key not in SECTIONS:
-            raise ConfigError(f"{key}: unknown top-level key (expected one of: {', '.join(SECTIONS)})")
+            raise ConfigError(
+                f"{key}: unknown top-level key (expected one of: {', '.join(SECTIONS)})"
+            )
     datasets_raw = raw.get("datasets") or {}
     pairs_raw = raw.get("pairs") or {}
     for key, node in (("datasets", datasets_raw), ("pairs", pairs_raw)):

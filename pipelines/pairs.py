@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from gm import params
-from gm.errors import ConfigError
 from gm.cli import guarded
 from gm.data.pairs import build_pairs
+from gm.errors import ConfigError
 
 
 @guarded

@@ -78,7 +78,7 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class DegradationConfig:
-    """Low-resolution images from high-resolution ones, in this order (documented in docs/data.md)."""
+    """Low-resolution images from high-resolution ones, in this order (docs/data.md)."""
 
     blur_sigma: float = 0.0  # Gaussian blur of the HR image before downsampling (pixels); 0 = off
     resample: Resample = "bicubic"  # downsampling filter (antialiased, as PIL resize)
@@ -110,7 +110,9 @@ class PairConfig:
     # in black on white; grayscale = luma. Aligned pairs in aligned.parquet; the train split is
     # also cut by hash into disjoint A-only and B-only halves in unpaired.parquet (CycleGAN).
     domain_a: Literal["lineart", "grayscale"] = "lineart"
-    lineart_threshold: float = 0.25  # Sobel magnitude (image in [0, 1]) above which a pixel is a line
+    lineart_threshold: float = (
+        0.25  # Sobel magnitude (image in [0, 1]) above which a pixel is a line
+    )
 
     def __post_init__(self):
         check(
@@ -121,5 +123,7 @@ class PairConfig:
         check(len(self.scales) > 0, "scales", "needs at least one scale")
         for i, s in enumerate(self.scales):
             check(s in (2, 4, 8), f"scales[{i}]", f"{s} is not one of 2, 4, 8")
-            check(self.resolution // s >= 2, f"scales[{i}]", f"x{s} of {self.resolution} is too small")
+            check(
+                self.resolution // s >= 2, f"scales[{i}]", f"x{s} of {self.resolution} is too small"
+            )
         check(0 < self.lineart_threshold < 4, "lineart_threshold", "must be in (0, 4)")

@@ -138,18 +138,30 @@ def build_pairs(
         previews = {}
         if cfg.kind == "super_resolution":
             for s in cfg.scales:
-                lr = np.stack([
-                    degrade(img, s, cfg.degradation, id_)
-                    for img, id_ in zip(images, table.column("id").to_pylist(), strict=True)
-                ])
-                _write(tmp, f"x{s}.parquet", _table(_columns(table), {"lr": lr, "hr": images}),
-                       manifest, counts=_split_counts(splits))
+                lr = np.stack(
+                    [
+                        degrade(img, s, cfg.degradation, id_)
+                        for img, id_ in zip(images, table.column("id").to_pylist(), strict=True)
+                    ]
+                )
+                _write(
+                    tmp,
+                    f"x{s}.parquet",
+                    _table(_columns(table), {"lr": lr, "hr": images}),
+                    manifest,
+                    counts=_split_counts(splits),
+                )
                 up = lr.repeat(s, axis=1).repeat(s, axis=2)
                 previews[f"x{s}"] = (up, images)
         elif cfg.kind == "translation":
             a = render_domain_a(images, cfg.domain_a, cfg.lineart_threshold)
-            _write(tmp, "aligned.parquet", _table(_columns(table), {"a": a, "b": images}),
-                   manifest, counts=_split_counts(splits))
+            _write(
+                tmp,
+                "aligned.parquet",
+                _table(_columns(table), {"a": a, "b": images}),
+                manifest,
+                counts=_split_counts(splits),
+            )
             train = np.flatnonzero(np.asarray(splits) == "train")
             ids = table.column("id").to_pylist()
             side_a = np.asarray([unit_hash(ids[i], salt="gm-domain") < 0.5 for i in train], bool)
@@ -158,13 +170,19 @@ def build_pairs(
             cols = _columns(table, idx)
             cols["domain"] = pa.array(domain, pa.string())
             unpaired = np.concatenate([a[train[side_a]], images[train[~side_a]]])
-            _write(tmp, "unpaired.parquet", _table(cols, {"image": unpaired}), manifest,
-                   counts={"A": int(side_a.sum()), "B": int((~side_a).sum())})
+            _write(
+                tmp,
+                "unpaired.parquet",
+                _table(cols, {"image": unpaired}),
+                manifest,
+                counts={"A": int(side_a.sum()), "B": int((~side_a).sum())},
+            )
             previews["aligned"] = (a, images)
         else:  # conditional
             labels = table.column("label").to_numpy()
             missing = [
-                c for i, c in enumerate(meta["classes"])
+                c
+                for i, c in enumerate(meta["classes"])
                 if not np.any((labels == i) & (np.asarray(splits) == "train"))
             ]
             if missing:
@@ -172,12 +190,19 @@ def build_pairs(
                     f"{pyramid_dir}: class {missing[0]!r} has no image in the train split; "
                     "a conditional model cannot learn it (add images or change the split)"
                 )
-            _write(tmp, "pairs.parquet", _table(_columns(table), {"image": images}), manifest,
-                   counts=_split_counts(splits))
-            counts = np.bincount(labels[np.asarray(splits) == "train"],
-                                 minlength=len(meta["classes"]))
-            manifest["train_class_counts"] = dict(zip(meta["classes"], counts.tolist(),
-                                                      strict=True))
+            _write(
+                tmp,
+                "pairs.parquet",
+                _table(_columns(table), {"image": images}),
+                manifest,
+                counts=_split_counts(splits),
+            )
+            counts = np.bincount(
+                labels[np.asarray(splits) == "train"], minlength=len(meta["classes"])
+            )
+            manifest["train_class_counts"] = dict(
+                zip(meta["classes"], counts.tolist(), strict=True)
+            )
         write_json(tmp / "manifest.json", manifest)
         for key, (first, second) in previews.items():
             _preview(tmp / f"preview_{key}.png", first, second)
@@ -185,10 +210,16 @@ def build_pairs(
 
 
 def _write(tmp: Path, fname: str, table: pa.Table, manifest: dict, counts: dict) -> None:
-    write_table(tmp / fname, table, {"kind": manifest["kind"], "dataset": manifest["dataset"],
-                                     "classes": manifest["classes"]})
-    manifest["files"][fname] = {"rows": table.num_rows, "counts": counts,
-                                "sha256": sha256_file(tmp / fname)}
+    write_table(
+        tmp / fname,
+        table,
+        {"kind": manifest["kind"], "dataset": manifest["dataset"], "classes": manifest["classes"]},
+    )
+    manifest["files"][fname] = {
+        "rows": table.num_rows,
+        "counts": counts,
+        "sha256": sha256_file(tmp / fname),
+    }
 
 
 def _preview(path: Path, first: np.ndarray, second: np.ndarray, n: int = 8) -> None:

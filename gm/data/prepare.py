@@ -33,7 +33,17 @@ from gm.errors import DataError
 from gm.io import atomic_dir, sha256_file, write_json
 
 IMAGE_SUFFIXES = {
-    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
 }
 
 
@@ -202,9 +212,7 @@ def prepare_dataset(
     splits = [assign_split(k, cfg.split) for k in keys]
 
     levels = build_pyramid(pixels)
-    counts = {
-        s: {c: 0 for c in class_names} for s in SPLITS
-    }
+    counts = {s: {c: 0 for c in class_names} for s in SPLITS}
     for s, c in zip(splits, names, strict=True):
         counts[s][c] += 1
     train = np.asarray([s == "train" for s in splits])
@@ -242,8 +250,12 @@ def prepare_dataset(
             table = pa.Table.from_arrays(
                 [*base.values(), image_array(arr)], schema=schema.append(field)
             )
-            meta = {"dataset": name, "resolution": res, "channels": cfg.channels,
-                    "classes": class_names}
+            meta = {
+                "dataset": name,
+                "resolution": res,
+                "channels": cfg.channels,
+                "classes": class_names,
+            }
             write_table(tmp / level_file(res), table, meta)
             manifest["files"][str(res)] = {
                 "file": level_file(res),

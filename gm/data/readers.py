@@ -49,9 +49,7 @@ def read_table(path: Path, split: str | None, columns: list[str] | None = None) 
     return pq.read_table(path, columns=columns, filters=filters)
 
 
-def read_images(
-    table: pa.Table, column: str = "image"
-) -> np.ndarray:
+def read_images(table: pa.Table, column: str = "image") -> np.ndarray:
     return decode_images(table.column(column), table.schema.field(column))
 
 
@@ -139,11 +137,11 @@ def ray_dataset(
     read_metadata(path)
     schema = pq.read_schema(path)
     field = schema.field(columns[0])
-    ds = ray.data.read_parquet(
-        str(path.resolve()), columns=["split", "label", *columns], override_num_blocks=1
+    ds = ray.data.read_parquet(str(path.resolve()), override_num_blocks=1).select_columns(
+        ["split", "label", *columns]
     )
     if split:
-        ds = ds.filter(expr=f"split == '{split}'")
-    return ds.map_batches(
-        _Decode(field, columns), batch_format="pyarrow", zero_copy_batch=True
-    )
+        from ray.data.expressions import col
+
+        ds = ds.filter(expr=col("split") == split)
+    return ds.map_batches(_Decode(field, columns), batch_format="pyarrow", zero_copy_batch=True)

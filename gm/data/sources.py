@@ -150,7 +150,10 @@ def render_emoji(font, sequence: tuple[int, ...]) -> Image.Image:
     big = 2 * EMOJI_SIZE
     canvas = Image.new("RGBA", (big, big), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text(
-        (big // 2, big // 2), "".join(map(chr, sequence)), font=font, embedded_color=True,
+        (big // 2, big // 2),
+        "".join(map(chr, sequence)),
+        font=font,
+        embedded_color=True,
         anchor="mm",
     )
     box = canvas.getbbox()
@@ -200,8 +203,18 @@ def materialize_digits(out: Path, progress: bool = True) -> int:
 # Only the photographs whose scikit-image docstring states public domain, CC0 or no known
 # copyright restrictions.
 PHOTOS = [
-    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png",
-    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "rocket.jpg",
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "retina.jpg",
+    "rocket.jpg",
 ]
 
 
@@ -224,7 +237,9 @@ SOURCES: dict[str, Callable[[Path, bool], int]] = {
 
 
 def materialize(
-    out: str | os.PathLike, only: list[str] | None = None, force: bool = False,
+    out: str | os.PathLike,
+    only: list[str] | None = None,
+    force: bool = False,
     progress: bool = True,
 ) -> dict[str, int | None]:
     """Write each default raw dataset to ``out/<name>`` atomically; existing ones are kept

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv running the tests: its dvc, gm, python
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def save(path: Path, array: np.ndarray, mode: str | None = None, **kw) -> Path:
+    """Write an image file (creating folders); returns its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path, **kw) if mode else Image.fromarray(array).save(
+        path, **kw
+    )
+    return path
+
+
+def random_rgb(rng: np.random.Generator, h: int, w: int | None = None) -> np.ndarray:
+    return rng.integers(0, 256, (h, w or h, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def raw_folder(tmp_path, rng) -> Path:
+    """A small raw folder: 3 classes of random 32x32 RGB PNGs (12, 10, 8 images)."""
+    root = tmp_path / "raw" / "toy"
+    for cls, n in (("cats", 12), ("dogs", 10), ("owls", 8)):
+        for i in range(n):
+            save(root / cls / f"{i:03d}.png", random_rgb(rng, 32))
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (never attaches to a cluster)."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    # More logical CPUs than cores, so Ray Data read tasks never starve (PITFALLS.md).
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from gm.cli import build_parser, main
+
+from .conftest import BIN, random_rgb, save
+
+
+def subcommands(parser, prefix=()):
+    """Every (sub)command path of the gm parser."""
+    import argparse
+
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from subcommands(sub, (*prefix, name))
+
+
+def test_console_script_help():
+    out = subprocess.run([BIN / "gm", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("data", "prepare", "models"):
+        assert cmd in out.stdout
+
+
+@pytest.mark.parametrize("path", list(subcommands(build_parser())), ids=" ".join)
+def test_every_subcommand_has_help(path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*path, "--help"])
+    assert e.value.code == 0
+    assert "usage: gm" in capsys.readouterr().out
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    from gm.registry import families
+
+    if families():
+        assert all(name in out for name in families())
+    else:
+        assert "no model families registered yet" in out
+
+
+def test_prepare_and_inspect_outside_dvc(tmp_path, rng, capsys):
+    for cls in ("x", "y"):
+        for i in range(6):
+            save(tmp_path / "data" / "toy" / cls / f"{i}.png", random_rgb(rng, 16))
+    (tmp_path / "data" / "toy" / "y" / "readme.md").write_text("hi")
+    params = {
+        "datasets": {"toy": {"top_resolution": 16}},
+        "pairs": {
+            "toy_sr": {
+                "kind": "super_resolution",
+                "dataset": "toy",
+                "resolution": 16,
+                "scales": [2],
+            }
+        },
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "datasets"),
+        "--quiet",
+    ]
+    assert main(["prepare", *args]) == 0
+    assert (tmp_path / "datasets" / "pyramid" / "toy" / "16x16.parquet").is_file()
+    assert (tmp_path / "datasets" / "pairs" / "toy_sr" / "x2.parquet").is_file()
+    capsys.readouterr()
+    assert main(["data", "inspect", str(tmp_path / "data" / "toy")]) == 0
+    out = capsys.readouterr().out
+    assert "12 image files in 2 classes" in out and "y/readme.md" in out
+    assert main(["data", "inspect", str(tmp_path / "datasets" / "pyramid" / "toy")]) == 0
+    out = capsys.readouterr().out
+    assert "12 images" in out and "levels [4, 8, 16]" in out
+    assert main(["prepare", "nope", *args]) == 2
+    assert "no dataset or pairs entry named 'nope'" in capsys.readouterr().err
+
+
+def test_missing_params_file_is_named(tmp_path, capsys):
+    assert main(["prepare", "--params", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: cannot read params file" in capsys.readouterr().err

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from gm import params
+from gm.cli import main as gm_main
+from gm.data.config import DatasetConfig, PairConfig
+from gm.errors import ConfigError
+
+from .conftest import REPO
+
+
+def write(tmp_path, data) -> str:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+def base():
+    return {
+        "datasets": {"toy": {"top_resolution": 32}},
+        "pairs": {"toy_sr": {"kind": "super_resolution", "dataset": "toy", "resolution": 32}},
+    }
+
+
+def test_repository_params_are_valid():
+    p = params.load(REPO / "params.yaml")
+    assert set(p.datasets) == {"emoji", "digits", "photos"}
+    assert p.datasets["digits"].channels == 1
+    assert p.datasets["emoji"].resolutions == [4, 8, 16, 32, 64]
+    assert p.pairs["photos_sr"].scales == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["datasets"]["toy"].update(top_res=32), "datasets.toy.top_res: unknown key"),
+        (
+            lambda d: d["datasets"]["toy"].update(top_resolution=48),
+            "datasets.toy.top_resolution: 48 is not a power of two",
+        ),
+        (
+            lambda d: d["datasets"]["toy"].update(top_resolution="64"),
+            "datasets.toy.top_resolution: expected an integer",
+        ),
+        (
+            lambda d: d["datasets"]["toy"].update(top_resolution=2),
+            "datasets.toy.top_resolution: 2 is not a power of two >= 4",
+        ),
+        (lambda d: d["datasets"]["toy"].update(fit="stretch"), "datasets.toy.fit: 'stretch'"),
+        (lambda d: d["datasets"]["toy"].update(channels=4), "datasets.toy.channels: 4"),
+        (lambda d: d["datasets"]["toy"].update(background=[0, 0, 300]), "datasets.toy.background"),
+        (
+            lambda d: d["datasets"]["toy"].update(split={"train": 0.9, "val": 0.2, "test": 0.1}),
+            "datasets.toy.split.train: train + val + test must sum to 1",
+        ),
+        (
+            lambda d: d["datasets"]["toy"].update(split={"train": 1.0, "tset": 0.0}),
+            "datasets.toy.split.tset: unknown key",
+        ),
+        (lambda d: d.update(dataset={}), "dataset: unknown top-level key"),
+        (
+            lambda d: d["pairs"]["toy_sr"].update(dataset="nope"),
+            "pairs.toy_sr.dataset: 'nope' is not a key of datasets",
+        ),
+        (
+            lambda d: d["pairs"]["toy_sr"].update(resolution=16),
+            "pairs.toy_sr.resolution: 16 must equal datasets.toy.top_resolution (32)",
+        ),
+        (lambda d: d["pairs"]["toy_sr"].update(scales=[3]), "pairs.toy_sr.scales[0]: 3"),
+        (
+            lambda d: d["pairs"]["toy_sr"].update(degradation={"jpeg_quality": 100}),
+            "pairs.toy_sr.degradation.jpeg_quality: 100",
+        ),
+        (lambda d: d["pairs"]["toy_sr"].pop("kind"), "pairs.toy_sr.kind: required key is missing"),
+        (lambda d: d["datasets"]["toy"].update(on_invalid=True), "datasets.toy.on_invalid"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, mutate, message):
+    data = base()
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        params.load(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert message in str(e.value)
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("datasets: {toy: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"{p}: not valid YAML"):
+        params.load(p)
+
+
+def test_bool_is_not_an_integer():
+    from gm.config import from_dict
+
+    with pytest.raises(ConfigError, match="top_resolution: expected an integer, got True"):
+        from_dict(DatasetConfig, {"top_resolution": True})
+
+
+def test_defaults_and_resolutions():
+    cfg = DatasetConfig(top_resolution=256)
+    assert cfg.resolutions == [4, 8, 16, 32, 64, 128, 256]
+    assert PairConfig(kind="conditional", dataset="x", resolution=8).scales == (2, 4)
+
+
+def test_cli_exits_2_with_the_key_and_no_traceback(tmp_path, capsys):
+    data = base()
+    data["datasets"]["toy"]["colour"] = 3
+    path = write(tmp_path, data)
+    assert gm_main(["prepare", "--params", path, "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "datasets.toy.colour: unknown key" in err and "Traceback" not in err
