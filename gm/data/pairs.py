@@ -27,8 +27,15 @@ import gm
 from gm.config import to_dict
 from gm.data.config import DegradationConfig, PairConfig
 from gm.data.images import RESAMPLE
-from gm.data.parquet import image_array, image_field, read_metadata, write_table
-from gm.data.readers import level_path, read_images, read_table
+from gm.data.parquet import (
+    image_array,
+    image_field,
+    level_path,
+    read_images,
+    read_metadata,
+    read_table,
+    write_table,
+)
 from gm.data.splits import SPLITS, unit_hash
 from gm.errors import DataError
 from gm.io import atomic_dir, atomic_path, sha256_file, write_json

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from gm.data.splits import SPLITS
 from gm.errors import DataError
 from gm.io import atomic_path
 
@@ -95,3 +97,38 @@ def read_metadata(path: str | os.PathLike) -> dict[str, object]:
             f"(this gm reads version {FORMAT_VERSION}); rebuild it with `dvc repro`"
         )
     return meta
+
+
+def level_path(dataset_dir: str | os.PathLike, resolution: int) -> Path:
+    path = Path(dataset_dir) / level_file(resolution)
+    if not path.is_file():
+        have = sorted(p.name for p in Path(dataset_dir).glob("*x*.parquet"))
+        raise DataError(
+            f"{path}: no level {resolution}x{resolution} in this dataset "
+            f"(has: {', '.join(have) or 'nothing'})"
+        )
+    return path
+
+
+def check_split(split: str | None) -> None:
+    if split is not None and split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+
+
+def read_table(path: Path, split: str | None, columns: list[str] | None = None) -> pa.Table:
+    check_split(split)
+    read_metadata(path)
+    filters = (pc.field("split") == split) if split else None
+    return pq.read_table(path, columns=columns, filters=filters)
+
+
+def read_images(table: pa.Table, column: str = "image") -> np.ndarray:
+    return decode_images(table.column(column), table.schema.field(column))
+
+
+def load_level(
+    dataset_dir: str | os.PathLike, resolution: int, split: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One level as ((N, H, W, C) uint8|float32 in [0, 255], (N,) int64 labels), sorted by id."""
+    table = read_table(level_path(dataset_dir, resolution), split, ["id", "label", "image"])
+    return read_images(table), table.column("label").to_numpy().astype(np.int64)
