@@ -37,10 +37,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove temporaries a killed writer of ``path`` left behind (one writer per path)."""
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``path`` (old contents removed)."""
+    """Yield a temporary directory; on success it replaces ``path`` (old contents removed).
+
+    Temporaries left by a killed earlier writer of the same path are removed first.
+    """
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = _tmp_sibling(path, "dir")
     try:
         yield tmp

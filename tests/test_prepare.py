@@ -166,3 +166,9 @@ def test_atomic_dir_keeps_the_previous_output_on_failure(tmp_path):
         raise RuntimeError("interrupted")
     assert (out / "a.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # a writer killed with SIGKILL leaves its temporary; the next writer removes it
+    (tmp_path / ".out.tmp-killed").mkdir()
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "a.txt").read_text() == "new"
