@@ -1,0 +1,104 @@
+"""The training protocol every model family implements (after StyleGAN2-ADA's phases).
+
+A family is an ``nn.Module`` that owns its networks and says:
+- which of them are *trainable* (each gets its own optimizer, and its own DDP wrapper);
+- its *phases*: ``Phase("D", module="D")``, ``Phase("G", module="G")``, a regularization
+  phase ``Phase("Dreg", module="D", every=16)`` ...; the loop runs the due phases in order;
+- the *loss* of a phase for a batch, given the networks to call (the trained module of the
+  phase wrapped for DDP, every other one plain and frozen);
+- how to *sample*, and which modules keep an EMA copy for sampling.
+
+Nothing in a family touches devices, DDP, AMP, optimizers or checkpoints: the loop owns them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # shown in metrics: loss/<name>
+    module: str  # the trainable module whose optimizer this phase steps
+    every: int = 1  # run when step % every == 0 (lazy regularization)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a family needs to know of its dataset (from the manifest)."""
+
+    resolution: int
+    channels: int
+    num_classes: int
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, C, H, W) float in [-1, 1]
+    labels: torch.Tensor  # (B,) int64
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam(W) settings of one trainable module."""
+
+    lr: float = 2e-4
+    betas: tuple[float, ...] = (0.5, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = no clipping
+
+    def __post_init__(self):
+        from gm.config import check
+
+        check(self.lr > 0, "lr", f"{self.lr} must be > 0")
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "betas",
+            f"{list(self.betas)} is not two numbers in [0, 1)",
+        )
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+class GenerativeModel(nn.Module):
+    """Base class of a model family; see the module docstring for the protocol."""
+
+    conditional: bool = False
+    ema_modules: tuple[str, ...] = ()  # modules with an EMA copy used by `sample`
+
+    def trainable(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def optim_config(self, module: str) -> OptimConfig:
+        raise NotImplementedError
+
+    def loss(
+        self, phase: str, batch: Batch, nets: Mapping[str, nn.Module]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss of ``phase`` on ``batch`` and extra metrics to log."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        nets: Mapping[str, nn.Module] | None = None,
+    ) -> torch.Tensor:
+        """(n, C, H, W) images in [-1, 1]; ``nets`` overrides modules (e.g. the EMA copies)."""
+        raise NotImplementedError
+
+    def on_progress(self, step: int, images_seen: int) -> None:
+        """Called before each step (fade-in alpha, KL warm-up ...)."""
+
+    def labels_for(self, n: int, num_classes: int, device=None) -> torch.Tensor:
+        """Labels 0, 1, ..., num_classes-1, 0, 1 ... for per-class sample grids."""
+        return torch.arange(n, device=device) % max(num_classes, 1)

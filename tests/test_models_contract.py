@@ -1,0 +1,151 @@
+"""The contract every registered model family keeps (one tiny config each)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gm.config import from_dict
+from gm.errors import DataError
+from gm.registry import families
+from gm.train.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+from gm.train.loop import Trainer, set_rng_state
+from gm.train.protocol import Batch, DataInfo
+
+TINY = {
+    "dcgan": {"z_dim": 8, "ngf": 8, "ndf": 8},
+    "cgan": {"z_dim": 8, "ngf": 8, "ndf": 8, "embed_dim": 4},
+    "cvae": {"z_dim": 4, "width": 8, "embed_dim": 4},
+}
+INFO = DataInfo(resolution=16, channels=3, num_classes=3)
+
+
+def test_every_family_has_a_tiny_config():
+    assert set(families()) == set(TINY)
+
+
+def make(name, ema_beta=0.0, seed=0):
+    torch.manual_seed(seed)
+    fam = families()[name]
+    cfg = from_dict(fam.config, TINY[name], name)
+    model = fam.build(cfg, INFO)
+    return Trainer(model, ema_beta=ema_beta), cfg
+
+
+def batch(seed=1, n=6):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, INFO.channels, INFO.resolution, INFO.resolution, generator=g) * 2 - 1
+    images = torch.round((images + 1) * 127.5) / 127.5 - 1  # on the 8-bit grid
+    return Batch(images, torch.arange(n) % INFO.num_classes)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_each_phase_trains_only_its_module(name):
+    trainer, _ = make(name)
+    model = trainer.model
+    for phase in model.phases():
+        nets = trainer._nets_for(phase.module)
+        for m in trainer.modules.values():
+            m.zero_grad(set_to_none=True)
+        loss, _ = model.loss(phase.name, batch(), nets)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        for mod_name, module in trainer.modules.items():
+            grads = [p.grad for p in module.parameters()]
+            if mod_name == phase.module:
+                assert any(g is not None and g.abs().sum() > 0 for g in grads), phase
+            else:
+                assert all(g is None for g in grads), (phase, mod_name)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_sample_shape_and_range(name):
+    trainer, _ = make(name)
+    x = trainer.sample(5, seed=3)
+    assert x.shape == (5, INFO.channels, INFO.resolution, INFO.resolution)
+    assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, trainer.sample(5, seed=3))
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_training_moves_the_loss(name):
+    trainer, _ = make(name)
+    b = batch()
+    first = trainer.train_step(b)
+    for _ in range(15):
+        last = trainer.train_step(b)
+    assert set(first) == set(last) and trainer.step == 16 and trainer.images_seen == 16 * 6
+    key = f"loss/{trainer.model.phases()[0].name}"
+    assert last[key] != first[key]
+    if name == "cvae":  # a likelihood model fitting one batch must improve
+        assert last[key] < first[key]
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_checkpoint_round_trip_continues_exactly(name, tmp_path):
+    trainer, cfg = make(name, ema_beta=0.9)
+    for i in range(3):
+        trainer.train_step(batch(seed=i))
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, name, cfg, INFO, trainer.state_dict())
+
+    payload = load_checkpoint(path, family=name)
+    model, cfg2, info2 = build_from_checkpoint(payload)
+    assert cfg2 == cfg and info2 == INFO
+    resumed = Trainer(model, ema_beta=0.9)
+    resumed.load_state_dict(payload["trainer"])
+    assert resumed.step == 3 and resumed.images_seen == 18
+    for (k, a), (_, b) in zip(
+        trainer.model.state_dict().items(), resumed.model.state_dict().items()
+    ):
+        assert torch.equal(a, b), k
+    assert torch.equal(trainer.sample(4, seed=7), resumed.sample(4, seed=7))
+    # From the restored RNG state the next step draws the same noise and lands on identical
+    # weights. (Both trainers share this process's global RNG, so restore it before each.)
+    set_rng_state(payload["trainer"]["rng"])
+    trainer.train_step(batch(seed=9))
+    set_rng_state(payload["trainer"]["rng"])
+    resumed.train_step(batch(seed=9))
+    for (k, a), (_, b) in zip(
+        trainer.model.state_dict().items(), resumed.model.state_dict().items()
+    ):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(TINY) if n != "dcgan"])
+def test_conditional_samples_differ_by_class(name):
+    trainer, _ = make(name)
+    trainer.train_step(batch())
+    a = trainer.sample(3, labels=torch.zeros(3, dtype=torch.long), seed=5)
+    b = trainer.sample(3, labels=torch.ones(3, dtype=torch.long), seed=5)
+    assert a.shape == b.shape and not torch.equal(a, b)  # the label reaches the output
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    trainer, cfg = make("dcgan")
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, "dcgan", cfg, INFO, trainer.state_dict())
+    with pytest.raises(DataError, match="checkpoint of model 'dcgan', not 'cvae'"):
+        load_checkpoint(path, family="cvae")
+    data = path.read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="t.pt: truncated or corrupt checkpoint"):
+        load_checkpoint(tmp_path / "t.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(DataError, match="not a gm checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_paper_dcgan_generator_at_64():
+    from gm.models.dcgan import DCGANConfig, DCGANGenerator
+
+    cfg = DCGANConfig()
+    g = DCGANGenerator(cfg.z_dim, 64, 3, cfg.ngf)
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [c.in_channels for c in convs] == [100, 1024, 512, 256, 128]
+    assert [c.out_channels for c in convs] == [1024, 512, 256, 128, 3]
+    assert not any(isinstance(m, torch.nn.Linear) for m in g.modules())
+    bns = [m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 4  # every layer but the output
+    out = g(torch.randn(2, 100))
+    assert out.shape == (2, 3, 64, 64)
