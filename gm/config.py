@@ -39,18 +39,6 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def section(params: dict[str, Any], dotted: str, source: str = "params.yaml") -> Any:
-    """Return ``params[a][b]...`` for ``dotted = 'a.b'``; a missing key names the full path."""
-    node: Any = params
-    walked = []
-    for part in dotted.split("."):
-        walked.append(part)
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"{source}: missing key {'.'.join(walked)}")
-        node = node[part]
-    return node
-
-
 def check(ok: bool, key: str, message: str) -> None:
     """Validation helper for ``__post_init__``: raise a ConfigError on ``key`` unless ``ok``."""
     if not ok:
@@ -146,17 +134,6 @@ def from_dict(cls: type[T], data: dict[str, Any], key: str = "") -> T:
         # __post_init__ checks name the bare field; give them their full path.
         msg = str(e)
         raise ConfigError(msg if msg.startswith(prefix) else prefix + msg) from None
-
-
-def load_section(cls: type[T], params_path: str | os.PathLike, dotted: str) -> T:
-    """Load ``dotted`` from the YAML file into ``cls``; errors are prefixed with the file name."""
-    params = load_yaml(params_path)
-    try:
-        return from_dict(cls, section(params, dotted, str(params_path)), dotted)
-    except ConfigError as e:
-        msg = str(e)
-        src = str(params_path)
-        raise ConfigError(msg if msg.startswith(src) else f"{src}: {msg}") from None
 
 
 def to_dict(obj: Any) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from gm.data.parquet import image_array, image_field, level_file, write_table
 from gm.data.pyramid import build_pyramid
 from gm.data.splits import SPLITS, assign_split
 from gm.errors import DataError
-from gm.io import atomic_dir, sha256_file, write_json
+from gm.io import atomic_dir, atomic_path, sha256_file, write_json
 
 IMAGE_SUFFIXES = {
     ".png",
@@ -293,11 +293,5 @@ def save_preview(path: Path, levels: dict[int, np.ndarray], labels: np.ndarray, 
     grid = np.concatenate(rows, axis=0)
     if grid.shape[-1] == 1:
         grid = grid[..., 0]
-    from gm.io import atomic_path
-
     with atomic_path(path) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
-
-
-def iter_levels(out: Path) -> Iterator[Path]:
-    yield from sorted(out.glob("*x*.parquet"), key=lambda p: int(p.name.split("x")[0]))
