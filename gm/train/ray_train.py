@@ -103,6 +103,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if fault and rank == world - 1 and trainer.step == fault["step"]:
             marker = Path(fault["marker"])
             if not marker.exists():
+                # Wait until Ray Train has registered every report so far, so the test knows
+                # which checkpoint the restart must find; then die without cleanup.
+                ray.train.get_all_reported_checkpoints(timeout_s=60)
                 marker.write_text("killed once")
                 os.kill(os.getpid(), 9)
         if trainer.step % run.checkpoint_every == 0 or trainer.step == run.steps:
