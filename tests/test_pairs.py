@@ -51,6 +51,8 @@ def test_super_resolution_pairs_shapes_and_alignment(smooth_dataset, tmp_path):
     lr_t, hr_t, label = ds[0]
     assert lr_t.shape == (3, 8, 8) and hr_t.shape == (3, 32, 32)
     assert -1.0 <= float(lr_t.min()) and float(hr_t.max()) <= 1.0
+    with pytest.raises(DataError, match=r"x4.parquet: no column 'a' \(has id, label"):
+        PairedDataset(tmp_path / "sr" / "x4.parquet", ("a", "b"), "train")
 
 
 def test_degradation_is_seeded_per_image():

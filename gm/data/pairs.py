@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,77 @@ def _table(cols: dict[str, pa.Array], images: dict[str, np.ndarray]) -> pa.Table
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
-def _split_counts(splits: list[str]) -> dict[str, int]:
-    return {s: splits.count(s) for s in SPLITS}
+@dataclass
+class _Source:
+    """The top level a paired dataset is built from, read once."""
+
+    table: pa.Table
+    images: np.ndarray  # (N, R, R, C) uint8
+    ids: list[str]
+    splits: np.ndarray  # (N,) str
+    classes: list[str]
+
+    def split_counts(self) -> dict[str, int]:
+        return {s: int((self.splits == s).sum()) for s in SPLITS}
+
+
+@dataclass
+class _Output:
+    files: list[tuple[str, pa.Table, dict[str, int]]]  # (file name, table, counts)
+    previews: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)  # extra manifest entries
+
+
+def _super_resolution(src: _Source, cfg: PairConfig) -> _Output:
+    out = _Output([])
+    for s in cfg.scales:
+        pairs = zip(src.images, src.ids, strict=True)
+        lr = np.stack([degrade(img, s, cfg.degradation, i) for img, i in pairs])
+        table = _table(_columns(src.table), {"lr": lr, "hr": src.images})
+        out.files.append((f"x{s}.parquet", table, src.split_counts()))
+        out.previews[f"x{s}"] = (lr.repeat(s, axis=1).repeat(s, axis=2), src.images)
+    return out
+
+
+def _translation(src: _Source, cfg: PairConfig) -> _Output:
+    a = render_domain_a(src.images, cfg.domain_a, cfg.lineart_threshold)
+    aligned = _table(_columns(src.table), {"a": a, "b": src.images})
+    train = np.flatnonzero(src.splits == "train")
+    side_a = np.asarray([unit_hash(src.ids[i], salt="gm-domain") < 0.5 for i in train], bool)
+    in_a, in_b = train[side_a], train[~side_a]
+    cols = _columns(src.table, np.concatenate([in_a, in_b]))
+    cols["domain"] = pa.array(["A"] * len(in_a) + ["B"] * len(in_b), pa.string())
+    unpaired = _table(cols, {"image": np.concatenate([a[in_a], src.images[in_b]])})
+    return _Output(
+        [
+            ("aligned.parquet", aligned, src.split_counts()),
+            ("unpaired.parquet", unpaired, {"A": len(in_a), "B": len(in_b)}),
+        ],
+        previews={"aligned": (a, src.images)},
+    )
+
+
+def _conditional(src: _Source, cfg: PairConfig) -> _Output:
+    labels = src.table.column("label").to_numpy()
+    train_counts = np.bincount(labels[src.splits == "train"], minlength=len(src.classes))
+    missing = [c for c, n in zip(src.classes, train_counts, strict=True) if n == 0]
+    if missing:
+        raise DataError(
+            f"class {missing[0]!r} has no image in the train split; "
+            "a conditional model cannot learn it (add images or change the split)"
+        )
+    table = _table(_columns(src.table), {"image": src.images})
+    counts = dict(zip(src.classes, train_counts.tolist(), strict=True))
+    return _Output(
+        [("pairs.parquet", table, src.split_counts())], manifest={"train_class_counts": counts}
+    )
+
+
+KINDS = {
+    "super_resolution": _super_resolution,
+    "translation": _translation,
+    "conditional": _conditional,
+}
 
 
 def build_pairs(
@@ -130,88 +200,29 @@ def build_pairs(
             f"{path}: level {cfg.resolution} is not the dataset's top level; pairs need the "
             "uint8 top level (set resolution to the dataset's top_resolution)"
         )
-    splits = table.column("split").to_pylist()
+    ids = table.column("id").to_pylist()
+    splits = np.asarray(table.column("split").to_pylist())
+    src = _Source(table, images, ids, splits, list(meta["classes"]))
+    try:  # everything is computed before anything is written
+        result = KINDS[cfg.kind](src, cfg)
+    except DataError as e:
+        raise DataError(f"{pyramid_dir}: {e}") from None
     manifest: dict = {
         "gm_version": gm.__version__,
         "name": name or out.name,
         "kind": cfg.kind,
         "dataset": cfg.dataset,
         "resolution": cfg.resolution,
-        "classes": meta["classes"],
+        "classes": src.classes,
         "config": to_dict(cfg),
         "files": {},
+        **result.manifest,
     }
     with atomic_dir(out) as tmp:
-        previews = {}
-        if cfg.kind == "super_resolution":
-            for s in cfg.scales:
-                lr = np.stack(
-                    [
-                        degrade(img, s, cfg.degradation, id_)
-                        for img, id_ in zip(images, table.column("id").to_pylist(), strict=True)
-                    ]
-                )
-                _write(
-                    tmp,
-                    f"x{s}.parquet",
-                    _table(_columns(table), {"lr": lr, "hr": images}),
-                    manifest,
-                    counts=_split_counts(splits),
-                )
-                up = lr.repeat(s, axis=1).repeat(s, axis=2)
-                previews[f"x{s}"] = (up, images)
-        elif cfg.kind == "translation":
-            a = render_domain_a(images, cfg.domain_a, cfg.lineart_threshold)
-            _write(
-                tmp,
-                "aligned.parquet",
-                _table(_columns(table), {"a": a, "b": images}),
-                manifest,
-                counts=_split_counts(splits),
-            )
-            train = np.flatnonzero(np.asarray(splits) == "train")
-            ids = table.column("id").to_pylist()
-            side_a = np.asarray([unit_hash(ids[i], salt="gm-domain") < 0.5 for i in train], bool)
-            idx = np.concatenate([train[side_a], train[~side_a]])
-            domain = ["A"] * int(side_a.sum()) + ["B"] * int((~side_a).sum())
-            cols = _columns(table, idx)
-            cols["domain"] = pa.array(domain, pa.string())
-            unpaired = np.concatenate([a[train[side_a]], images[train[~side_a]]])
-            _write(
-                tmp,
-                "unpaired.parquet",
-                _table(cols, {"image": unpaired}),
-                manifest,
-                counts={"A": int(side_a.sum()), "B": int((~side_a).sum())},
-            )
-            previews["aligned"] = (a, images)
-        else:  # conditional
-            labels = table.column("label").to_numpy()
-            missing = [
-                c
-                for i, c in enumerate(meta["classes"])
-                if not np.any((labels == i) & (np.asarray(splits) == "train"))
-            ]
-            if missing:
-                raise DataError(
-                    f"{pyramid_dir}: class {missing[0]!r} has no image in the train split; "
-                    "a conditional model cannot learn it (add images or change the split)"
-                )
-            _write(
-                tmp,
-                "pairs.parquet",
-                _table(_columns(table), {"image": images}),
-                manifest,
-                counts=_split_counts(splits),
-            )
-            counts = np.bincount(
-                labels[np.asarray(splits) == "train"], minlength=len(meta["classes"])
-            )
-            manifest["train_class_counts"] = dict(
-                zip(meta["classes"], counts.tolist(), strict=True)
-            )
+        for fname, t, counts in result.files:
+            _write(tmp, fname, t, manifest, counts)
         write_json(tmp / "manifest.json", manifest)
-        for key, (first, second) in previews.items():
+        for key, (first, second) in result.previews.items():
             _preview(tmp / f"preview_{key}.png", first, second)
     return manifest
 

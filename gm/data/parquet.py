@@ -81,7 +81,8 @@ def write_table(path: str | os.PathLike, table: pa.Table, metadata: dict[str, ob
         )
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, object]:
+def _read_gm_schema(path: str | os.PathLike) -> tuple[pa.Schema, dict[str, object]]:
+    """A gm file's schema and its ``gm`` metadata; unreadable or foreign files are named."""
     path = Path(path)
     try:
         schema = pq.read_schema(path)
@@ -96,7 +97,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, object]:
             f"{path}: dataset format version {meta.get('format_version')} is not supported "
             f"(this gm reads version {FORMAT_VERSION}); rebuild it with `dvc repro`"
         )
-    return meta
+    return schema, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, object]:
+    return _read_gm_schema(path)[1]
+
+
+def image_fields(path: str | os.PathLike, columns: tuple[str, ...]) -> dict[str, pa.Field]:
+    """The fields of image ``columns`` of a gm file; a missing column is named."""
+    schema, _ = _read_gm_schema(path)
+    for c in columns:
+        if c not in schema.names:
+            raise DataError(f"{path}: no column {c!r} (has {', '.join(schema.names)})")
+    return {c: schema.field(c) for c in columns}
 
 
 def level_path(dataset_dir: str | os.PathLike, resolution: int) -> Path:

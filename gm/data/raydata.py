@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.data
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from gm.data.parquet import check_split, decode_images, level_path, read_metadata
+from gm.data.parquet import check_split, decode_images, image_fields, level_path
 from gm.data.readers import to_unit_range
-from gm.errors import DataError
 
 
 class ImageCollate(ArrowBatchCollateFn):
@@ -59,13 +57,9 @@ def ray_dataset(
     path = Path(dataset_dir_or_file)
     if resolution is not None:
         path = level_path(path, resolution)
-    read_metadata(path)
-    schema = pq.read_schema(path)
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (has {', '.join(schema.names)})")
+    fields = image_fields(path, columns)
     ds = ray.data.read_parquet(str(path.resolve()), override_num_blocks=1)
     ds = ds.select_columns(["split", "label", *columns])
     if split:
         ds = ds.filter(expr=col("split") == split)
-    return RaySource(ds, ImageCollate({c: schema.field(c) for c in columns}))
+    return RaySource(ds, ImageCollate(fields))

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gm.data.parquet import load_level, read_images, read_table
-from gm.errors import DataError
+from gm.data.parquet import image_fields, load_level, read_images, read_table
 
 
 def to_unit_range(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -83,10 +82,8 @@ class PairedDataset(torch.utils.data.Dataset):
     """Two aligned image columns of a paired table (``lr``/``hr`` or ``a``/``b``) in [-1, 1]."""
 
     def __init__(self, path: str | os.PathLike, columns: tuple[str, str], split: str | None):
+        image_fields(path, columns)
         table = read_table(Path(path), split)
-        for c in columns:
-            if c not in table.column_names:
-                raise DataError(f"{path}: no column {c!r} (has {', '.join(table.column_names)})")
         self.first = to_unit_range(read_images(table, columns[0]))
         self.second = to_unit_range(read_images(table, columns[1]))
         self.labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))

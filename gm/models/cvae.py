@@ -139,8 +139,6 @@ class CVAENet(nn.Module):
 
 
 class ConditionalVAE(GenerativeModel):
-    ema_modules = ()
-
     def __init__(self, cfg: CVAEConfig, info: DataInfo):
         super().__init__()
         if cfg.conditional and info.num_classes < 2:
