@@ -54,6 +54,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_train.py
 
 # Regenerate the full pin set after changing pyproject.toml's dependencies.
 lock:

@@ -130,6 +130,67 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _parse_override(text: str) -> tuple[list[str], object]:
+    import yaml
+
+    from gm.errors import ConfigError
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. run.steps=200")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def _cmd_train(args) -> int:
+    from gm import params
+    from gm.config import from_dict, to_dict
+    from gm.errors import ConfigError
+    from gm.registry import families
+    from gm.tracking import repo_root
+    from gm.train.job import TrainConfig, run_job
+
+    p = params.load(args.params)
+    if args.model in p.train:
+        entry = to_dict(p.train[args.model])
+    elif args.model in families():
+        entry = {"family": args.model}
+    else:
+        raise ConfigError(
+            f"{args.model}: not a job of {args.params}: train ({', '.join(p.train) or 'none'}) "
+            f"nor a model family ({', '.join(families())})"
+        )
+    for text in args.set or []:
+        path, value = _parse_override(text)
+        node = entry
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {part} is not a section")
+        node[path[-1]] = value
+    if "dataset" not in entry:
+        raise ConfigError(
+            f"{args.model}: no dataset; add --set dataset=NAME ({', '.join(p.datasets)})"
+        )
+    cfg = from_dict(TrainConfig, entry, f"train.{args.model}")
+    cfg.family_config(f"train.{args.model}")
+    root = repo_root()
+    m = run_job(
+        args.model,
+        cfg,
+        Path(args.datasets) / "pyramid" / cfg.dataset,
+        Path(args.out) / args.model,
+        root=root,
+        runs_dir=args.runs,
+        progress=not args.quiet,
+    )
+    print(json.dumps(m, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import gm
 
@@ -194,6 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", default="datasets", help="output folder (default: %(default)s)")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=_cmd_prepare)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model outside DVC",
+        description="Train a job of params.yaml's `train` section (or a model family by name) "
+        "with the same Ray Train trainer and MLflow tracking as `dvc repro`. Running the same "
+        "command again after a crash continues the run from its latest checkpoint.",
+        epilog="examples: gm train dcgan --set run.steps=200 --set model.ngf=32\n"
+        "          gm train cvae --set dataset=emoji --set run.num_workers=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("model", help="a key of params.yaml: train, or a family (`gm models`)")
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a key of the job (dotted, YAML value): run.steps=200, model.z_dim=64, "
+        "dataset=digits, resolution=16 (repeatable)",
+    )
+    train.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    train.add_argument(
+        "--datasets", default="datasets", help="prepared datasets (default: %(default)s)"
+    )
+    train.add_argument(
+        "--out", default="models/cli", help="outputs go to OUT/MODEL (default: %(default)s)"
+    )
+    train.add_argument("--runs", default="runs", help="Ray run storage (default: %(default)s)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
 
     models = sub.add_parser(
         "models",

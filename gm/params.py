@@ -15,13 +15,14 @@ from gm.data.config import DatasetConfig, PairConfig
 from gm.errors import ConfigError
 
 # Sections later stages own are added here as they land.
-SECTIONS = ("datasets", "pairs")
+SECTIONS = ("datasets", "pairs", "train")
 
 
 @dataclass(frozen=True)
 class Params:
     datasets: dict[str, DatasetConfig]
     pairs: dict[str, PairConfig]
+    train: dict[str, Any]  # name → gm.train.job.TrainConfig
 
 
 def parse(raw: dict[str, Any], source: str = "params.yaml") -> Params:
@@ -39,7 +40,8 @@ def _parse(raw: dict[str, Any]) -> Params:
             )
     datasets_raw = raw.get("datasets") or {}
     pairs_raw = raw.get("pairs") or {}
-    for key, node in (("datasets", datasets_raw), ("pairs", pairs_raw)):
+    train_raw = raw.get("train") or {}
+    for key, node in (("datasets", datasets_raw), ("pairs", pairs_raw), ("train", train_raw)):
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: expected a mapping of names, got {node!r}")
     datasets = {}
@@ -62,7 +64,30 @@ def _parse(raw: dict[str, Any]) -> Params:
                 f"datasets.{cfg.dataset}.top_resolution ({top})"
             )
         pairs[name] = cfg
-    return Params(datasets, pairs)
+    return Params(datasets, pairs, _parse_train(train_raw, datasets))
+
+
+def _parse_train(train_raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -> dict[str, Any]:
+    from gm.train.job import TrainConfig  # imports no torch; the family check below does
+
+    train = {}
+    for name, node in train_raw.items():
+        _check_name("train", name)
+        cfg = from_dict(TrainConfig, node or {}, f"train.{name}")
+        cfg.family_config(f"train.{name}")
+        if cfg.dataset not in datasets:
+            raise ConfigError(
+                f"train.{name}.dataset: {cfg.dataset!r} is not a key of datasets "
+                f"({', '.join(datasets) or 'none'})"
+            )
+        top = datasets[cfg.dataset].top_resolution
+        if cfg.resolution > top:
+            raise ConfigError(
+                f"train.{name}.resolution: {cfg.resolution} is above "
+                f"datasets.{cfg.dataset}.top_resolution ({top})"
+            )
+        train[name] = cfg
+    return train
 
 
 def _check_name(section: str, name: object) -> None:

@@ -89,3 +89,25 @@ def test_prepare_and_inspect_outside_dvc(tmp_path, rng, capsys):
 def test_missing_params_file_is_named(tmp_path, capsys):
     assert main(["prepare", "--params", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: cannot read params file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "biggan"], "biggan: not a job of"),
+        (["train", "cgan", "--set", "model.ngff=3"], "train.cgan.model.ngff: unknown key"),
+        (["train", "cgan", "--set", "run.steps=many"], "train.cgan.run.steps: expected an integer"),
+        (["train", "cgan", "--set", "steps"], "--set steps: expected KEY=VALUE"),
+        (["train", "dcgan"], "dcgan: no dataset; add --set dataset=NAME"),
+    ],
+)
+def test_train_rejects_bad_models_and_keys_before_any_work(tmp_path, capsys, argv, message):
+    params = {
+        "datasets": {"toy": {"top_resolution": 16}},
+        "train": {"cgan": {"family": "cgan", "dataset": "toy"}},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "models"
+    code = main([*argv, "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "runs").exists()

@@ -21,6 +21,7 @@ def base():
     return {
         "datasets": {"toy": {"top_resolution": 32}},
         "pairs": {"toy_sr": {"kind": "super_resolution", "dataset": "toy", "resolution": 32}},
+        "train": {"gan": {"family": "cgan", "dataset": "toy", "model": {"ngf": 16}}},
     }
 
 
@@ -30,6 +31,7 @@ def test_repository_params_are_valid():
     assert p.datasets["digits"].channels == 1
     assert p.datasets["emoji"].resolutions == [4, 8, 16, 32, 64]
     assert p.pairs["photos_sr"].scales == (2, 4)
+    assert {cfg.family for cfg in p.train.values()} >= {"dcgan", "cgan", "cvae"}
 
 
 @pytest.mark.parametrize(
@@ -75,6 +77,38 @@ def test_repository_params_are_valid():
         ),
         (lambda d: d["pairs"]["toy_sr"].pop("kind"), "pairs.toy_sr.kind: required key is missing"),
         (lambda d: d["datasets"]["toy"].update(on_invalid=True), "datasets.toy.on_invalid"),
+        (
+            lambda d: d["train"]["gan"].update(family="biggan"),
+            "train.gan.family: unknown model family 'biggan'",
+        ),
+        (
+            lambda d: d["train"]["gan"]["model"].update(ngff=3),
+            "train.gan.model.ngff: unknown key",
+        ),
+        (
+            lambda d: d["train"]["gan"]["model"].update(d_conditioning="dot"),
+            "train.gan.model.d_conditioning: 'dot' is not one of",
+        ),
+        (
+            lambda d: d["train"]["gan"].update(run={"steps": 0}),
+            "train.gan.run.steps: must be >= 1",
+        ),
+        (
+            lambda d: d["train"]["gan"].update(run={"batch_size": "64"}),
+            "train.gan.run.batch_size: expected an integer",
+        ),
+        (
+            lambda d: d["train"]["gan"].update(dataset="nope"),
+            "train.gan.dataset: 'nope' is not a key of datasets",
+        ),
+        (
+            lambda d: d["train"]["gan"].update(resolution=64),
+            "train.gan.resolution: 64 is above datasets.toy.top_resolution (32)",
+        ),
+        (
+            lambda d: d["train"]["gan"].update(resolution=12),
+            "train.gan.resolution: 12 is not 0 or",
+        ),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, mutate, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -9,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from .conftest import REPO, random_rgb, save
 
@@ -36,6 +38,15 @@ PARAMS = {
         },
         "toy_lineart": {"kind": "translation", "dataset": "toy", "resolution": 16},
         "gray_labels": {"kind": "conditional", "dataset": "gray", "resolution": 8},
+    },
+    "train": {
+        "toy_gan": {
+            "family": "cgan",
+            "dataset": "toy",
+            "resolution": 8,
+            "model": {"z_dim": 8, "ngf": 8, "ndf": 8, "embed_dim": 4},
+            "run": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
+        }
     },
 }
 
@@ -75,6 +86,7 @@ def test_repro_builds_everything_then_does_nothing(repo):
         "pairs@toy_sr",
         "pairs@toy_lineart",
         "pairs@gray_labels",
+        "train@toy_gan",
     }
     for f in (
         "datasets/pyramid/toy/16x16.parquet",
@@ -82,8 +94,15 @@ def test_repro_builds_everything_then_does_nothing(repo):
         "datasets/pairs/toy_sr/x4.parquet",
         "datasets/pairs/toy_lineart/unpaired.parquet",
         "datasets/pairs/gray_labels/pairs.parquet",
+        "models/toy_gan/checkpoint.pt",
+        "models/toy_gan/samples.png",
     ):
         assert (repo / f).is_file(), f
+    metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
+    assert metrics[""]["data"]["models/toy_gan/metrics.json"]["data"]["step"] == 4
+    tags = MlflowClient(f"sqlite:///{repo}/mlflow.db").search_runs(["0", "1"])[0].data.tags
+    assert tags["dvc.stage"] == "train@toy_gan" and "dvc.dep.gm" in tags
+    assert (repo / "runs").is_dir()  # Ray's run storage, outside every DVC output
     t = time.perf_counter()
     r = sh(["dvc", "repro"], repo)
     assert ran(r.stdout) == set() and "up to date" in r.stdout
@@ -95,11 +114,18 @@ def test_repro_builds_everything_then_does_nothing(repo):
     params["datasets"]["gray"]["resample"] = "bilinear"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran(sh(["dvc", "repro"], repo).stdout) == {"prepare@gray", "pairs@gray_labels"}
+
     # Outputs are deterministic: rebuilding from scratch gives the same dvc.lock.
     params["datasets"]["gray"].pop("resample")
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     sh(["dvc", "repro", "--force"], repo)
     assert (repo / "dvc.lock").read_text() == lock
+    # A train param reruns that training only; a bigger budget continues the finished run.
+    params["train"]["toy_gan"]["run"]["steps"] = 6
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert ran(sh(["dvc", "repro"], repo).stdout) == {"train@toy_gan"}
+    metrics = json.loads((repo / "models/toy_gan/metrics.json").read_text())
+    assert metrics["step"] == 6 and metrics["resumed_from"] == 4
 
 
 def test_bad_params_fail_the_stage_cleanly(repo):

@@ -149,3 +149,15 @@ def test_paper_dcgan_generator_at_64():
     assert len(bns) == 4  # every layer but the output
     out = g(torch.randn(2, 100))
     assert out.shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_generator_maps_latents_and_labels_to_images(name):
+    trainer, _ = make(name)
+    model = trainer.model.eval()
+    z = torch.randn(5, *model.latent_shape())
+    labels = torch.arange(5) % INFO.num_classes
+    with torch.no_grad():
+        x = model.generator()(z, labels)
+    assert x.shape == (5, INFO.channels, INFO.resolution, INFO.resolution)
+    assert x.min() >= -1 and x.max() <= 1

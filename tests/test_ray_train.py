@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -66,3 +68,110 @@ def test_relaunched_driver_continues_the_same_run(ray_local, dataset, tmp_path):
         fit("dcgan", TINY["dcgan"], more, dataset, info, tmp_path / "runs", "again")
     )
     assert payload["trainer"]["step"] == 4 and payload["extra"]["resumed_from"] == 2
+
+
+def _grad_probe_loop(config):
+    """One DDP step of a tiny cGAN per rank; each rank saves its gradients and weights."""
+    import ray.train
+    import ray.train.torch
+
+    from gm.config import from_dict
+    from gm.registry import families
+    from gm.train.loop import Trainer
+    from gm.train.protocol import Batch, DataInfo
+
+    rank = ray.train.get_context().get_world_rank()
+    fam = families()["cgan"]
+    torch.manual_seed(0)
+    model = fam.build(from_dict(fam.config, config["model"], "cgan"), DataInfo(16, 3, 3))
+    trainer = Trainer(model, device=ray.train.torch.get_device(), distributed=True)
+    g = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+    images = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    torch.manual_seed(1000 + rank)  # and different noise
+    trainer.train_step(Batch(images, torch.arange(4) % 3))
+    grads = {n: p.grad.clone() for n, p in model.G.named_parameters()}  # the last phase: G
+    torch.save({"grads": grads, "weights": model.state_dict()}, f"{config['out']}/{rank}.pt")
+    ray.train.report({"done": 1})
+
+
+def test_ddp_under_ray_train_gives_identical_gradients_on_every_rank(ray_local, tmp_path):
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    import tests.test_ray_train as this
+
+    ray.cloudpickle.register_pickle_by_value(this)  # workers need not import the tests
+    TorchTrainer(
+        _grad_probe_loop,
+        train_loop_config={"model": TINY["cgan"], "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="grads", storage_path=str(tmp_path / "runs")),
+    ).fit()
+    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["grads"].keys() == b["grads"].keys() and a["grads"]
+    for name in a["grads"]:
+        assert torch.equal(a["grads"][name], b["grads"][name]), name  # all-reduced
+    nonzero = [n for n, gr in a["grads"].items() if gr.abs().sum() > 0]
+    assert nonzero  # a real step, not an all-zero gradient
+    for name in a["weights"]:
+        if "running" in name or "num_batches" in name:
+            continue  # BatchNorm statistics are per rank, as in any DDP setup
+        assert torch.equal(a["weights"][name], b["weights"][name]), name
+
+
+def test_relaunched_driver_after_sigkill_continues(tmp_path, raw_folder):
+    """`gm train` killed (its whole process group, SIGKILL) after its first checkpoint; the
+    same command continues from that checkpoint into the same MLflow run."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    from .conftest import BIN
+
+    root = tmp_path / "proj"
+    prepare_dataset(
+        raw_folder, root / "datasets/pyramid/toy", DatasetConfig(top_resolution=16), progress=False
+    )
+    params = {
+        "datasets": {"toy": {"top_resolution": 16}},
+        "train": {
+            "toy": {
+                "family": "dcgan",
+                "dataset": "toy",
+                "model": TINY["dcgan"],
+                "run": {"steps": 150, "batch_size": 4, "checkpoint_every": 10},
+            }
+        },
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    cmd = [BIN / "gm", "train", "toy", "--quiet", "--out", "models"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 180
+    while not list((root / "runs").glob("toy-*/checkpoint_*")):
+        assert proc.poll() is None, "gm train ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the checkpoint registration finish; the run goes on
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "models/toy").exists()  # nothing half-written
+
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((root / "models/toy/metrics.json").read_text())
+    assert metrics["step"] == 150 and 10 <= metrics["resumed_from"] < 150
+    state = json.loads(next((root / "runs").glob("toy-*/gm_run.json")).read_text())
+    assert metrics["mlflow_run_id"] == state["run_id"]

@@ -138,7 +138,20 @@ class CVAENet(nn.Module):
         return params.clamp(-1, 1)
 
 
+class CVAEDecoder(nn.Module):
+    """(z, labels) → E[x | z, y]: the generating half of a trained CVAE."""
+
+    def __init__(self, vae: CVAENet):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.vae.mean(self.vae.decode(z, labels))
+
+
 class ConditionalVAE(GenerativeModel):
+    sampler = "vae"
+
     def __init__(self, cfg: CVAEConfig, info: DataInfo):
         super().__init__()
         if cfg.conditional and info.num_classes < 2:
@@ -165,14 +178,20 @@ class ConditionalVAE(GenerativeModel):
             metrics["bits_per_dim"] = loss.item() / (dims * LOG2)
         return loss, metrics
 
+    def latent_shape(self):
+        return (self.cfg.z_dim,)
+
+    def generator(self, nets=None):
+        return CVAEDecoder((nets or {}).get("vae", self.vae))
+
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, nets=None):
-        vae = (nets or {}).get("vae", self.vae)
-        device = next(vae.parameters()).device
+        decoder = self.generator(nets)
+        device = next(decoder.parameters()).device
         z = torch.randn(n, self.cfg.z_dim, generator=generator).to(device)
         if labels is None:
             labels = self.labels_for(n, self.info.num_classes, device)
-        return vae.mean(vae.decode(z, labels.to(device)))
+        return decoder(z, labels.to(device))
 
 
 @register("cvae", CVAEConfig, "Sohn, Lee & Yan, NeurIPS 2015 (conditional VAE)")

@@ -146,6 +146,8 @@ class CGANConfig(DCGANConfig):
 class DCGAN(GenerativeModel):
     """Unconditional DCGAN; :class:`ConditionalGAN` adds the label to G and D."""
 
+    ema_modules = ("G",)  # used when the run's ema_beta > 0 (not in the paper; off by default)
+
     def __init__(self, cfg: DCGANConfig, info: DataInfo):
         super().__init__()
         self.cfg, self.info = cfg, info
@@ -176,9 +178,15 @@ class DCGAN(GenerativeModel):
         loss = F.softplus(-nets["D"](fake, batch.labels)).mean()
         return loss, {}
 
+    def latent_shape(self):
+        return (self.cfg.z_dim,)
+
+    def generator(self, nets=None):
+        return (nets or {}).get("G", self.G)
+
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, nets=None):
-        G = (nets or {}).get("G", self.G)
+        G = self.generator(nets)
         device = next(G.parameters()).device
         z = torch.randn(n, self.cfg.z_dim, generator=generator, device="cpu").to(device)
         if labels is None:

@@ -69,6 +69,7 @@ class GenerativeModel(nn.Module):
 
     conditional: bool = False
     ema_modules: tuple[str, ...] = ()  # modules with an EMA copy used by `sample`
+    sampler: str = "G"  # the trainable module that generates (its EMA copy where kept)
 
     def trainable(self) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -94,6 +95,15 @@ class GenerativeModel(nn.Module):
         nets: Mapping[str, nn.Module] | None = None,
     ) -> torch.Tensor:
         """(n, C, H, W) images in [-1, 1]; ``nets`` overrides modules (e.g. the EMA copies)."""
+        raise NotImplementedError
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one latent input of :meth:`generator` (without the batch dimension)."""
+        raise NotImplementedError
+
+    def generator(self, nets: Mapping[str, nn.Module] | None = None) -> nn.Module:
+        """A module ``(z, labels) → images in [-1, 1]``: what `gm` exports as the MLflow model.
+        ``labels`` is ignored by unconditional models."""
         raise NotImplementedError
 
     def on_progress(self, step: int, images_seen: int) -> None:

@@ -1,22 +1,27 @@
 """Training under Ray Train (V2): one TorchTrainer whose workers run :class:`Trainer` steps.
 
-- Data: each worker reads the dataset level once into memory and takes its shard of a
-  per-epoch permutation seeded by (seed, epoch); the position in the data follows from the step,
-  so a resumed run sees exactly the batches it would have seen.
+- Data (``run.data``): ``memory`` (default) reads the dataset level once per worker and takes
+  this rank's shard of a per-epoch permutation seeded by (seed, epoch); the position in the data
+  follows from the step, so a resumed run sees exactly the batches it would have seen.
+  ``ray`` streams the driver's Ray Data dataset through ``get_dataset_shard`` (for datasets
+  larger than memory; a resumed run continues its step count but not its batch order).
 - Checkpoints: every ``checkpoint_every`` steps all ranks call ``ray.train.report`` (a barrier);
-  rank 0 attaches the full trainer state. A restarted worker group (``FailureConfig``) and a
-  relaunched driver (same ``RunConfig(name, storage_path)``) both continue from the latest one.
-
-Not yet here (issue 3, in progress): MLflow tracking, the DVC `train` stage and `gm train`.
+  rank 0 attaches the full trainer state, the MLflow run id and the metric history. A restarted
+  worker group (``FailureConfig``) and a relaunched driver (same ``RunConfig(name,
+  storage_path)``) both continue from the latest one.
+- Tracking: rank 0 alone logs per-step metrics (buffered, flushed at each checkpoint) and a
+  sample grid per checkpoint into the run the driver opened (:mod:`gm.tracking`).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +44,7 @@ class RunSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts before the run fails
+    data: Literal["memory", "ray"] = "memory"  # per-worker in-memory shards, or Ray Data
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "num_workers"):
@@ -58,18 +64,42 @@ def shard_indices(n: int, step: int, batch_size: int, rank: int, world: int, see
     return perm[torch.arange(start, start + batch_size) % n]  # wraps only if n < per_step
 
 
+def _batches(config: dict[str, Any], run: RunSettings, info, rank: int, world: int, trainer):
+    """Endless (images, labels) batches for this rank, starting at ``trainer.step``."""
+    from gm.data.readers import ImageDataset, to_unit_range
+
+    if run.data == "ray":
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        while True:
+            for b in shard.iter_torch_batches(
+                batch_size=run.batch_size, collate_fn=config["collate_fn"], drop_last=True
+            ):
+                yield b["image"], b["label"]
+    data = ImageDataset(config["dataset_dir"], info.resolution, split="train")
+    while True:
+        idx = shard_indices(len(data), trainer.step, run.batch_size, rank, world, run.seed)
+        yield to_unit_range(data.pixels[idx]), data.labels[idx]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function. ``config`` holds plain values only (it crosses processes)."""
+    import logging
+
     import ray.train
     import ray.train.torch
+    from ray.train.v2._internal.execution import context as _train_context
 
     from gm.config import from_dict
-    from gm.data.readers import ImageDataset, to_unit_range
     from gm.registry import families
     from gm.train.checkpoint import load_checkpoint, save_checkpoint
     from gm.train.loop import Trainer
     from gm.train.protocol import Batch, DataInfo
+    from gm.train.samples import sample_grid
 
+    # Ray Train logs every report at INFO (one long line per checkpoint): keep warnings only.
+    logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run = from_dict(RunSettings, config["run"], "run")
@@ -82,24 +112,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer = Trainer(
         model, device=device, distributed=world > 1, amp=run.amp, ema_beta=run.ema_beta
     )
-    resumed_from = 0
+    tracking = dict(config.get("tracking") or {})
+    resumed_from, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             payload = load_checkpoint(Path(d) / CHECKPOINT_FILE, family=config["family"])
         trainer.load_state_dict(payload["trainer"])  # RNG: rank 0's saved state
         resumed_from = trainer.step
+        history = list(payload["extra"].get("history", []))
+        if payload["extra"].get("mlflow_run_id"):
+            tracking["run_id"] = payload["extra"]["mlflow_run_id"]
     if checkpoint is None or rank > 0:
         # Per-rank noise streams; rank 0 continues its saved stream exactly, other ranks
         # restart a stream determined by (seed, rank, step).
         torch.manual_seed(run.seed + 1 + rank + 7919 * trainer.step)
 
-    data = ImageDataset(config["dataset_dir"], info.resolution, split="train")
+    logger = None
+    if rank == 0 and tracking.get("run_id"):
+        from gm.tracking import MetricBuffer
+
+        logger = MetricBuffer(tracking["uri"], tracking["run_id"])
+    progress = config.get("progress") if rank == 0 else None  # the driver's ProgressBoard
+    last_progress = 0.0
+
     fault = config.get("fault_injection")  # tests: {"step": k, "marker": path}
-    metrics: dict[str, float] = {}
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    batches = _batches(config, run, info, rank, world, trainer)
+    tick = time.perf_counter()
     while trainer.step < run.steps:
-        idx = shard_indices(len(data), trainer.step, run.batch_size, rank, world, run.seed)
-        metrics = trainer.train_step(Batch(to_unit_range(data.pixels[idx]), data.labels[idx]))
+        images, labels = next(batches)
+        metrics = trainer.train_step(Batch(images, labels))
+        now = time.perf_counter()
+        metrics["step_s"] = now - tick  # data + all phases (+ any report since the last step)
+        metrics["images_per_s"] = images.shape[0] * world / max(now - tick, 1e-9)
+        tick = now
+        for name, opt in trainer.optimizers.items():
+            metrics[f"lr/{name}"] = opt.param_groups[0]["lr"]
+        for k, v in metrics.items():
+            sums[k] += v
+            counts[k] += 1
+        if logger:
+            logger.log(trainer.step, metrics)
+        if progress is not None and (now - last_progress > 0.5 or trainer.step == run.steps):
+            progress.update.remote(trainer.step, metrics)  # fire and forget
+            last_progress = now
         if fault and rank == world - 1 and trainer.step == fault["step"]:
             marker = Path(fault["marker"])
             if not marker.exists():
@@ -109,13 +167,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 marker.write_text("killed once")
                 os.kill(os.getpid(), 9)
         if trainer.step % run.checkpoint_every == 0 or trainer.step == run.steps:
+            means = {k: sums[k] / counts[k] for k in sums}
+            sums.clear()
+            counts.clear()
             report = {
                 "step": trainer.step,
                 "images_seen": trainer.images_seen * world,
                 "resumed_from": resumed_from,
-                **metrics,
+                **means,
             }
             if rank == 0:
+                history.append({"step": trainer.step, **means})
+                if logger:
+                    logger.flush()
+                    grid = sample_grid(trainer, info.num_classes, seed=run.seed)
+                    logger.log_image(grid, key="samples", step=trainer.step)
                 with tempfile.TemporaryDirectory() as d:
                     save_checkpoint(
                         Path(d) / CHECKPOINT_FILE,
@@ -123,11 +189,51 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         model_cfg,
                         info,
                         trainer.state_dict(),
-                        extra={"resumed_from": resumed_from},
+                        extra={
+                            "resumed_from": resumed_from,
+                            "mlflow_run_id": tracking.get("run_id", ""),
+                            "images_seen_total": trainer.images_seen * world,
+                            "history": history,
+                        },
                     )
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(report, checkpoint=None)
+
+
+class ProgressBoard:
+    """A zero-CPU actor rank 0 posts (step, metrics) to; the driver draws the progress bar,
+    so one bar shows on the terminal that launched the run, wherever rank 0 runs."""
+
+    def __init__(self):
+        self.step, self.metrics = 0, {}
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        self.step, self.metrics = step, metrics
+
+    def get(self) -> tuple[int, dict[str, float]]:
+        return self.step, self.metrics
+
+
+def _show_progress(board, total: int, desc: str, stop) -> None:
+    import ray
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True) as bar:
+        while True:
+            try:
+                step, metrics = ray.get(board.get.remote(), timeout=10)
+            except Exception:  # a slow or restarting cluster: try again
+                step, metrics = bar.n, {}
+            bar.update(step - bar.n)
+            shown = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("loss/")}
+            if "images_per_s" in metrics:
+                shown["img/s"] = metrics["images_per_s"]
+            bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            if stop.wait(1.0):
+                step, _ = ray.get(board.get.remote(), timeout=10)
+                bar.update(step - bar.n)
+                return
 
 
 def fit(
@@ -139,11 +245,14 @@ def fit(
     storage_path: str | os.PathLike,
     name: str,
     fault_injection: dict | None = None,
+    tracking: dict[str, str] | None = None,
+    progress: bool = False,
 ):
     """Run (or continue) a training under Ray Train; returns the Ray ``Result``.
 
     ``name`` and ``storage_path`` identify the run: launching again with the same pair continues
     from its latest checkpoint. Paths are made absolute here (workers chdir elsewhere).
+    ``tracking`` is ``{"uri": ..., "run_id": ...}`` of the MLflow run rank 0 logs into.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -152,12 +261,28 @@ def fit(
 
     config = {
         "family": family,
+        "name": name,
         "model": model_config,
         "run": to_dict(run),
         "dataset_dir": str(Path(dataset_dir).resolve()),
         "data_info": dict(data_info),
         "fault_injection": fault_injection,
+        "tracking": tracking,
+        "progress": None,
     }
+    board = None
+    if progress:
+        import ray
+
+        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        config["progress"] = board
+    datasets = None
+    if run.data == "ray":
+        from gm.data.raydata import ray_dataset
+
+        source = ray_dataset(dataset_dir, data_info["resolution"], split="train")
+        datasets = {"train": source.dataset}
+        config["collate_fn"] = source.collate_fn
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -172,5 +297,20 @@ def fit(
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
+        datasets=datasets,
     )
-    return trainer.fit()
+    if board is None:
+        return trainer.fit()
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_show_progress, args=(board, run.steps, name, stop), daemon=True
+    )
+    thread.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        ray.kill(board)

@@ -1,0 +1,300 @@
+"""One training job, as the DVC ``train`` stage and ``gm train`` run it.
+
+``params.yaml: train.<name>`` (a :class:`TrainConfig`) names a model family, a prepared
+dataset and a resolution of its pyramid, the family's hyperparameters and the run settings.
+:func:`run_job` opens (or finds again) the job's MLflow run, trains under Ray Train, and writes
+the job's outputs atomically: ``checkpoint.pt``, ``samples.png``, ``metrics.json`` and
+``history.csv`` (for ``dvc plots``).
+
+Ray's own run folder lives under ``runs/`` (never a DVC output, which ``dvc repro`` deletes),
+named by the job and a hash of everything that determines its result but the step budget: the
+same command after a crash continues the run, a changed config, dataset or gm source starts a
+new one, and a larger ``run.steps`` continues a finished run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gm.config import check, from_dict, to_dict
+from gm.errors import ConfigError, DataError
+from gm.io import atomic_dir, write_json
+from gm.train.ray_train import CHECKPOINT_FILE, RunSettings
+
+RUN_STATE = "gm_run.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    family: str  # a registered model family (`gm models`)
+    dataset: str  # a key of params.yaml: datasets
+    resolution: int = 0  # pyramid level to train on; 0 = the dataset's top resolution
+    model: dict[str, Any] = field(default_factory=dict)  # the family's config (its dataclass)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self):
+        r = self.resolution
+        check(r == 0 or (r >= 4 and r & (r - 1) == 0), "resolution", f"{r} is not 0 or 4, 8, 16…")
+
+    def family_config(self, where: str = ""):
+        """The family's config dataclass, validated; errors name ``<where>.family`` or
+        ``<where>.model.<key>``."""
+        from gm.registry import families
+
+        fams = families()
+        prefix = f"{where}." if where else ""
+        if self.family not in fams:
+            raise ConfigError(
+                f"{prefix}family: unknown model family {self.family!r} (known: {', '.join(fams)})"
+            )
+        return from_dict(fams[self.family].config, self.model, f"{prefix}model")
+
+
+def data_info(dataset_dir: str | os.PathLike, resolution: int) -> dict[str, int]:
+    """DataInfo of a prepared dataset (from its manifest) at ``resolution`` (0 = top)."""
+    path = Path(dataset_dir) / "manifest.json"
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the dataset manifest ({e})") from None
+    resolution = resolution or max(m["resolutions"])
+    if resolution not in m["resolutions"]:
+        raise DataError(f"{path}: no {resolution}x{resolution} level (has {m['resolutions']})")
+    if not m["counts"]["train"] or not sum(m["counts"]["train"].values()):
+        raise DataError(f"{path}: the train split is empty")
+    return {
+        "resolution": resolution,
+        "channels": m["channels"],
+        "num_classes": len(m["classes"]),
+    }
+
+
+def source_hash() -> str:
+    """SHA-256 of gm's Python sources: a code change starts a new Ray run, not a resumed one."""
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parents[1]
+    for p in sorted(pkg.rglob("*.py")):
+        h.update(p.relative_to(pkg).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def run_key(name: str, cfg: TrainConfig, info: dict, dataset_digest: str) -> str:
+    run = to_dict(cfg.run)
+    for budget_only in ("steps", "max_failures"):
+        run.pop(budget_only)
+    ident = {
+        "family": cfg.family,
+        "model": to_dict(cfg.family_config()),
+        "run": run,
+        "data_info": info,
+        "dataset": dataset_digest,
+        "gm": source_hash(),
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return f"{name}-{digest[:12]}"
+
+
+def init_ray(cfg: RunSettings) -> None:
+    """Attach to ``RAY_ADDRESS`` when set, else start a local Ray sized for the job."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    need = cfg.num_workers * cfg.cpus_per_worker
+    # The dashboard (on 127.0.0.1) serves the State API Ray Train's clean-up thread polls.
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
+
+
+def _write_outputs(out_dir: Path, payload_path: Path, payload: dict, metrics: dict):
+    import numpy as np
+    from PIL import Image
+
+    from gm.train.checkpoint import build_from_checkpoint
+    from gm.train.loop import Trainer
+    from gm.train.samples import sample_grid
+
+    model, _, info = build_from_checkpoint(payload)
+    trainer = Trainer(model, ema_beta=0.5 if payload["trainer"]["ema"] else 0.0)
+    trainer.load_state_dict(payload["trainer"])
+    grid = sample_grid(trainer, info.num_classes, seed=0)
+    history = payload["extra"].get("history", [])
+    with atomic_dir(out_dir) as tmp:
+        shutil.copyfile(payload_path, tmp / CHECKPOINT_FILE)
+        Image.fromarray(np.ascontiguousarray(grid)).save(tmp / "samples.png")
+        write_json(tmp / "metrics.json", metrics)
+        columns = sorted({k for row in history for k in row} - {"step"})
+        with open(tmp / "history.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", *columns])
+            for row in history:
+                w.writerow([row["step"], *(f"{row[c]:.6g}" if c in row else "" for c in columns)])
+    return trainer
+
+
+def run_job(
+    name: str,
+    cfg: TrainConfig,
+    dataset_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    root: str | os.PathLike,
+    runs_dir: str | os.PathLike | None = None,
+    stage: str | None = None,
+    progress: bool = True,
+    fault_injection: dict | None = None,
+) -> dict[str, Any]:
+    """Train job ``name`` (continuing its Ray run if one exists); returns its metrics."""
+    from gm import tracking
+
+    root = Path(root).resolve()
+    dataset_dir, out_dir = Path(dataset_dir).resolve(), Path(out_dir).resolve()
+    runs_dir = Path(runs_dir or root / "runs").resolve()
+    model_cfg = cfg.family_config(f"train.{name}")
+    info = data_info(dataset_dir, cfg.resolution)
+    digest, digest_kind = tracking.dataset_digest(root, dataset_dir)
+    key = run_key(name, cfg, info, digest)
+    state_file = runs_dir / key / RUN_STATE
+
+    # The MLflow run: fail fast on an unreachable server, before Ray or any compute starts.
+    uri = tracking.tracking_uri(root)
+    run_id = None
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        run_id = state["run_id"] if state.get("uri") == uri else None
+        if state.get("step", 0) > cfg.run.steps:
+            raise ConfigError(
+                f"train.{name}.run.steps: {cfg.run.steps} is below the {state['step']} steps "
+                f"the run in {state_file.parent} already made; raise it, or delete that folder "
+                "to train from scratch"
+            )
+    params = tracking.flatten(
+        {
+            "family": cfg.family,
+            "dataset": cfg.dataset,
+            "model": to_dict(model_cfg),
+            "run": to_dict(cfg.run),
+            "data": info,
+        }
+    )
+    tags = tracking.lineage_tags(root, stage) | {"gm.job": name, "gm.ray_run": key}
+    handle = tracking.RunHandle.open(root, name, run_id, params, tags)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(state_file, {"uri": uri, "run_id": handle.run_id})
+    handle.log_dataset(cfg.dataset, str(dataset_dir), digest)
+
+    init_ray(cfg.run)
+    import ray
+
+    from gm.train.checkpoint import load_checkpoint
+    from gm.train.ray_train import fit
+
+    resources = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+    handle.set_tags({"ray.cluster_resources": json.dumps(resources, sort_keys=True)})
+    start = time.time()
+    try:
+        result = fit(
+            cfg.family,
+            to_dict(model_cfg),
+            cfg.run,
+            dataset_dir,
+            info,
+            runs_dir,
+            key,
+            fault_injection=fault_injection,
+            tracking={"uri": uri, "run_id": handle.run_id},
+            progress=progress,
+        )
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise DataError(f"{runs_dir / key}: the run ended without a checkpoint")
+    except BaseException:
+        handle.finish("FAILED")  # the Ray run keeps its checkpoints: rerunning continues it
+        raise
+
+    with result.checkpoint.as_directory() as d:
+        ckpt = Path(d) / CHECKPOINT_FILE
+        payload = load_checkpoint(ckpt, family=cfg.family)
+        history = payload["extra"].get("history", [])
+        metrics = {
+            "step": payload["trainer"]["step"],
+            "images_seen": payload["extra"].get("images_seen_total", 0),
+            "resumed_from": payload["extra"].get("resumed_from", 0),
+            "mlflow_run_id": handle.run_id,
+            "dataset_digest": f"{digest_kind}:{digest}",
+            **{k: v for k, v in (history[-1] if history else {}).items() if k != "step"},
+        }
+        trainer = _write_outputs(out_dir, ckpt, payload, metrics)
+    write_json(state_file, {"uri": uri, "run_id": handle.run_id, "step": metrics["step"]})
+    _log_final(handle, out_dir, trainer, info)
+    handle.client.log_metric(handle.run_id, "driver_seconds", time.time() - start)
+    handle.finish()
+    return metrics
+
+
+def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
+    """Final checkpoint, sample grid and metrics as artifacts; the generator as an MLflow
+    model in PyTorch's exported-graph format (``pt2``: loading it runs no pickled code)."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    for f in (CHECKPOINT_FILE, "samples.png", "metrics.json", "history.csv"):
+        handle.client.log_artifact(handle.run_id, str(out_dir / f), artifact_path="final")
+    model = trainer.model.cpu().eval()
+    generator = model.generator(trainer.sampling_nets()).eval()
+    latent = model.latent_shape()
+    res, ch = info["resolution"], info["channels"]
+    signature = ModelSignature(
+        inputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, *latent), "z"),
+                TensorSpec(np.dtype(np.int64), (-1,), "labels"),
+            ]
+        ),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, ch, res, res), "images")]),
+    )
+    n = max(info["num_classes"], 2)
+    example = (
+        torch.randn(n, *latent, generator=torch.Generator().manual_seed(0)).numpy(),
+        np.arange(n, dtype=np.int64) % max(info["num_classes"], 1),
+    )
+    mlflow.set_tracking_uri(handle.uri)
+    with mlflow.start_run(run_id=handle.run_id):
+        mlflow.pytorch.log_model(
+            generator,
+            name="generator",
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            metadata={
+                "data_info": info,
+                "family": handle.client.get_run(handle.run_id).data.params.get("family", ""),
+            },
+        )
+
+
+def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """Family, step and MLflow run of a checkpoint file (for `gm` messages and tests)."""
+    from gm.train.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path)
+    return {
+        "family": payload["family"],
+        "step": payload["trainer"]["step"],
+        "mlflow_run_id": payload["extra"].get("mlflow_run_id"),
+        "data_info": payload["data_info"],
+    }

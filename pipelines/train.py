@@ -1,0 +1,46 @@
+"""DVC stage `train@<name>`: prepared dataset → trained model (checkpoint, samples, metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from gm import params
+from gm.cli import guarded
+from gm.errors import ConfigError
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    from gm.tracking import repo_root
+    from gm.train.job import run_job
+
+    ap = argparse.ArgumentParser(prog="pipelines.train", description=__doc__)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap.add_argument("--name", required=True, help="key under `train` in the params file")
+    ap.add_argument("--dataset", required=True, help="prepared dataset folder")
+    ap.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    ap.add_argument("--runs", default="runs", help="Ray run storage, kept across crashes")
+    args = ap.parse_args(argv)
+    p = params.load(args.params)
+    if args.name not in p.train:
+        raise ConfigError(f"{args.params}: train.{args.name}: no such training job")
+    m = run_job(
+        args.name,
+        p.train[args.name],
+        args.dataset,
+        args.out,
+        root=repo_root(),
+        runs_dir=args.runs,
+        stage=os.environ.get("DVC_STAGE") or f"train@{args.name}",
+        progress=True,
+    )
+    print(
+        f"{args.name}: {m['step']} steps, {m['images_seen']} images, "
+        f"MLflow run {m['mlflow_run_id']} → {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""MLflow tracking: one run per training with lineage; the default SQLite store and a real
+`mlflow server` on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from gm import tracking
+from gm.data.config import DatasetConfig
+from gm.data.prepare import prepare_dataset
+from gm.train.checkpoint import load_checkpoint
+from gm.train.job import TrainConfig, run_job
+from gm.train.ray_train import RunSettings
+
+from .conftest import BIN
+from .test_models_contract import TINY
+
+
+def git(root, *args):
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture
+def project(tmp_path, raw_folder):
+    """A git + DVC repository: data.dvc, a prepared 16x16 dataset and a stage `train` that
+    depends on it."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "data.dvc").write_text(
+        yaml.safe_dump({"outs": [{"md5": "abc123.dir", "path": "data", "hash": "md5"}]})
+    )
+    stage = {"cmd": "echo ok", "deps": ["datasets/pyramid/toy", "notes.txt"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    (root / "notes.txt").write_text("a dependency\n")
+    prepare_dataset(
+        raw_folder, root / "datasets/pyramid/toy", DatasetConfig(top_resolution=16), progress=False
+    )
+    (root / ".gitignore").write_text("datasets/\nruns/\nmodels/\nmlflow.db\nmlartifacts/\n")
+    git(root, "init", "-q")
+    subprocess.run(["dvc", "init", "-q"], cwd=root, check=True)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    return root
+
+
+def test_flatten_nested_params():
+    flat = tracking.flatten({"run": {"steps": 3, "betas": (0.5, 0.9)}, "family": "dcgan"})
+    assert flat == {"run.steps": "3", "run.betas": "[0.5, 0.9]", "family": "dcgan"}
+
+
+def test_lineage_tags_follow_git_and_dvc(project):
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    tags = tracking.lineage_tags(project, "train")
+    assert tags["git.commit"] == head and tags["mlflow.source.git.commit"] == head
+    assert tags["git.dirty"] == "false" and tags["dvc.data"] == "abc123.dir"
+    assert tags["dvc.stage"] == "train" and tags["gm.version"]
+    # The dependency hashes a stage's run is tagged with are the ones DVC then locks.
+    subprocess.run(["dvc", "repro", "-q", "train"], cwd=project, check=True)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train"]["deps"]
+    assert {f"dvc.dep.{d['path']}": d["md5"] for d in lock} == {
+        k: v for k, v in tags.items() if k.startswith("dvc.dep.")
+    }
+    (project / "data.dvc").write_text((project / "data.dvc").read_text() + "# edited\n")
+    assert tracking.lineage_tags(project)["git.dirty"] == "true"
+    assert "dvc.dep.notes.txt" not in tracking.lineage_tags(project, "no-such-stage")
+
+
+def test_dataset_digest_is_the_dvc_hash_of_a_stage_output(project):
+    ds = project / "datasets/pyramid/toy"
+    content = json.loads((ds / "manifest.json").read_text())["content_hash"]
+    assert tracking.dataset_digest(project, ds) == (content, "content")  # not a DVC output
+    lock = {
+        "schema": "2.0",
+        "stages": {"prep": {"outs": [{"path": "datasets/pyramid/toy", "md5": "d00d.dir"}]}},
+    }
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert tracking.dataset_digest(project, ds) == ("d00d.dir", "dvc")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_before_any_compute(project, monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = TrainConfig(family="dcgan", dataset="toy", model=TINY["dcgan"])
+    with pytest.raises(tracking.TrackingError, match=f"MLFLOW_TRACKING_URI={uri}"):
+        run_job("toy", cfg, project / "datasets/pyramid/toy", project / "models/toy", project)
+    assert not (project / "runs").exists() and not (project / "models").exists()
+
+
+def tiny_job(family="cgan", steps=4, workers=1):
+    run = RunSettings(steps=steps, batch_size=4, checkpoint_every=2, num_workers=workers)
+    return TrainConfig(family=family, dataset="toy", model=TINY[family], run=run)
+
+
+@pytest.mark.slow
+def test_one_run_per_training_with_metrics_images_model_and_lineage(
+    ray_local, project, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ds, out = project / "datasets/pyramid/toy", project / "models/toy"
+    m = run_job("toy", tiny_job(workers=2), ds, out, project, stage="train", progress=False)
+    assert (project / "mlflow.db").is_file()  # the default store: sqlite at the repo root
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("gm").experiment_id])
+    assert len(runs) == 1  # two workers, one run
+    run = runs[0]
+    assert run.info.run_id == m["mlflow_run_id"] and run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["family"] == "cgan" and p["model.z_dim"] == "8" and p["run.num_workers"] == "2"
+    assert p["model.optim_g.betas"] == "[0.5, 0.999]" and p["data.num_classes"] == "3"
+    for key in ("loss/D", "loss/G", "images_per_s", "lr/G", "lr/D"):
+        assert [x.step for x in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4]
+    t = run.data.tags
+    content = json.loads((ds / "manifest.json").read_text())["content_hash"]
+    assert t["dvc.data"] == "abc123.dir" and t["dvc.stage"] == "train"
+    assert t["dvc.dep.notes.txt"] and t["dvc.dep.datasets/pyramid/toy"].endswith(".dir")
+    assert t["git.dirty"] == "false" and len(t["git.commit"]) == 40
+    assert '"CPU"' in t["ray.cluster_resources"] and t["gm.version"]
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("toy", content[:36])]
+
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "final")}
+    assert {"final/checkpoint.pt", "final/samples.png", "final/metrics.json"} <= files
+    images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    assert len([f for f in images if f.endswith(".png")]) == 2  # a grid at steps 2 and 4
+
+    payload = load_checkpoint(out / "checkpoint.pt", family="cgan")
+    assert payload["extra"]["mlflow_run_id"] == run.info.run_id
+    assert payload["trainer"]["step"] == 4 and m["images_seen"] == 4 * 4 * 2
+
+    # The exported generator: (z, labels) → images, for a batch size other than the example's.
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/generator")
+    x = model(torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1]))
+    assert tuple(x.shape) == (5, 3, 16, 16)
+
+    # Relaunching with a bigger budget continues the same Ray run and the same MLflow run.
+    m2 = run_job("toy", tiny_job(steps=6, workers=2), ds, out, project, progress=False)
+    assert m2["mlflow_run_id"] == run.info.run_id and m2["resumed_from"] == 4
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    steps = [x.step for x in client.get_metric_history(run.info.run_id, "loss/G")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback (one worker, no job runner), stopped afterwards."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    proc = subprocess.Popen(
+        [
+            BIN / "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow server did not start (exit {proc.poll()})")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_logs_to_a_real_mlflow_server(ray_local, project, mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    ds, out = project / "datasets/pyramid/toy", project / "models/toy"
+    m = run_job("toy", tiny_job("dcgan", steps=2), ds, out, project, progress=False)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(m["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["family"] == "dcgan"
+    assert [x.step for x in client.get_metric_history(run.info.run_id, "loss/D")] == [1, 2]
+    assert not (project / "mlflow.db").exists()  # nothing went to the local store
+    local = client.download_artifacts(run.info.run_id, "final/metrics.json", str(tmp_path))
+    assert '"step": 2' in open(local).read()
