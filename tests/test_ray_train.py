@@ -70,6 +70,16 @@ def test_relaunched_driver_continues_the_same_run(ray_local, dataset, tmp_path):
     assert payload["trainer"]["step"] == 4 and payload["extra"]["resumed_from"] == 2
 
 
+def test_ray_data_shards_feed_the_workers(ray_local, dataset, tmp_path):
+    info = {"resolution": 16, "channels": 3, "num_classes": 3}
+    run = RunSettings(
+        steps=5, batch_size=4, checkpoint_every=5, num_workers=2, data="ray", max_failures=0
+    )
+    payload = final_payload(fit("cvae", TINY["cvae"], run, dataset, info, tmp_path / "r", "rd"))
+    assert payload["trainer"]["step"] == 5 and payload["extra"]["images_seen_total"] == 40
+    assert payload["extra"]["history"][-1]["loss/elbo"] > 0
+
+
 def _grad_probe_loop(config):
     """One DDP step of a tiny cGAN per rank; each rank saves its gradients and weights."""
     import ray.train
