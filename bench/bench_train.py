@@ -4,8 +4,8 @@ and data, measured in one run.
     python bench/bench_train.py [--steps 60] [--warmup 20]
 
 Prints
-- seconds per step after warm-up of a bare loop (`Trainer` in this process, the same in-memory
-  shard and batch code) and of the Ray Train worker loop (`gm.train.ray_train.fit`, 1 worker
+- seconds per step after warm-up of a bare loop (`Trainer` in a fresh process without Ray, the
+  same in-memory shard and batch code, the same threads; run before and after the Ray loop) and of the Ray Train worker loop (`gm.train.ray_train.fit`, 1 worker
   with the same CPU threads), and their ratio (target: <= 1.10);
 - Ray Train's start-up (wall time of `fit` minus its training steps), reported separately;
 - images/s with 1 worker (2 CPUs) and 2 workers (1 CPU each, DDP over gloo).
@@ -72,6 +72,24 @@ def bare_loop(ds: Path, info: dict, steps: int, warmup: int, threads: int) -> fl
     return sum(times[warmup:]) / steps
 
 
+def bare_subprocess(ds: Path, steps: int, warmup: int, threads: int) -> float:
+    """The bare loop in a fresh process with no Ray client in it, like a Ray worker, and the
+    same thread settings Ray gives a worker (OMP_NUM_THREADS = its CPUs)."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, "--bare", str(ds), "--steps", str(steps)]
+    out = subprocess.run(
+        [*cmd, "--warmup", str(warmup), "--threads", str(threads)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["step_s"]
+
+
 def ray_loop(ds: Path, info: dict, steps: int, warmup: int, workers: int, cpus: float, work):
     """(mean seconds per step after warm-up, start-up seconds) of the Ray Train loop."""
     from gm.train.checkpoint import load_checkpoint
@@ -98,7 +116,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=60, help="timed steps after warm-up")
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--bare", metavar="DATASET", help=argparse.SUPPRESS)  # internal
+    ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare:
+        import json
+
+        from gm.train.job import data_info
+
+        info = data_info(args.bare, 32)
+        step_s = bare_loop(Path(args.bare), info, args.steps, args.warmup, args.threads)
+        print(json.dumps({"step_s": step_s}))
+        return
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
@@ -110,11 +139,18 @@ def main() -> None:
         t = time.perf_counter()
         ray.init(num_cpus=max(cores, 2), include_dashboard=False, log_to_driver=False)
         init_s = time.perf_counter() - t
+        # Bare loop before and after the Ray run (the best of the two): drift in machine
+        # speed shows as a spread between them, printed below.
+        bare_a = bare_subprocess(ds, args.steps, args.warmup, threads=min(cores, 2))
         ray_1, startup_1 = ray_loop(ds, info, args.steps, args.warmup, 1, min(cores, 2), work)
-        bare = bare_loop(ds, info, args.steps, args.warmup, threads=min(cores, 2))
+        bare_b = bare_subprocess(ds, args.steps, args.warmup, threads=min(cores, 2))
+        bare = min(bare_a, bare_b)
         ray_2, startup_2 = ray_loop(ds, info, args.steps, args.warmup, 2, max(cores, 2) / 2, work)
         ray.shutdown()
-    print(f"bare PyTorch loop      {bare * 1000:8.1f} ms/step  {BATCH / bare:8.0f} img/s")
+    print(
+        f"bare PyTorch loop      {bare * 1000:8.1f} ms/step  {BATCH / bare:8.0f} img/s  "
+        f"(runs before/after Ray: {bare_a * 1000:.1f} / {bare_b * 1000:.1f} ms)"
+    )
     print(
         f"Ray Train, 1 worker    {ray_1 * 1000:8.1f} ms/step  {BATCH / ray_1:8.0f} img/s  "
         f"ratio {ray_1 / bare:.3f} (target <= 1.10)"

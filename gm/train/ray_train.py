@@ -145,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         images, labels = next(batches)
         metrics = trainer.train_step(Batch(images, labels))
         now = time.perf_counter()
-        metrics["step_s"] = now - tick  # data + all phases (+ any report since the last step)
+        metrics["step_s"] = now - tick  # data + all phases (checkpoints: checkpoint_s)
         metrics["images_per_s"] = images.shape[0] * world / max(now - tick, 1e-9)
         tick = now
         for name, opt in trainer.optimizers.items():
@@ -167,6 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 marker.write_text("killed once")
                 os.kill(os.getpid(), 9)
         if trainer.step % run.checkpoint_every == 0 or trainer.step == run.steps:
+            report_start = time.perf_counter()
             means = {k: sums[k] / counts[k] for k in sums}
             sums.clear()
             counts.clear()
@@ -199,6 +200,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(report, checkpoint=None)
+            tick = time.perf_counter()
+            if logger:  # flushed with the next interval's metrics
+                logger.log(trainer.step, {"checkpoint_s": tick - report_start})
 
 
 class ProgressBoard:
