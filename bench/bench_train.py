@@ -5,8 +5,9 @@ and data, measured in one run.
 
 Prints
 - seconds per step after warm-up of a bare loop (`Trainer` in a fresh process without Ray, the
-  same in-memory shard and batch code, the same threads; run before and after the Ray loop) and of the Ray Train worker loop (`gm.train.ray_train.fit`, 1 worker
-  with the same CPU threads), and their ratio (target: <= 1.10);
+  same in-memory shard and batch code, the same threads; run before and after the Ray loop)
+  and of the Ray Train worker loop (`gm.train.ray_train.fit`, 1 worker with the same CPU
+  threads), and their ratio (target: <= 1.10; checkpoint reports are timed apart);
 - Ray Train's start-up (wall time of `fit` minus its training steps), reported separately;
 - images/s with 1 worker (2 CPUs) and 2 workers (1 CPU each, DDP over gloo).
 The model is the conditional GAN (ngf = ndf = 32) on 32x32 digits, batch 64 per worker.
