@@ -15,7 +15,7 @@ from gm.data.config import DatasetConfig, PairConfig
 from gm.errors import ConfigError
 
 # Sections later stages own are added here as they land.
-SECTIONS = ("datasets", "pairs", "train")
+SECTIONS = ("datasets", "pairs", "train", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Params:
     datasets: dict[str, DatasetConfig]
     pairs: dict[str, PairConfig]
     train: dict[str, Any]  # name → gm.train.job.TrainConfig
+    evaluate: Any  # gm.metrics.evaluate.EvalConfig
 
 
 def parse(raw: dict[str, Any], source: str = "params.yaml") -> Params:
@@ -64,7 +65,11 @@ def _parse(raw: dict[str, Any]) -> Params:
                 f"datasets.{cfg.dataset}.top_resolution ({top})"
             )
         pairs[name] = cfg
-    return Params(datasets, pairs, _parse_train(train_raw, datasets))
+    from gm.metrics.evaluate import EvalConfig
+
+    node = raw.get("evaluate") or {}
+    evaluate = from_dict(EvalConfig, node, "evaluate")
+    return Params(datasets, pairs, _parse_train(train_raw, datasets), evaluate)
 
 
 def _parse_train(train_raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -> dict[str, Any]:

@@ -48,6 +48,10 @@ PARAMS = {
             "run": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
         }
     },
+    "evaluate": {
+        "classifier": {"width": 4, "features": 8, "steps": 10, "batch_size": 8},
+        "num_samples": 12,
+    },
 }
 
 
@@ -87,6 +91,10 @@ def test_repro_builds_everything_then_does_nothing(repo):
         "pairs@toy_lineart",
         "pairs@gray_labels",
         "train@toy_gan",
+        "classifier@toy",
+        "classifier@gray",
+        "evaluate@toy_gan",
+        "summary",
     }
     for f in (
         "datasets/pyramid/toy/16x16.parquet",
@@ -96,12 +104,21 @@ def test_repro_builds_everything_then_does_nothing(repo):
         "datasets/pairs/gray_labels/pairs.parquet",
         "models/toy_gan/checkpoint.pt",
         "models/toy_gan/samples.png",
+        "models/classifiers/toy/classifier.pt",
+        "reports/eval/toy_gan.json",
+        "reports/summary.md",
     ):
         assert (repo / f).is_file(), f
     metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert metrics[""]["data"]["models/toy_gan/metrics.json"]["data"]["step"] == 4
-    tags = MlflowClient(f"sqlite:///{repo}/mlflow.db").search_runs(["0", "1"])[0].data.tags
-    assert tags["dvc.stage"] == "train@toy_gan" and "dvc.dep.gm" in tags
+    evaluated = metrics[""]["data"]["reports/eval/toy_gan.json"]["data"]
+    assert evaluated["fid"] > 0 and "fid_baseline" in evaluated
+    assert "| 1 | toy_gan | cgan | 4 |" in (repo / "reports/summary.md").read_text()
+    run = MlflowClient(f"sqlite:///{repo}/mlflow.db").search_runs(["0", "1"])[0]
+    assert run.data.tags["dvc.stage"] == "train@toy_gan" and "dvc.dep.gm" in run.data.tags
+    # dvc metrics and the MLflow run agree
+    assert run.data.metrics["eval/fid"] == pytest.approx(evaluated["fid"])
+    assert run.data.tags["eval.extractor"] == "domain-classifier"
     assert (repo / "runs").is_dir()  # Ray's run storage, outside every DVC output
     t = time.perf_counter()
     r = sh(["dvc", "repro"], repo)
@@ -113,7 +130,11 @@ def test_repro_builds_everything_then_does_nothing(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["datasets"]["gray"]["resample"] = "bilinear"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran(sh(["dvc", "repro"], repo).stdout) == {"prepare@gray", "pairs@gray_labels"}
+    assert ran(sh(["dvc", "repro"], repo).stdout) == {
+        "prepare@gray",
+        "pairs@gray_labels",
+        "classifier@gray",
+    }
 
     # Outputs are deterministic: rebuilding from scratch gives the same dvc.lock.
     params["datasets"]["gray"].pop("resample")
@@ -123,7 +144,11 @@ def test_repro_builds_everything_then_does_nothing(repo):
     # A train param reruns that training only; a bigger budget continues the finished run.
     params["train"]["toy_gan"]["run"]["steps"] = 6
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran(sh(["dvc", "repro"], repo).stdout) == {"train@toy_gan"}
+    assert ran(sh(["dvc", "repro"], repo).stdout) == {
+        "train@toy_gan",
+        "evaluate@toy_gan",
+        "summary",
+    }
     metrics = json.loads((repo / "models/toy_gan/metrics.json").read_text())
     assert metrics["step"] == 6 and metrics["resumed_from"] == 4
 

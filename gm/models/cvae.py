@@ -181,6 +181,14 @@ class ConditionalVAE(GenerativeModel):
     def latent_shape(self):
         return (self.cfg.z_dim,)
 
+    def bits_per_dim(self, batch: Batch):
+        """The negative ELBO (an upper bound on -log p(x|y)) per dimension, one z sample;
+        a code length only under the discretized logistic likelihood."""
+        if self.cfg.likelihood != "logistic":
+            return None
+        nll, kl = self.vae(batch.images, batch.labels)
+        return (nll + kl) / (batch.images[0].numel() * LOG2)
+
     def generator(self, nets=None):
         return CVAEDecoder((nets or {}).get("vae", self.vae))
 

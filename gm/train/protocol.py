@@ -106,6 +106,11 @@ class GenerativeModel(nn.Module):
         ``labels`` is ignored by unconditional models."""
         raise NotImplementedError
 
+    def bits_per_dim(self, batch: Batch) -> torch.Tensor | None:
+        """Per-image negative log-likelihood (or its upper bound) in bits per dimension of
+        8-bit data, for likelihood models; None for models without a likelihood."""
+        return None
+
     def on_progress(self, step: int, images_seen: int) -> None:
         """Called before each step (fade-in alpha, KL warm-up ...)."""
 

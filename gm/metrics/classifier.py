@@ -1,0 +1,155 @@
+"""The domain classifier: a small CNN trained on a dataset's train split.
+
+Inception-v3 features are the convention for FID, but its weights cannot be downloaded here and
+many domains (digits, emoji, medical images) are far from ImageNet. gm trains a classifier per
+dataset instead; its penultimate layer is the feature space of "domain FID/KID", its softmax
+the classifier of the conditional accuracy and the Inception-style score. The checkpoint holds
+the config and data info as JSON and the weights, loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gm.config import check, from_dict, to_dict
+from gm.errors import DataError
+from gm.io import atomic_path, sha256_file
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    width: int = 32  # channels of the first conv block; doubled per downsampling
+    features: int = 128  # size of the feature layer (the FID/KID feature space)
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("width", "features", "steps", "batch_size"):
+            check(getattr(self, name) >= 1, name, "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+
+
+class DomainClassifier(nn.Module):
+    """(B, C, R, R) images in [-1, 1] → logits; :meth:`features` gives the penultimate layer."""
+
+    def __init__(self, cfg: ClassifierConfig, resolution: int, channels: int, num_classes: int):
+        super().__init__()
+        if resolution < 4 or resolution & (resolution - 1):
+            raise ValueError(f"classifier needs a power-of-two resolution >= 4, got {resolution}")
+        layers: list[nn.Module] = []
+        c_in, c = channels, cfg.width
+        for _ in range(max(int(math.log2(resolution)) - 2, 1)):  # down to 4x4
+            layers += [
+                nn.Conv2d(c_in, c, 3, 1, 1),
+                nn.BatchNorm2d(c),
+                nn.ReLU(True),
+                nn.Conv2d(c, c, 3, 2, 1),
+                nn.BatchNorm2d(c),
+                nn.ReLU(True),
+            ]
+            c_in, c = c, c * 2
+        self.body = nn.Sequential(*layers)
+        self.feature = nn.Sequential(nn.Flatten(), nn.Linear(c_in, cfg.features), nn.ReLU(True))
+        self.head = nn.Linear(cfg.features, num_classes)
+        self.num_features = cfg.features  # read by torchmetrics for custom extractors
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature(self.body(x).mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def train_classifier(
+    dataset_dir: str | os.PathLike, resolution: int, cfg: ClassifierConfig, progress: bool = True
+) -> tuple[DomainClassifier, dict]:
+    """Train on the train split; returns the network (eval mode) and its test-split report."""
+    from tqdm import tqdm
+
+    from gm.data.readers import ImageDataset, to_unit_range
+
+    torch.manual_seed(cfg.seed)
+    train = ImageDataset(dataset_dir, resolution, split="train")
+    test = ImageDataset(dataset_dir, resolution, split="test")
+    if len(train) == 0 or len(test) == 0:
+        raise DataError(f"{dataset_dir}: the classifier needs non-empty train and test splits")
+    num_classes = len(json.loads((Path(dataset_dir) / "manifest.json").read_text())["classes"])
+    channels = train.pixels.shape[-1]
+    net = DomainClassifier(cfg, resolution, channels, num_classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
+    g = torch.Generator().manual_seed(cfg.seed)
+    net.train()
+    bar = tqdm(
+        range(cfg.steps),
+        desc="classifier",
+        unit="step",
+        disable=not progress,
+        mininterval=1.0 if sys.stderr.isatty() else 15.0,  # a log file gets few lines
+    )
+    for _ in bar:
+        idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
+        x = to_unit_range(train.pixels[idx])
+        loss = F.cross_entropy(net(x), train.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test), 512):
+            x = to_unit_range(test.pixels[start : start + 512])
+            correct += (net(x).argmax(1) == test.labels[start : start + 512]).sum().item()
+    info = {"resolution": resolution, "channels": channels, "num_classes": num_classes}
+    report = {
+        "test_accuracy": correct / len(test),
+        "chance_accuracy": 1.0 / num_classes,
+        "train_size": len(train),
+        "test_size": len(test),
+        **info,
+    }
+    return net, report
+
+
+def save_classifier(path, net: DomainClassifier, cfg: ClassifierConfig, info: dict) -> None:
+    payload = {
+        "kind": "gm-domain-classifier",
+        "config": json.dumps(to_dict(cfg), sort_keys=True),
+        "data_info": dict(info),
+        "state_dict": net.state_dict(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[DomainClassifier, dict]:
+    """(network in eval mode, description: kind, path, sha256, data info)."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such classifier checkpoint") from None
+    except Exception as e:  # truncated or foreign file
+        raise DataError(f"{path}: not a readable classifier checkpoint ({e})") from None
+    if not isinstance(payload, dict) or payload.get("kind") != "gm-domain-classifier":
+        raise DataError(f"{path}: not a gm domain-classifier checkpoint")
+    cfg = from_dict(ClassifierConfig, json.loads(payload["config"]), "classifier")
+    info = payload["data_info"]
+    net = DomainClassifier(cfg, info["resolution"], info["channels"], info["num_classes"])
+    net.load_state_dict(payload["state_dict"])
+    desc = {"kind": "domain-classifier", "path": str(path), "sha256": sha256_file(path), **info}
+    return net.eval(), desc

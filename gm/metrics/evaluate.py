@@ -1,0 +1,164 @@
+"""Evaluate a trained model against its dataset's test split (the DVC `evaluate` stage).
+
+Real images come from the pyramid level the model was trained at; real and generated images
+are resized the same way to the domain classifier's resolution when they differ (bilinear,
+antialiased), and the extractor, its weights' hash and the resize mode are reported with the
+numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gm.config import check
+from gm.metrics.classifier import ClassifierConfig
+from gm.metrics.quality import METRICS, EvalSets, get
+
+DEFAULT_METRICS = tuple(METRICS)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    max_resolution: int = 32  # classifiers (and metrics) at min(top resolution, this)
+    num_samples: int = 1000  # generated samples (and train images of the baseline)
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    seed: int = 0
+
+    def __post_init__(self):
+        r = self.max_resolution
+        check(r >= 4 and r & (r - 1) == 0, "max_resolution", f"{r} is not a power of two >= 4")
+        check(self.num_samples >= 10, "num_samples", "must be >= 10")
+        for name in self.metrics:
+            get(name)  # an unknown name lists the known ones
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(-1, 1)
+
+
+@torch.no_grad()
+def _embed(clf, images: torch.Tensor, size: int, batch: int = 500):
+    feats, logits = [], []
+    for start in range(0, len(images), batch):
+        x = _resize(images[start : start + batch].float(), size)
+        f = clf.features(x)
+        feats.append(f)
+        logits.append(clf.head(f))
+    return torch.cat(feats), torch.cat(logits)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    classifier: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    cfg: EvalConfig,
+) -> dict[str, Any]:
+    from gm.data.readers import ImageDataset, to_unit_range
+    from gm.metrics.classifier import load_classifier
+    from gm.train.checkpoint import build_from_checkpoint, load_checkpoint
+    from gm.train.loop import Trainer
+    from gm.train.protocol import Batch
+
+    payload = load_checkpoint(checkpoint)
+    model, _, info = build_from_checkpoint(payload)
+    trainer = Trainer(model, ema_beta=0.5 if payload["trainer"]["ema"] else 0.0)
+    trainer.load_state_dict(payload["trainer"])
+    clf, extractor = load_classifier(classifier)
+    size = extractor["resolution"]
+    if extractor["channels"] != info.channels or extractor["num_classes"] != info.num_classes:
+        from gm.errors import DataError
+
+        raise DataError(
+            f"{classifier}: classifier of {extractor['channels']} channel(s) and "
+            f"{extractor['num_classes']} classes, model has {info.channels} and {info.num_classes}"
+        )
+
+    test = ImageDataset(dataset_dir, info.resolution, split="test")
+    train = ImageDataset(dataset_dir, info.resolution, split="train")
+    n = min(cfg.num_samples, len(train))
+    g = torch.Generator().manual_seed(cfg.seed)
+    pick = torch.randperm(len(train), generator=g)[:n]
+    real_f, _ = _embed(clf, to_unit_range(test.pixels), size)
+    base_f, base_logits = _embed(clf, to_unit_range(train.pixels[pick]), size)
+
+    labels = torch.arange(n) % info.num_classes if model.conditional else None
+    fakes = []
+    for i, start in enumerate(range(0, n, 250)):
+        lab = labels[start : start + 250] if labels is not None else None
+        count = min(250, n - start)
+        fakes.append(trainer.sample(count, lab, seed=cfg.seed * 100_003 + i))
+    fake_f, fake_logits = _embed(clf, torch.cat(fakes), size)
+
+    bpd = None
+    if "bits_per_dim" in cfg.metrics:
+        model.eval()
+        torch.manual_seed(cfg.seed)
+        values = []
+        with torch.no_grad():
+            for start in range(0, len(test), 500):
+                b = Batch(
+                    to_unit_range(test.pixels[start : start + 500]),
+                    test.labels[start : start + 500],
+                )
+                v = model.bits_per_dim(b)
+                if v is None:
+                    break
+                values.append(v)
+        bpd = float(torch.cat(values).mean()) if values else None
+
+    sets = EvalSets(real_f, base_f, fake_f, fake_logits, labels, base_logits, bpd)
+    results: dict[str, Any] = {}
+    for name in cfg.metrics:
+        results |= get(name)(sets)
+    results |= {
+        "num_samples": n,
+        "num_real": len(test),
+        "step": payload["trainer"]["step"],
+        "family": payload["family"],
+        "mlflow_run_id": payload["extra"].get("mlflow_run_id", ""),
+        "extractor": {
+            **extractor,
+            "resize": "none"
+            if size == info.resolution
+            else f"bilinear-antialias {info.resolution}->{size}",
+        },
+    }
+    return results
+
+
+def log_to_mlflow(root, results: dict[str, Any]) -> None:
+    """Evaluation metrics (``eval/<name>``) and extractor tags on the model's training run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    from gm.tracking import check_store, tracking_uri
+
+    run_id = results.get("mlflow_run_id")
+    if not run_id:
+        return
+    uri = tracking_uri(root)
+    check_store(uri)
+    client = MlflowClient(uri)
+    step = int(results["step"])
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"eval/{k}", float(v), now, step)
+        for k, v in results.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
+    ]
+    ex = results["extractor"]
+    tags = [
+        RunTag("eval.extractor", ex["kind"]),
+        RunTag("eval.extractor_sha256", ex["sha256"]),
+        RunTag("eval.resize", ex["resize"]),
+    ]
+    client.log_batch(run_id, metrics=metrics, tags=tags)

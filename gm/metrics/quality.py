@@ -1,0 +1,147 @@
+"""Sample-quality metrics on feature vectors, and the registry that names them.
+
+Features are computed once per image set (real test split, a real train subset of the same
+size as the generated set, the generated set) and every metric reads them: torchmetrics' FID,
+KID and Inception Score are fed the features through an identity "extractor", so the numbers
+are torchmetrics' own. Each distance is also computed for real train vs real test, the
+*baseline*: what a perfect generator would score with this many samples and this extractor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gm.errors import ConfigError, DataError
+
+
+class _Features(nn.Module):
+    """Identity 'extractor': the inputs already are feature vectors."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    m = FrechetInceptionDistance(feature=_Features(real.shape[1]))
+    m.update(real.double(), real=True)
+    m.update(fake.double(), real=False)
+    return float(m.compute())
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, seed: int = 0):
+    """(mean, standard deviation over subsets) of the unbiased polynomial-kernel MMD²."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    # Subsets of half the smaller set (at most 1000, Bińkowski et al.'s size), so the spread
+    # over subsets measures the estimator's variability.
+    size = max(min(len(real), len(fake)) // 2, 2)
+    size = min(size, 1000)
+    m = KernelInceptionDistance(feature=_Features(real.shape[1]), subsets=subsets, subset_size=size)
+    m.update(real.float(), real=True)
+    m.update(fake.float(), real=False)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # KID draws its subsets from the global RNG
+    try:
+        mean, std = m.compute()
+    finally:
+        torch.random.set_rng_state(state)
+    return float(mean), float(std)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019): the share of fake
+    samples inside the real manifold (k-NN balls around real features), and vice versa."""
+
+    if min(len(real), len(fake)) < 2:
+        raise DataError(f"precision/recall need >= 2 samples per set, got {len(real)}, {len(fake)}")
+
+    def inside(points, ref):
+        d_ref = torch.cdist(ref, ref)
+        kth = min(k, len(ref) - 1)  # tiny sets: the farthest neighbour
+        radii = d_ref.kthvalue(kth + 1, dim=1).values  # k-th neighbour, self excluded
+        return (torch.cdist(points, ref) <= radii[None, :]).any(dim=1).float().mean()
+
+    real, fake = real.double(), fake.double()
+    return float(inside(fake, real)), float(inside(real, fake))
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception-style score on the domain classifier's logits (mean, std over splits)."""
+    from torchmetrics.image.inception import InceptionScore
+
+    m = InceptionScore(feature=_Features(logits.shape[1]), splits=splits)
+    m.update(logits.double())
+    mean, std = m.compute()
+    return float(mean), float(std)
+
+
+@dataclass
+class EvalSets:
+    """What the metrics read. Features: (N, F); logits: (N, K)."""
+
+    real: torch.Tensor  # test split features
+    baseline: torch.Tensor  # train-split features, as many as `fake`
+    fake: torch.Tensor  # generated samples' features
+    fake_logits: torch.Tensor
+    fake_labels: torch.Tensor | None  # the labels samples were conditioned on (None: unconditional)
+    baseline_logits: torch.Tensor
+    bits_per_dim: float | None = None  # test-split bits/dim of a likelihood model
+
+
+def _fid(s: EvalSets) -> dict[str, float]:
+    return {"fid": fid(s.real, s.fake), "fid_baseline": fid(s.real, s.baseline)}
+
+
+def _kid(s: EvalSets) -> dict[str, float]:
+    mean, std = kid(s.real, s.fake)
+    base, base_std = kid(s.real, s.baseline)
+    return {"kid": mean, "kid_std": std, "kid_baseline": base, "kid_baseline_std": base_std}
+
+
+def _pr(s: EvalSets) -> dict[str, float]:
+    p, r = precision_recall(s.real, s.fake)
+    pb, rb = precision_recall(s.real, s.baseline)
+    return {"precision": p, "recall": r, "precision_baseline": pb, "recall_baseline": rb}
+
+
+def _cond(s: EvalSets) -> dict[str, float]:
+    if s.fake_labels is None:
+        return {}
+    acc = (s.fake_logits.argmax(1) == s.fake_labels).float().mean()
+    return {"conditional_accuracy": float(acc)}
+
+
+def _is(s: EvalSets) -> dict[str, float]:
+    mean, std = inception_score(s.fake_logits)
+    base, _ = inception_score(s.baseline_logits)
+    return {"inception_score": mean, "inception_score_std": std, "inception_score_baseline": base}
+
+
+def _bpd(s: EvalSets) -> dict[str, float]:
+    return {} if s.bits_per_dim is None else {"bits_per_dim": s.bits_per_dim}
+
+
+METRICS: dict[str, Callable[[EvalSets], dict[str, float]]] = {
+    "fid": _fid,
+    "kid": _kid,
+    "precision_recall": _pr,
+    "conditional_accuracy": _cond,
+    "inception_score": _is,
+    "bits_per_dim": _bpd,
+}
+
+
+def get(name: str) -> Callable[[EvalSets], dict[str, float]]:
+    if name not in METRICS:
+        raise ConfigError(f"metrics: unknown metric {name!r} (known: {', '.join(METRICS)})")
+    return METRICS[name]

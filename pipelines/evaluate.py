@@ -1,0 +1,44 @@
+"""DVC stage `evaluate@<name>`: a trained model's metrics beside their real-data baselines,
+written as a DVC metrics file and logged to the model's own MLflow run."""
+
+from __future__ import annotations
+
+import argparse
+
+from gm import params
+from gm.cli import guarded
+from gm.errors import ConfigError
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    from gm.io import write_json
+    from gm.metrics.evaluate import evaluate_checkpoint, log_to_mlflow
+    from gm.tracking import repo_root
+
+    ap = argparse.ArgumentParser(prog="pipelines.evaluate", description=__doc__)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap.add_argument("--name", required=True, help="key under `train` in the params file")
+    ap.add_argument("--checkpoint", required=True, help="the model's checkpoint.pt")
+    ap.add_argument("--classifier", required=True, help="the dataset's classifier.pt")
+    ap.add_argument("--dataset", required=True, help="prepared dataset folder")
+    ap.add_argument("--out", required=True, help="metrics JSON to write (atomically)")
+    args = ap.parse_args(argv)
+    p = params.load(args.params)
+    if args.name not in p.train:
+        raise ConfigError(f"{args.params}: train.{args.name}: no such training job")
+    results = evaluate_checkpoint(args.checkpoint, args.classifier, args.dataset, p.evaluate)
+    results = {"name": args.name, **results}
+    write_json(args.out, results)
+    log_to_mlflow(repo_root(), results)
+    shown = ", ".join(
+        f"{k} {results[k]:.4g} (real {results[k + '_baseline']:.4g})"
+        for k in ("fid", "kid")
+        if k in results
+    )
+    print(f"{args.name}: {shown} → {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""DVC stage `summary`: every evaluated model in one ranked table (Markdown + JSON metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gm.cli import guarded
+from gm.errors import DataError
+
+
+def rank(evals: list[dict]) -> list[dict]:
+    """Models sorted by FID (lower is better); ties and missing FIDs by KID, then name."""
+    inf = float("inf")
+    return sorted(evals, key=lambda e: (e.get("fid", inf), e.get("kid", inf), e["name"]))
+
+
+def table(evals: list[dict]) -> str:
+    cols = [
+        ("fid", "FID"),
+        ("kid", "KID×1e3"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("conditional_accuracy", "cond. acc."),
+        ("inception_score", "IS"),
+        ("bits_per_dim", "bits/dim"),
+    ]
+    head = "| rank | model | family | step | " + " | ".join(c[1] for c in cols) + " |"
+    lines = [head, "|" + "---|" * (4 + len(cols))]
+    for i, e in enumerate(evals, 1):
+        cells = []
+        for key, _ in cols:
+            if key not in e:
+                cells.append("–")
+                continue
+            scale = 1e3 if key == "kid" else 1.0
+            base = e.get(f"{key}_baseline")
+            cell = f"{e[key] * scale:.3g}"
+            if base is not None:
+                cell += f" (real {base * scale:.3g})"
+            cells.append(cell)
+        lines.append(
+            f"| {i} | {e['name']} | {e['family']} | {e['step']} | " + " | ".join(cells) + " |"
+        )
+    ex = {e["extractor"]["sha256"][:12]: e["extractor"] for e in evals}
+    notes = [
+        "",
+        "Each number is followed by its real-data baseline: the same metric for real train "
+        "images against the test split with the same sample count (what a perfect model "
+        "scores here). Features: each dataset's domain classifier "
+        + ", ".join(f"`{k}` ({v['path']}, {v['resize']})" for k, v in ex.items())
+        + ".",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    from gm.io import write_json, write_text
+
+    ap = argparse.ArgumentParser(prog="pipelines.summary", description=__doc__)
+    ap.add_argument("--evals", required=True, help="folder of evaluate@<name> JSON files")
+    ap.add_argument("--out", required=True, help="folder for summary.md and summary.json")
+    args = ap.parse_args(argv)
+    files = sorted(Path(args.evals).glob("*.json"))
+    if not files:
+        raise DataError(f"{args.evals}: no evaluation files")
+    evals = rank([json.loads(f.read_text()) for f in files])
+    out = Path(args.out)
+    text = table(evals)
+    write_text(out / "summary.md", "# Trained models, ranked by FID\n\n" + text)
+    write_json(
+        out / "summary.json",
+        {e["name"]: {k: v for k, v in e.items() if isinstance(v, int | float)} for e in evals},
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Evaluation metrics: sanity properties of FID/KID/precision-recall, the registry, the domain
+classifier, and a whole evaluation of a trained checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gm.data.config import DatasetConfig
+from gm.data.prepare import prepare_dataset
+from gm.errors import ConfigError
+from gm.metrics import quality
+from gm.metrics.classifier import (
+    ClassifierConfig,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+from gm.metrics.evaluate import EvalConfig
+
+
+def gaussian(n, d=16, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) + shift
+
+
+def test_fid_and_kid_of_a_set_against_itself_are_zero():
+    x = gaussian(400)
+    assert abs(quality.fid(x, x)) < 1e-6
+    mean, _ = quality.kid(x, x)
+    assert abs(mean) < 0.05
+
+
+def test_fid_and_kid_grow_with_noise():
+    x = gaussian(500)
+    fids, kids = [], []
+    for sigma in (0.0, 0.3, 0.6, 1.2):
+        noisy = x + sigma * gaussian(500, seed=1)
+        fids.append(quality.fid(x, noisy))
+        kids.append(quality.kid(x, noisy)[0])
+    assert fids == sorted(fids) and fids[-1] > fids[0] + 1
+    assert kids == sorted(kids) and kids[-1] > kids[0]
+
+
+def test_kid_is_unbiased_for_two_samples_of_one_distribution():
+    means = [quality.kid(gaussian(300, seed=s), gaussian(300, seed=100 + s))[0] for s in range(5)]
+    avg = sum(means) / len(means)
+    spread = quality.kid(gaussian(300, seed=7), gaussian(300, seed=8))[1]
+    assert abs(avg) < 2 * spread  # centred on zero, unlike the biased estimator (always > 0)
+    biased = quality.kid(gaussian(300), gaussian(300, seed=1, shift=0.5))[0]
+    assert biased > 5 * abs(avg)  # and it does see a real difference
+
+
+def test_precision_recall_extremes():
+    x = gaussian(200)
+    assert quality.precision_recall(x, x) == (1.0, 1.0)
+    far = gaussian(200, seed=1, shift=100.0)
+    assert quality.precision_recall(x, far) == (0.0, 0.0)
+    half = torch.cat([x[:100], far[:100]])  # half the fakes are off the real manifold
+    p, _ = quality.precision_recall(x, half)
+    assert 0.4 <= p <= 0.6
+
+
+def test_registry_rejects_unknown_metric_with_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown metric 'fiid'.*fid, kid"):
+        quality.get("fiid")
+    with pytest.raises(ConfigError, match="unknown metric"):
+        EvalConfig(metrics=("fid", "fiid"))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The real digits dataset at 16x16 (materialized from scikit-learn, like the default)."""
+    from gm.data.sources import materialize
+
+    root = tmp_path_factory.mktemp("digits")
+    materialize(root / "raw", only=["digits"], progress=False)
+    cfg = DatasetConfig(top_resolution=16, channels=1, undersize="upscale", resample="bicubic")
+    prepare_dataset(root / "raw/digits", root / "ds", cfg, progress=False)
+    return root / "ds"
+
+
+def test_domain_classifier_learns_digits_and_round_trips(digits, tmp_path):
+    cfg = ClassifierConfig(width=8, features=32, steps=250, batch_size=64, lr=0.003)
+    net, report = train_classifier(digits, 16, cfg, progress=False)
+    assert report["test_accuracy"] >= 0.9  # the stated accuracy on the real test split
+    assert report["num_classes"] == 10 and report["chance_accuracy"] == 0.1
+    save_classifier(tmp_path / "c.pt", net, cfg, report)
+    again, desc = load_classifier(tmp_path / "c.pt")
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    assert torch.equal(net(x), again(x)) and len(desc["sha256"]) == 64
+    (tmp_path / "bad.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:100])
+    with pytest.raises(Exception, match="bad.pt: not a readable classifier"):
+        load_classifier(tmp_path / "bad.pt")
+
+
+def test_evaluation_of_a_checkpoint_sits_beside_its_baseline(digits, tmp_path):
+    from gm.config import from_dict
+    from gm.metrics.evaluate import evaluate_checkpoint
+    from gm.registry import families
+    from gm.train.checkpoint import save_checkpoint
+    from gm.train.loop import Trainer
+    from gm.train.protocol import DataInfo
+
+    cfg = ClassifierConfig(width=8, features=32, steps=100, batch_size=64)
+    net, report = train_classifier(digits, 16, cfg, progress=False)
+    save_classifier(tmp_path / "c.pt", net, cfg, report)
+    fam = families()["cvae"]
+    mcfg = from_dict(fam.config, {"z_dim": 4, "width": 8, "embed_dim": 4}, "cvae")
+    info = DataInfo(16, 1, 10)
+    trainer = Trainer(fam.build(mcfg, info))
+    save_checkpoint(tmp_path / "m.pt", "cvae", mcfg, info, trainer.state_dict())
+    ev = EvalConfig(num_samples=200)
+    r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", digits, ev)
+    # An untrained model is far from the data; real train images are close to real test ones.
+    assert r["fid"] > 2 * r["fid_baseline"] and r["kid"] > r["kid_baseline"]
+    assert r["precision"] < r["precision_baseline"]
+    assert 0.0 <= r["conditional_accuracy"] <= 0.5  # about chance for an untrained model
+    assert r["bits_per_dim"] > 0 and r["num_samples"] == 200
+    assert r["extractor"]["resize"] == "none" and r["extractor"]["sha256"]
