@@ -178,6 +178,7 @@ def _cmd_train(args) -> int:
     cfg = from_dict(TrainConfig, entry, f"train.{args.model}")
     cfg.family_config(f"train.{args.model}")
     root = repo_root()
+    classifier = Path(args.classifiers) / cfg.dataset / "classifier.pt"
     m = run_job(
         args.model,
         cfg,
@@ -186,6 +187,7 @@ def _cmd_train(args) -> int:
         root=root,
         runs_dir=args.runs,
         progress=not args.quiet,
+        classifier=classifier if classifier.is_file() else None,
     )
     print(json.dumps(m, indent=2))
     return 0
@@ -282,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="models/cli", help="outputs go to OUT/MODEL (default: %(default)s)"
     )
     train.add_argument("--runs", default="runs", help="Ray run storage (default: %(default)s)")
+    train.add_argument(
+        "--classifiers",
+        default="models/classifiers",
+        help="domain classifiers; with DATASET/classifier.pt there, KID is tracked during "
+        "training (default: %(default)s)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
 

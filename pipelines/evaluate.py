@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.name not in p.train:
         raise ConfigError(f"{args.params}: train.{args.name}: no such training job")
     results = evaluate_checkpoint(args.checkpoint, args.classifier, args.dataset, p.evaluate)
-    results = {"name": args.name, **results}
+    results = {"name": args.name, "dataset": p.train[args.name].dataset, **results}
     write_json(args.out, results)
     log_to_mlflow(repo_root(), results)
     shown = ", ".join(

@@ -11,9 +11,16 @@ from gm.errors import DataError
 
 
 def rank(evals: list[dict]) -> list[dict]:
-    """Models sorted by FID (lower is better); ties and missing FIDs by KID, then name."""
+    """Models grouped by dataset (numbers of different feature networks do not compare), each
+    group sorted by FID (lower is better), then KID, then name; ``rank`` is within the group."""
     inf = float("inf")
-    return sorted(evals, key=lambda e: (e.get("fid", inf), e.get("kid", inf), e["name"]))
+    out = sorted(
+        evals, key=lambda e: (e.get("dataset", ""), e.get("fid", inf), e.get("kid", inf), e["name"])
+    )
+    for i, e in enumerate(out):
+        same = i > 0 and out[i - 1].get("dataset") == e.get("dataset")
+        e["rank"] = out[i - 1]["rank"] + 1 if same else 1
+    return out
 
 
 def table(evals: list[dict]) -> str:
@@ -26,9 +33,9 @@ def table(evals: list[dict]) -> str:
         ("inception_score", "IS"),
         ("bits_per_dim", "bits/dim"),
     ]
-    head = "| rank | model | family | step | " + " | ".join(c[1] for c in cols) + " |"
-    lines = [head, "|" + "---|" * (4 + len(cols))]
-    for i, e in enumerate(evals, 1):
+    head = "| dataset | rank | model | family | step | " + " | ".join(c[1] for c in cols) + " |"
+    lines = [head, "|" + "---|" * (5 + len(cols))]
+    for e in evals:
         cells = []
         for key, _ in cols:
             if key not in e:
@@ -41,7 +48,8 @@ def table(evals: list[dict]) -> str:
                 cell += f" (real {base * scale:.3g})"
             cells.append(cell)
         lines.append(
-            f"| {i} | {e['name']} | {e['family']} | {e['step']} | " + " | ".join(cells) + " |"
+            f"| {e.get('dataset', '')} | {e['rank']} | {e['name']} | {e['family']} | "
+            f"{e['step']} | " + " | ".join(cells) + " |"
         )
     ex = {e["extractor"]["sha256"][:12]: e["extractor"] for e in evals}
     notes = [
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     evals = rank([json.loads(f.read_text()) for f in files])
     out = Path(args.out)
     text = table(evals)
-    write_text(out / "summary.md", "# Trained models, ranked by FID\n\n" + text)
+    write_text(out / "summary.md", "# Trained models, ranked by FID within each dataset\n\n" + text)
     write_json(
         out / "summary.json",
         {e["name"]: {k: v for k, v in e.items() if isinstance(v, int | float)} for e in evals},

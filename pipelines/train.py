@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", required=True, help="prepared dataset folder")
     ap.add_argument("--out", required=True, help="output folder (replaced atomically)")
     ap.add_argument("--runs", default="runs", help="Ray run storage, kept across crashes")
+    ap.add_argument("--classifier", help="domain classifier: KID is tracked at each checkpoint")
     args = ap.parse_args(argv)
     p = params.load(args.params)
     if args.name not in p.train:
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         runs_dir=args.runs,
         stage=os.environ.get("DVC_STAGE") or f"train@{args.name}",
         progress=True,
+        classifier=args.classifier,
     )
     print(
         f"{args.name}: {m['step']} steps, {m['images_seen']} images, "

@@ -113,7 +113,7 @@ def test_repro_builds_everything_then_does_nothing(repo):
     assert metrics[""]["data"]["models/toy_gan/metrics.json"]["data"]["step"] == 4
     evaluated = metrics[""]["data"]["reports/eval/toy_gan.json"]["data"]
     assert evaluated["fid"] > 0 and "fid_baseline" in evaluated
-    assert "| 1 | toy_gan | cgan | 4 |" in (repo / "reports/summary.md").read_text()
+    assert "| toy | 1 | toy_gan | cgan | 4 |" in (repo / "reports/summary.md").read_text()
     run = MlflowClient(f"sqlite:///{repo}/mlflow.db").search_runs(["0", "1"])[0]
     assert run.data.tags["dvc.stage"] == "train@toy_gan" and "dvc.dep.gm" in run.data.tags
     # dvc metrics and the MLflow run agree

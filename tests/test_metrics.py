@@ -118,3 +118,30 @@ def test_evaluation_of_a_checkpoint_sits_beside_its_baseline(digits, tmp_path):
     assert 0.0 <= r["conditional_accuracy"] <= 0.5  # about chance for an untrained model
     assert r["bits_per_dim"] > 0 and r["num_samples"] == 200
     assert r["extractor"]["resize"] == "none" and r["extractor"]["sha256"]
+
+
+def _rank0_only_metrics(rank, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if rank == 0:  # as in training: rank 0 alone computes the in-training KID
+        x, y = gaussian(60), gaussian(60, seed=1)
+        torch.save(torch.tensor([quality.kid(x, y)[0], quality.fid(x, y)]), f"{out}/metrics.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_metrics_on_one_rank_of_a_process_group_do_not_wait_for_the_others(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank0_only_metrics, args=(port, str(tmp_path)), nprocs=2, join=True)
+    values = torch.load(tmp_path / "metrics.pt")
+    assert torch.isfinite(values).all()

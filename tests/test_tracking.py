@@ -120,9 +120,23 @@ def tiny_job(family="cgan", steps=4, workers=1):
 def test_one_run_per_training_with_metrics_images_model_and_lineage(
     ray_local, project, monkeypatch
 ):
+    from gm.metrics.classifier import ClassifierConfig, save_classifier, train_classifier
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ds, out = project / "datasets/pyramid/toy", project / "models/toy"
-    m = run_job("toy", tiny_job(workers=2), ds, out, project, stage="train", progress=False)
+    ccfg = ClassifierConfig(width=4, features=8, steps=5, batch_size=8)
+    net, report = train_classifier(ds, 16, ccfg, progress=False)
+    save_classifier(project / "clf.pt", net, ccfg, report)
+    m = run_job(
+        "toy",
+        tiny_job(workers=2),
+        ds,
+        out,
+        project,
+        stage="train",
+        progress=False,
+        classifier=project / "clf.pt",
+    )
     assert (project / "mlflow.db").is_file()  # the default store: sqlite at the repo root
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("gm").experiment_id])
@@ -134,6 +148,9 @@ def test_one_run_per_training_with_metrics_images_model_and_lineage(
     assert p["model.optim_g.betas"] == "[0.5, 0.999]" and p["data.num_classes"] == "3"
     for key in ("loss/D", "loss/G", "images_per_s", "lr/G", "lr/D"):
         assert [x.step for x in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4]
+    kid = client.get_metric_history(run.info.run_id, "kid")  # in-training KID per checkpoint
+    assert [x.step for x in kid] == [2, 4] and all(x.value == x.value for x in kid)
+    assert "kid" in (out / "history.csv").read_text().splitlines()[0].split(",")
     t = run.data.tags
     content = json.loads((ds / "manifest.json").read_text())["content_hash"]
     assert t["dvc.data"] == "abc123.dir" and t["dvc.stage"] == "train"

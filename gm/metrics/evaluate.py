@@ -162,3 +162,33 @@ def log_to_mlflow(root, results: dict[str, Any]) -> None:
         RunTag("eval.resize", ex["resize"]),
     ]
     client.log_batch(run_id, metrics=metrics, tags=tags)
+
+
+class KidProbe:
+    """A cheap in-training metric: KID of ``n`` seeded samples against ``n`` fixed validation
+    images in the domain classifier's feature space (real features computed once). A
+    validation split of fewer than 8 images (toy datasets) is replaced by the whole dataset."""
+
+    def __init__(self, classifier, dataset_dir, info, n: int = 256, seed: int = 0):
+        from gm.data.readers import ImageDataset, to_unit_range
+        from gm.metrics.classifier import load_classifier
+
+        self.clf, desc = load_classifier(classifier)
+        self.size, self.seed = desc["resolution"], seed
+        real = ImageDataset(dataset_dir, info.resolution, split="val")
+        if len(real) < 8:
+            real = ImageDataset(dataset_dir, info.resolution, split=None)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(real), generator=g)[: min(n, len(real))]
+        self.real, _ = _embed(self.clf, to_unit_range(real.pixels[idx]), self.size)
+        self.n, self.num_classes = len(idx), info.num_classes
+
+    def __call__(self, trainer) -> float:
+        from gm.metrics.quality import kid
+
+        labels = None
+        if trainer.model.conditional:
+            labels = torch.arange(self.n) % self.num_classes
+        fake = trainer.sample(self.n, labels, seed=self.seed + 1)
+        feats, _ = _embed(self.clf, fake, self.size)
+        return kid(self.real, feats, subsets=20, seed=self.seed)[0]

@@ -3,7 +3,8 @@
 Features are computed once per image set (real test split, a real train subset of the same
 size as the generated set, the generated set) and every metric reads them: torchmetrics' FID,
 KID and Inception Score are fed the features through an identity "extractor", so the numbers
-are torchmetrics' own. Each distance is also computed for real train vs real test, the
+are torchmetrics' own. Metrics never synchronize across processes (they run on one rank, also
+inside a DDP process group). Each distance is also computed for real train vs real test, the
 *baseline*: what a perfect generator would score with this many samples and this extractor.
 """
 
@@ -16,6 +17,10 @@ import torch
 from torch import nn
 
 from gm.errors import ConfigError, DataError
+
+# Metrics run on one process: never gather states across a DDP process group (rank 0 computes
+# in-training KID alone; a gather there would wait forever for the other ranks).
+_LOCAL = {"sync_on_compute": False, "distributed_available_fn": lambda: False}
 
 
 class _Features(nn.Module):
@@ -32,7 +37,7 @@ class _Features(nn.Module):
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    m = FrechetInceptionDistance(feature=_Features(real.shape[1]))
+    m = FrechetInceptionDistance(feature=_Features(real.shape[1]), **_LOCAL)
     m.update(real.double(), real=True)
     m.update(fake.double(), real=False)
     return float(m.compute())
@@ -46,7 +51,9 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, seed: int = 
     # over subsets measures the estimator's variability.
     size = max(min(len(real), len(fake)) // 2, 2)
     size = min(size, 1000)
-    m = KernelInceptionDistance(feature=_Features(real.shape[1]), subsets=subsets, subset_size=size)
+    m = KernelInceptionDistance(
+        feature=_Features(real.shape[1]), subsets=subsets, subset_size=size, **_LOCAL
+    )
     m.update(real.float(), real=True)
     m.update(fake.float(), real=False)
     state = torch.random.get_rng_state()
@@ -79,7 +86,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     """Inception-style score on the domain classifier's logits (mean, std over splits)."""
     from torchmetrics.image.inception import InceptionScore
 
-    m = InceptionScore(feature=_Features(logits.shape[1]), splits=splits)
+    m = InceptionScore(feature=_Features(logits.shape[1]), splits=splits, **_LOCAL)
     m.update(logits.double())
     mean, std = m.compute()
     return float(mean), float(std)

@@ -152,8 +152,10 @@ def run_job(
     stage: str | None = None,
     progress: bool = True,
     fault_injection: dict | None = None,
+    classifier: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Train job ``name`` (continuing its Ray run if one exists); returns its metrics."""
+    """Train job ``name`` (continuing its Ray run if one exists); returns its metrics.
+    With a domain ``classifier`` (gm.metrics.classifier), KID is tracked at every checkpoint."""
     from gm import tracking
 
     root = Path(root).resolve()
@@ -213,6 +215,7 @@ def run_job(
             fault_injection=fault_injection,
             tracking={"uri": uri, "run_id": handle.run_id},
             progress=progress,
+            classifier=classifier,
         )
         if result.error is not None:
             raise result.error

@@ -134,6 +134,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         logger = MetricBuffer(tracking["uri"], tracking["run_id"])
     progress = config.get("progress") if rank == 0 else None  # the driver's ProgressBoard
+    kid_probe = None
+    if rank == 0 and config.get("classifier"):
+        from gm.metrics.evaluate import KidProbe
+
+        kid_probe = KidProbe(config["classifier"], config["dataset_dir"], info, seed=run.seed)
     last_progress = 0.0
 
     fault = config.get("fault_injection")  # tests: {"step": k, "marker": path}
@@ -178,6 +183,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 **means,
             }
             if rank == 0:
+                if kid_probe is not None:  # in-training KID, at every checkpoint
+                    t = time.perf_counter()
+                    means["kid"] = kid_probe(trainer)
+                    means["kid_s"] = time.perf_counter() - t
+                    if logger:
+                        logger.log(trainer.step, {"kid": means["kid"], "kid_s": means["kid_s"]})
                 history.append({"step": trainer.step, **means})
                 if logger:
                     logger.flush()
@@ -251,12 +262,14 @@ def fit(
     fault_injection: dict | None = None,
     tracking: dict[str, str] | None = None,
     progress: bool = False,
+    classifier: str | os.PathLike | None = None,
 ):
     """Run (or continue) a training under Ray Train; returns the Ray ``Result``.
 
     ``name`` and ``storage_path`` identify the run: launching again with the same pair continues
     from its latest checkpoint. Paths are made absolute here (workers chdir elsewhere).
     ``tracking`` is ``{"uri": ..., "run_id": ...}`` of the MLflow run rank 0 logs into.
+    ``classifier``: a domain classifier; rank 0 then logs KID at every checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -273,6 +286,7 @@ def fit(
         "fault_injection": fault_injection,
         "tracking": tracking,
         "progress": None,
+        "classifier": str(Path(classifier).resolve()) if classifier else None,
     }
     board = None
     if progress:
