@@ -161,3 +161,17 @@ def test_generator_maps_latents_and_labels_to_images(name):
         x = model.generator()(z, labels)
     assert x.shape == (5, INFO.channels, INFO.resolution, INFO.resolution)
     assert x.min() >= -1 and x.max() <= 1
+
+
+def test_trainer_from_checkpoint_restores_weights_and_leaves_the_rng(tmp_path):
+    from gm.train.checkpoint import trainer_from_checkpoint
+
+    trainer, cfg = make("cgan", ema_beta=0.9)
+    trainer.train_step(batch())
+    save_checkpoint(tmp_path / "c.pt", "cgan", cfg, INFO, trainer.state_dict())
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    restored, info = trainer_from_checkpoint(load_checkpoint(tmp_path / "c.pt"))
+    assert torch.equal(torch.get_rng_state(), before) and info == INFO
+    assert restored.step == 1 and set(restored.ema) == {"G"}
+    assert torch.equal(trainer.sample(3, seed=4), restored.sample(3, seed=4))  # EMA weights too

@@ -64,14 +64,12 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     from gm.data.readers import ImageDataset, to_unit_range
     from gm.metrics.classifier import load_classifier
-    from gm.train.checkpoint import build_from_checkpoint, load_checkpoint
-    from gm.train.loop import Trainer
+    from gm.train.checkpoint import load_checkpoint, trainer_from_checkpoint
     from gm.train.protocol import Batch
 
     payload = load_checkpoint(checkpoint)
-    model, _, info = build_from_checkpoint(payload)
-    trainer = Trainer(model, ema_beta=0.5 if payload["trainer"]["ema"] else 0.0)
-    trainer.load_state_dict(payload["trainer"])
+    trainer, info = trainer_from_checkpoint(payload)
+    model = trainer.model
     clf, extractor = load_classifier(classifier)
     size = extractor["resolution"]
     if extractor["channels"] != info.channels or extractor["num_classes"] != info.num_classes:

@@ -87,3 +87,18 @@ def build_from_checkpoint(payload: dict):
     cfg = from_dict(fam.config, json.loads(payload["config"]), name)
     info = DataInfo(**payload["data_info"])
     return fam.build(cfg, info), cfg, info
+
+
+def trainer_from_checkpoint(payload: dict):
+    """(Trainer, DataInfo) holding a checkpoint's weights, EMA copies and counters, for sampling
+    and evaluation. The process's RNG state is left as it was (the checkpoint's is not applied).
+    """
+    from gm.train.loop import Trainer, rng_state, set_rng_state
+
+    saved = rng_state()  # building the model draws initial weights; loading sets the RNG
+    model, _, info = build_from_checkpoint(payload)
+    # Any beta > 0 creates the EMA copies; their weights come from the checkpoint.
+    trainer = Trainer(model, ema_beta=0.5 if payload["trainer"]["ema"] else 0.0)
+    trainer.load_state_dict(payload["trainer"])
+    set_rng_state(saved)
+    return trainer, info

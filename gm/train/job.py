@@ -120,13 +120,10 @@ def _write_outputs(out_dir: Path, payload_path: Path, payload: dict, metrics: di
     import numpy as np
     from PIL import Image
 
-    from gm.train.checkpoint import build_from_checkpoint
-    from gm.train.loop import Trainer
+    from gm.train.checkpoint import trainer_from_checkpoint
     from gm.train.samples import sample_grid
 
-    model, _, info = build_from_checkpoint(payload)
-    trainer = Trainer(model, ema_beta=0.5 if payload["trainer"]["ema"] else 0.0)
-    trainer.load_state_dict(payload["trainer"])
+    trainer, info = trainer_from_checkpoint(payload)
     grid = sample_grid(trainer, info.num_classes, seed=0)
     history = payload["extra"].get("history", [])
     with atomic_dir(out_dir) as tmp:
