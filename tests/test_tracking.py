@@ -138,6 +138,7 @@ def test_one_run_per_training_with_metrics_images_model_and_lineage(
         classifier=project / "clf.pt",
     )
     assert (project / "mlflow.db").is_file()  # the default store: sqlite at the repo root
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # logging the model leaks no global URI
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("gm").experiment_id])
     assert len(runs) == 1  # two workers, one run
@@ -170,6 +171,8 @@ def test_one_run_per_training_with_metrics_images_model_and_lineage(
     assert payload["trainer"]["step"] == 4 and m["images_seen"] == 4 * 4 * 2
 
     # The exported generator: (z, labels) → images, for a batch size other than the example's.
+    # (set_tracking_uri also exports MLFLOW_TRACKING_URI; monkeypatch removes it afterwards)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/generator")
     x = model(torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1]))

@@ -272,7 +272,25 @@ def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
         torch.randn(n, *latent, generator=torch.Generator().manual_seed(0)).numpy(),
         np.arange(n, dtype=np.int64) % max(info["num_classes"], 1),
     )
+    # The fluent API needs a global tracking URI, and mlflow.set_tracking_uri also exports it
+    # to os.environ (child processes inherit it): restore both afterwards.
+    previous_uri, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(handle.uri)
+    try:
+        _log_generator(handle, generator, signature, example, info)
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+def _log_generator(handle, generator, signature, example, info: dict) -> None:
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
     with mlflow.start_run(run_id=handle.run_id):
         mlflow.pytorch.log_model(
             generator,
