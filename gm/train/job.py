@@ -303,16 +303,3 @@ def _log_generator(handle, generator, signature, example, info: dict) -> None:
                 "family": handle.client.get_run(handle.run_id).data.params.get("family", ""),
             },
         )
-
-
-def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """Family, step and MLflow run of a checkpoint file (for `gm` messages and tests)."""
-    from gm.train.checkpoint import load_checkpoint
-
-    payload = load_checkpoint(path)
-    return {
-        "family": payload["family"],
-        "step": payload["trainer"]["step"],
-        "mlflow_run_id": payload["extra"].get("mlflow_run_id"),
-        "data_info": payload["data_info"],
-    }
