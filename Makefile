@@ -55,6 +55,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_metrics.py
 
 # Regenerate the full pin set after changing pyproject.toml's dependencies.
 lock:

@@ -145,3 +145,71 @@ def test_metrics_on_one_rank_of_a_process_group_do_not_wait_for_the_others(tmp_p
     mp.spawn(_rank0_only_metrics, args=(port, str(tmp_path)), nprocs=2, join=True)
     values = torch.load(tmp_path / "metrics.pt")
     assert torch.isfinite(values).all()
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """Inception-v3 weights made here (random init) in torchvision's state-dict format."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    net = inception_v3(weights=None, aux_logits=True, init_weights=True)
+    for m in net.modules():  # calibrate batch norm so activations stay O(1), like trained weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        net.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
+        net.fc.weight.mul_(1e-3)  # moderate logits, so that softmax never underflows
+    net.eval()
+    path = tmp_path_factory.mktemp("inception") / "inception_v3.pth"
+    torch.save(net.state_dict(), path)
+    return path, net
+
+
+def test_inception_loads_local_weights_and_matches_torchvision(inception_weights, tmp_path):
+    from gm.io import sha256_file
+    from gm.metrics.inception import load_inception
+
+    path, reference = inception_weights
+    net, desc = load_inception(path)
+    assert desc["kind"] == "inception-v3" and desc["sha256"] == sha256_file(path)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1  # grey, small: repeated to RGB and resized to 299
+    feats = net.features(x)
+    assert feats.shape == (2, 2048)
+    big = torch.nn.functional.interpolate(
+        x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", antialias=True
+    )
+    with torch.no_grad():
+        assert torch.allclose(net.head(feats), reference(big), atol=1e-5)
+    not_inception = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, not_inception)
+    with pytest.raises(Exception, match="other.pth: not torchvision's inception_v3"):
+        load_inception(not_inception)
+    with pytest.raises(ConfigError, match="missing.pth does not exist"):
+        load_inception(tmp_path / "missing.pth")
+
+
+def test_evaluation_with_inception_features_logs_their_hash(digits, inception_weights, tmp_path):
+    from gm.config import from_dict
+    from gm.io import sha256_file
+    from gm.metrics.evaluate import evaluate_checkpoint
+    from gm.registry import families
+    from gm.train.checkpoint import save_checkpoint
+    from gm.train.loop import Trainer
+    from gm.train.protocol import DataInfo
+
+    cfg = ClassifierConfig(width=8, features=32, steps=30, batch_size=64)
+    net, report = train_classifier(digits, 16, cfg, progress=False)
+    save_classifier(tmp_path / "c.pt", net, cfg, report)
+    fam = families()["cvae"]
+    mcfg = from_dict(fam.config, {"z_dim": 4, "width": 8, "embed_dim": 4}, "cvae")
+    trainer = Trainer(fam.build(mcfg, DataInfo(16, 1, 10)))
+    save_checkpoint(tmp_path / "m.pt", "cvae", mcfg, DataInfo(16, 1, 10), trainer.state_dict())
+    path, _ = inception_weights
+    ev = EvalConfig(num_samples=24, metrics=("fid", "kid", "inception_score"),
+                    inception_weights=str(path))  # fmt: skip
+    r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", digits, ev)
+    assert r["extractor"]["kind"] == "inception-v3"
+    assert r["extractor"]["sha256"] == sha256_file(path)
+    assert r["extractor"]["resize"] == "bilinear-antialias ->299"
+    assert r["fid"] >= 0 and r["fid_baseline"] >= 0 and r["inception_score"] >= 1.0

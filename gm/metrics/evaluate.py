@@ -30,6 +30,9 @@ class EvalConfig:
     num_samples: int = 1000  # generated samples (and train images of the baseline)
     metrics: tuple[str, ...] = DEFAULT_METRICS
     seed: int = 0
+    # torchvision inception_v3 state dict on this machine: Inception features for FID, KID,
+    # precision/recall and the Inception Score ('' = the domain classifier's features)
+    inception_weights: str = ""
 
     def __post_init__(self):
         r = self.max_resolution
@@ -46,10 +49,12 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _embed(clf, images: torch.Tensor, size: int, batch: int = 500):
+def _embed(clf, images: torch.Tensor, size: int | None, batch: int = 500):
+    """(features, logits) of ``images``; ``size`` None: the network resizes itself."""
     feats, logits = [], []
     for start in range(0, len(images), batch):
-        x = _resize(images[start : start + batch].float(), size)
+        x = images[start : start + batch].float()
+        x = x if size is None else _resize(x, size)
         f = clf.features(x)
         feats.append(f)
         logits.append(clf.head(f))
@@ -80,13 +85,20 @@ def evaluate_checkpoint(
             f"{extractor['num_classes']} classes, model has {info.channels} and {info.num_classes}"
         )
 
+    resize = "none" if size == info.resolution else f"bilinear-antialias {info.resolution}->{size}"
+    net, net_size = clf, size  # the feature network of FID, KID, precision/recall and IS
+    if cfg.inception_weights:  # loaded (and checked) before any sampling
+        from gm.metrics.inception import RESIZE, load_inception
+
+        net, extractor = load_inception(cfg.inception_weights)
+        net_size, resize = None, RESIZE
+
     test = ImageDataset(dataset_dir, info.resolution, split="test")
     train = ImageDataset(dataset_dir, info.resolution, split="train")
     n = min(cfg.num_samples, len(train))
     g = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(len(train), generator=g)[:n]
-    real_f, _ = _embed(clf, to_unit_range(test.pixels), size)
-    base_f, base_logits = _embed(clf, to_unit_range(train.pixels[pick]), size)
+    real_x, base_x = to_unit_range(test.pixels), to_unit_range(train.pixels[pick])
 
     labels = torch.arange(n) % info.num_classes if model.conditional else None
     fakes = []
@@ -94,7 +106,11 @@ def evaluate_checkpoint(
         lab = labels[start : start + 250] if labels is not None else None
         count = min(250, n - start)
         fakes.append(trainer.sample(count, lab, seed=cfg.seed * 100_003 + i))
-    fake_f, fake_logits = _embed(clf, torch.cat(fakes), size)
+    fake_x = torch.cat(fakes)
+    _, label_logits = _embed(clf, fake_x, size)  # conditional accuracy: the domain classifier
+    real_f, _ = _embed(net, real_x, net_size, batch=100)
+    base_f, base_logits = _embed(net, base_x, net_size, batch=100)
+    fake_f, fake_logits = _embed(net, fake_x, net_size, batch=100)
 
     bpd = None
     if "bits_per_dim" in cfg.metrics:
@@ -113,7 +129,9 @@ def evaluate_checkpoint(
                 values.append(v)
         bpd = float(torch.cat(values).mean()) if values else None
 
-    sets = EvalSets(real_f, base_f, fake_f, fake_logits, labels, base_logits, bpd)
+    sets = EvalSets(
+        real_f, base_f, fake_f, fake_logits, labels, base_logits, bpd, label_logits=label_logits
+    )
     results: dict[str, Any] = {}
     for name in cfg.metrics:
         results |= get(name)(sets)
@@ -123,12 +141,7 @@ def evaluate_checkpoint(
         "step": payload["trainer"]["step"],
         "family": payload["family"],
         "mlflow_run_id": payload["extra"].get("mlflow_run_id", ""),
-        "extractor": {
-            **extractor,
-            "resize": "none"
-            if size == info.resolution
-            else f"bilinear-antialias {info.resolution}->{size}",
-        },
+        "extractor": {**extractor, "resize": resize},
     }
     return results
 

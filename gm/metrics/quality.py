@@ -103,6 +103,7 @@ class EvalSets:
     fake_labels: torch.Tensor | None  # the labels samples were conditioned on (None: unconditional)
     baseline_logits: torch.Tensor
     bits_per_dim: float | None = None  # test-split bits/dim of a likelihood model
+    label_logits: torch.Tensor | None = None  # domain classifier on `fake` (else fake_logits)
 
 
 def _fid(s: EvalSets) -> dict[str, float]:
@@ -124,7 +125,8 @@ def _pr(s: EvalSets) -> dict[str, float]:
 def _cond(s: EvalSets) -> dict[str, float]:
     if s.fake_labels is None:
         return {}
-    acc = (s.fake_logits.argmax(1) == s.fake_labels).float().mean()
+    logits = s.fake_logits if s.label_logits is None else s.label_logits
+    acc = (logits.argmax(1) == s.fake_labels).float().mean()
     return {"conditional_accuracy": float(acc)}
 
 
