@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/bench_progressive.py
 
 # Regenerate the full pin set after changing pyproject.toml's dependencies.
 lock:

@@ -139,6 +139,25 @@ def _write_outputs(out_dir: Path, payload_path: Path, payload: dict, metrics: di
     return trainer
 
 
+def schedule_params(cfg: TrainConfig, model_cfg, info: dict) -> dict[str, str]:
+    """A growing model's phase schedule as MLflow params ``schedule.phaseNN``."""
+    from gm.registry import families
+    from gm.train.protocol import DataInfo
+
+    if not hasattr(model_cfg, "growth"):
+        return {}
+    model = families()[cfg.family].build(model_cfg, DataInfo(**info))
+    out, start = {}, 0
+    for g, images in model.phases_:
+        stage = "fade-in" if g.alpha < 1 else "stable"
+        out[f"schedule.phase{g.index:02d}"] = (
+            f"{g.resolution}x{g.resolution} {stage} from image {start}: {images} images, "
+            f"batch {g.batch_size or cfg.run.batch_size}/worker, lr {g.lr or 'family default'}"
+        )
+        start += images
+    return out
+
+
 def run_job(
     name: str,
     cfg: TrainConfig,
@@ -185,6 +204,7 @@ def run_job(
             "data": info,
         }
     )
+    params |= schedule_params(cfg, model_cfg, info)
     tags = tracking.lineage_tags(root, stage) | {"gm.job": name, "gm.ray_run": key}
     handle = tracking.RunHandle.open(root, name, run_id, params, tags)
     state_file.parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ class Trainer:
         distributed: bool = False,  # wrap each trainable module in DDP (needs a process group)
         amp: bool = False,  # native torch.amp mixed precision; used on CUDA only
         ema_beta: float = 0.0,  # 0 disables EMA; >0 keeps EMA copies of model.ema_modules
+        world_size: int = 1,  # workers: images_seen counts every worker's images
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -52,7 +53,9 @@ class Trainer:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                self.nets[name] = DDP(module, device_ids=ids)
+                self.nets[name] = DDP(
+                    module, device_ids=ids, find_unused_parameters=model.unused_parameters
+                )
             else:
                 self.nets[name] = module
         self.optimizers = {}
@@ -72,8 +75,10 @@ class Trainer:
             if ema_beta > 0
             else {}
         )
+        self.world_size = world_size
         self.step = 0
-        self.images_seen = 0
+        self.images_seen = 0  # by all workers
+        self.growth_index = -1  # phase of a growing model's schedule (-1: not started)
         self._check_parameter_sets()
 
     def _check_parameter_sets(self) -> None:
@@ -96,10 +101,12 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One step: every due phase once. Returns the losses and metrics of the phases run."""
         self.model.train()
+        self._enter_growth_phase()
         self.model.on_progress(self.step, self.images_seen)
         batch = Batch(
             batch.images.to(self.device, non_blocking=True),
             batch.labels.to(self.device, non_blocking=True),
+            {r: x.to(self.device, non_blocking=True) for r, x in batch.levels.items()},
         )
         metrics: dict[str, float] = {}
         for phase in self.model.phases():
@@ -129,8 +136,21 @@ class Trainer:
         for module in self.modules.values():
             module.requires_grad_(True)
         self.step += 1
-        self.images_seen += int(batch.images.shape[0])
+        self.images_seen += int(batch.images.shape[0]) * self.world_size
         return metrics
+
+    def _enter_growth_phase(self) -> None:
+        """At the first step of a growing model's phase: its learning rate, optimizer reset."""
+        g = self.model.growth(self.images_seen)
+        if g is None or g.index == self.growth_index:
+            return
+        for name, opt in self.optimizers.items():
+            if g.reset_optimizers and self.growth_index >= 0:
+                opt.state.clear()
+            lr = g.lr if g.lr is not None else self.model.optim_config(name).lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+        self.growth_index = g.index
 
     def sampling_nets(self) -> dict[str, nn.Module]:
         """The modules `sample` should use: EMA copies where kept."""
@@ -155,6 +175,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "images_seen": self.images_seen,
+            "growth_index": self.growth_index,
             "rng": rng_state(),
         }
 
@@ -169,6 +190,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.images_seen = int(state["images_seen"])
+        self.growth_index = int(state.get("growth_index", -1))
         set_rng_state(state["rng"])
 
 

@@ -14,7 +14,7 @@ Nothing in a family touches devices, DDP, AMP, optimizers or checkpoints: the lo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,6 +40,23 @@ class DataInfo:
 class Batch:
     images: torch.Tensor  # (B, C, H, W) float in [-1, 1]
     labels: torch.Tensor  # (B,) int64
+    # The same images at the other pyramid levels the family asked for (`pyramid_levels`),
+    # read from the dataset: {resolution: (B, C, r, r)}
+    levels: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Growth:
+    """Where a growing model is in its schedule, as a function of the images seen so far
+    (summed over workers). The loop reads the batch at ``resolution`` with ``batch_size`` per
+    worker, sets the learning rate and resets optimizer state when a phase begins."""
+
+    index: int  # phase of the schedule: 0, 1, 2 ...
+    resolution: int  # the pyramid level this phase trains on
+    alpha: float  # fade-in of the newest block, 0 → 1; 1 while stabilizing
+    batch_size: int | None = None  # per worker; None: the run's batch size
+    lr: float | None = None  # every module's learning rate; None: the family's optim config
+    reset_optimizers: bool = False  # fresh optimizer state when this phase begins
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,7 @@ class GenerativeModel(nn.Module):
     """Base class of a model family; see the module docstring for the protocol."""
 
     conditional: bool = False
+    unused_parameters: bool = False  # some parameters get no gradient in a step (growing nets)
     ema_modules: tuple[str, ...] = ()  # modules with an EMA copy used by `sample`
     sampler: str = "G"  # the trainable module that generates (its EMA copy where kept)
 
@@ -112,7 +130,25 @@ class GenerativeModel(nn.Module):
         return None
 
     def on_progress(self, step: int, images_seen: int) -> None:
-        """Called before each step (fade-in alpha, KL warm-up ...)."""
+        """Called before each step with the images seen so far by all workers (fade-in alpha,
+        KL warm-up ...)."""
+
+    def growth(self, images_seen: int) -> Growth | None:
+        """The schedule of a progressively grown model at ``images_seen``; None: fixed."""
+        return None
+
+    def data_resolutions(self, resolution: int) -> tuple[int, ...]:
+        """Every pyramid level a run reads (``resolution``: the configured one)."""
+        levels = {g.resolution for g in self.schedule_phases()} or {resolution}
+        return tuple(sorted(levels | set(self.pyramid_levels())))
+
+    def schedule_phases(self) -> list[Growth]:
+        """The phases of :meth:`growth`, in order (empty for fixed-resolution models)."""
+        return []
+
+    def pyramid_levels(self) -> tuple[int, ...]:
+        """Lower pyramid levels to read alongside each batch (``Batch.levels``)."""
+        return ()
 
     def labels_for(self, n: int, num_classes: int, device=None) -> torch.Tensor:
         """Labels 0, 1, ..., num_classes-1, 0, 1 ... for per-class sample grids."""

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from gm.config import check
+from gm.errors import ConfigError, DataError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -65,22 +66,64 @@ def shard_indices(n: int, step: int, batch_size: int, rank: int, world: int, see
 
 
 def _batches(config: dict[str, Any], run: RunSettings, info, rank: int, world: int, trainer):
-    """Endless (images, labels) batches for this rank, starting at ``trainer.step``."""
+    """Endless batches for this rank, starting at ``trainer.step``: at the resolution (and batch
+    size) of a growing model's current phase, with the lower pyramid levels it asks for."""
     from gm.data.readers import ImageDataset, to_unit_range
+    from gm.train.protocol import Batch
 
+    model = trainer.model
+    extra = model.pyramid_levels()
     if run.data == "ray":
         import ray.train
 
-        shard = ray.train.get_dataset_shard("train")
+        if extra:
+            raise ConfigError(
+                f"run.data: 'ray' streams one level per batch; {config['family']} reads "
+                f"{len(extra) + 1} aligned levels per batch: use run.data: memory"
+            )
+        iterators: dict[tuple[int, int], Any] = {}
+
+        def stream(resolution: int, batch_size: int):
+            shard = ray.train.get_dataset_shard(f"train_{resolution}")
+            while True:
+                for b in shard.iter_torch_batches(
+                    batch_size=batch_size,
+                    collate_fn=config["collate_fns"][resolution],
+                    drop_last=True,
+                ):
+                    yield b["image"], b["label"]
+
         while True:
-            for b in shard.iter_torch_batches(
-                batch_size=run.batch_size, collate_fn=config["collate_fn"], drop_last=True
-            ):
-                yield b["image"], b["label"]
-    data = ImageDataset(config["dataset_dir"], info.resolution, split="train")
+            g = model.growth(trainer.images_seen)
+            key = (g.resolution, g.batch_size or run.batch_size) if g else (info.resolution, 0)
+            if key not in iterators:
+                iterators[key] = stream(key[0], key[1] or run.batch_size)
+            images, labels = next(iterators[key])
+            yield Batch(images, labels)
+    levels: dict[int, ImageDataset] = {}
+
+    def level(resolution: int) -> ImageDataset:
+        if resolution not in levels:
+            levels[resolution] = ImageDataset(config["dataset_dir"], resolution, split="train")
+            first = levels[min(levels)]
+            if not torch.equal(levels[resolution].labels, first.labels):
+                raise DataError(
+                    f"{config['dataset_dir']}: levels {resolution} and {first.resolution} "
+                    "do not list the same images in the same order"
+                )
+        return levels[resolution]
+
     while True:
-        idx = shard_indices(len(data), trainer.step, run.batch_size, rank, world, run.seed)
-        yield to_unit_range(data.pixels[idx]), data.labels[idx]
+        g = model.growth(trainer.images_seen)
+        resolution = g.resolution if g else info.resolution
+        batch_size = (g.batch_size if g else None) or run.batch_size
+        data = level(resolution)
+        idx = shard_indices(len(data), trainer.step, batch_size, rank, world, run.seed)
+        yield Batch(
+            to_unit_range(data.pixels[idx]),
+            data.labels[idx],
+            {r: to_unit_range(level(r).pixels[idx]) for r in extra},
+        )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -95,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from gm.registry import families
     from gm.train.checkpoint import load_checkpoint, save_checkpoint
     from gm.train.loop import Trainer
-    from gm.train.protocol import Batch, DataInfo
+    from gm.train.protocol import DataInfo
     from gm.train.samples import sample_grid
 
     # Ray Train logs every report at INFO (one long line per checkpoint): keep warnings only.
@@ -110,7 +153,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = fam.build(model_cfg, info)
     device = ray.train.torch.get_device()
     trainer = Trainer(
-        model, device=device, distributed=world > 1, amp=run.amp, ema_beta=run.ema_beta
+        model,
+        device=device,
+        distributed=world > 1,
+        amp=run.amp,
+        ema_beta=run.ema_beta,
+        world_size=world,
     )
     tracking = dict(config.get("tracking") or {})
     resumed_from, history = 0, []
@@ -147,11 +195,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = _batches(config, run, info, rank, world, trainer)
     tick = time.perf_counter()
     while trainer.step < run.steps:
-        images, labels = next(batches)
-        metrics = trainer.train_step(Batch(images, labels))
+        batch = next(batches)
+        grow = trainer.model.growth(trainer.images_seen)  # the phase this step trains in
+        metrics = trainer.train_step(batch)
         now = time.perf_counter()
+        if grow is not None:
+            metrics |= {"resolution": grow.resolution, "alpha": grow.alpha, "phase": grow.index}
+            ended = trainer.model.growth(trainer.images_seen).index != grow.index
+            if logger and (ended or trainer.step == run.steps):
+                # a grid per phase, from the same latents: one sample growing
+                stage = "fade" if grow.alpha < 1 else "stable"
+                grid = sample_grid(trainer, info.num_classes, seed=run.seed)
+                key = f"phase{grow.index:02d}_{grow.resolution}px_{stage}"
+                logger.log_image(grid, key=key, step=trainer.step)
         metrics["step_s"] = now - tick  # data + all phases (checkpoints: checkpoint_s)
-        metrics["images_per_s"] = images.shape[0] * world / max(now - tick, 1e-9)
+        metrics["images_per_s"] = batch.images.shape[0] * world / max(now - tick, 1e-9)
         tick = now
         for name, opt in trainer.optimizers.items():
             metrics[f"lr/{name}"] = opt.param_groups[0]["lr"]
@@ -178,7 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             counts.clear()
             report = {
                 "step": trainer.step,
-                "images_seen": trainer.images_seen * world,
+                "images_seen": trainer.images_seen,
                 "resumed_from": resumed_from,
                 **means,
             }
@@ -204,7 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         extra={
                             "resumed_from": resumed_from,
                             "mlflow_run_id": tracking.get("run_id", ""),
-                            "images_seen_total": trainer.images_seen * world,
+                            "images_seen_total": trainer.images_seen,
                             "history": history,
                         },
                     )
@@ -296,11 +354,19 @@ def fit(
         config["progress"] = board
     datasets = None
     if run.data == "ray":
+        from gm.config import from_dict
         from gm.data.raydata import ray_dataset
+        from gm.registry import families
+        from gm.train.protocol import DataInfo
 
-        source = ray_dataset(dataset_dir, data_info["resolution"], split="train")
-        datasets = {"train": source.dataset}
-        config["collate_fn"] = source.collate_fn
+        fam = families()[family]
+        model = fam.build(from_dict(fam.config, model_config, family), DataInfo(**data_info))
+        datasets, config["collate_fns"] = {}, {}
+        for r in model.data_resolutions(data_info["resolution"]):
+            source = ray_dataset(dataset_dir, r, split="train")
+            datasets[f"train_{r}"] = source.dataset
+            config["collate_fns"][r] = source.collate_fn
+        del model
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

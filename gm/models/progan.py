@@ -1,0 +1,207 @@
+"""Progressive GAN (Karras, Aila, Laine & Lehtinen, ICLR 2018).
+
+G: z (pixel-normalized) → dense to 4×4 → 3×3 conv; then per resolution: nearest upsample and
+two 3×3 convs; LeakyReLU(0.2) and pixelwise feature normalization after every conv; a 1×1
+toRGB per resolution (linear). D mirrors it: a 1×1 fromRGB per resolution, two 3×3 convs and
+2×2 average pooling per block, and at 4×4 the minibatch standard deviation, a 3×3 conv, a 4×4
+conv and a dense output. Every layer has an equalized learning rate. Widths
+min(fmap_base / resolution, fmap_max): the paper's network is fmap_base 16384, fmap_max 512.
+
+All resolutions' blocks exist from the start (the parameter set never changes); a new block is
+faded in: G's output is (1 − α)·upsample(toRGB_prev(x_prev)) + α·toRGB(x), D's input path
+(1 − α)·fromRGB_prev(avgpool(img)) + α·block(fromRGB(img)), and the real images D sees are
+blended the same way. Loss: WGAN-GP (λ = 10) with the drift term ε·E[D(x)²] (ε = 0.001).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gm.config import check
+from gm.models.growth import (
+    AtResolution,
+    EqConv2d,
+    EqLinear,
+    GrowingModel,
+    GrowthConfig,
+    downsample,
+    lrelu,
+    minibatch_stddev,
+    pixel_norm,
+    upsample,
+    widths,
+)
+from gm.registry import register
+from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
+
+PAPER_OPTIM = OptimConfig(lr=1e-3, betas=(0.0, 0.99), eps=1e-8)
+
+
+def _levels(resolution: int) -> int:
+    if resolution < 4 or resolution & (resolution - 1):
+        raise ValueError(f"needs a power-of-two resolution >= 4, got {resolution}")
+    return int(math.log2(resolution)) - 1  # 4x4 is level 0
+
+
+def fade(low: torch.Tensor, high: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 − α)·low + α·high; exactly ``low`` at α = 0 and ``high`` at α = 1."""
+    if alpha >= 1.0:
+        return high
+    return torch.lerp(low, high, alpha)
+
+
+class ProGenerator(nn.Module):
+    def __init__(self, latent: int, resolution: int, channels: int, nf):
+        super().__init__()
+        n = _levels(resolution)
+        self.latent, self.nf4 = latent, nf(4)
+        self.dense = EqLinear(latent, nf(4) * 16, gain=math.sqrt(2) / 4)  # the paper's gain
+        self.conv4 = EqConv2d(nf(4), nf(4), 3)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([EqConv2d(nf(r // 2), nf(r), 3), EqConv2d(nf(r), nf(r), 3)])
+            for r in (4 * 2**i for i in range(1, n))
+        )
+        self.to_rgb = nn.ModuleList(EqConv2d(nf(4 * 2**i), channels, 1, gain=1.0) for i in range(n))
+
+    def forward(self, z: torch.Tensor, level: int, alpha: float = 1.0) -> torch.Tensor:
+        x = pixel_norm(lrelu(self.dense(pixel_norm(z)).view(-1, self.nf4, 4, 4)))
+        x = pixel_norm(lrelu(self.conv4(x)))
+        prev = x
+        for conv1, conv2 in self.blocks[:level]:
+            prev = x
+            x = pixel_norm(lrelu(conv1(upsample(x))))
+            x = pixel_norm(lrelu(conv2(x)))
+        rgb = self.to_rgb[level](x)
+        if level > 0 and alpha < 1.0:
+            rgb = fade(upsample(self.to_rgb[level - 1](prev)), rgb, alpha)
+        return rgb
+
+
+class ProDiscriminator(nn.Module):
+    def __init__(self, resolution: int, channels: int, nf, mbstd_group: int = 4):
+        super().__init__()
+        n = _levels(resolution)
+        self.mbstd_group = mbstd_group
+        self.from_rgb = nn.ModuleList(EqConv2d(channels, nf(4 * 2**i), 1) for i in range(n))
+        self.blocks = nn.ModuleList(  # blocks[i-1] takes level i down to level i-1
+            nn.ModuleList([EqConv2d(nf(r), nf(r), 3), EqConv2d(nf(r), nf(r // 2), 3)])
+            for r in (4 * 2**i for i in range(1, n))
+        )
+        self.conv4 = EqConv2d(nf(4) + 1, nf(4), 3)
+        self.conv4x4 = EqConv2d(nf(4), nf(4), 4, padding=0)
+        self.out = EqLinear(nf(4), 1, gain=1.0)
+
+    def forward(self, img: torch.Tensor, level: int, alpha: float = 1.0) -> torch.Tensor:
+        x = lrelu(self.from_rgb[level](img))
+        for i in range(level, 0, -1):
+            conv1, conv2 = self.blocks[i - 1]
+            x = downsample(lrelu(conv2(lrelu(conv1(x)))))
+            if i == level and alpha < 1.0:
+                x = fade(lrelu(self.from_rgb[i - 1](downsample(img))), x, alpha)
+        x = minibatch_stddev(x, self.mbstd_group)
+        x = lrelu(self.conv4x4(lrelu(self.conv4(x))))
+        return self.out(x.flatten(1)).flatten()  # (b,)
+
+
+@dataclass(frozen=True)
+class ProGANConfig:
+    latent: int = 512
+    fmap_base: int = 16384  # channels at a resolution: min(fmap_base / res, fmap_max)
+    fmap_max: int = 512
+    gp_lambda: float = 10.0
+    drift: float = 0.001  # ε of the drift term ε·E[D(real)²]
+    mbstd_group: int = 4
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    optim_g: OptimConfig = field(default_factory=lambda: PAPER_OPTIM)
+    optim_d: OptimConfig = field(default_factory=lambda: PAPER_OPTIM)
+
+    def __post_init__(self):
+        for name in ("latent", "fmap_base", "fmap_max", "mbstd_group"):
+            check(getattr(self, name) > 0, name, "must be > 0")
+        check(self.gp_lambda >= 0 and self.drift >= 0, "gp_lambda", "penalties must be >= 0")
+
+
+def blend_reals(images: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The real images D sees while a level fades in: the level below (2×2 mean), upsampled,
+    mixed with the current level like G's output."""
+    if alpha >= 1.0:
+        return images
+    return fade(upsample(downsample(images)), images, alpha)
+
+
+def gradient_penalty(D, real, fake, level, alpha) -> torch.Tensor:
+    """WGAN-GP: E[(‖∇D(x̂)‖ − 1)²] on random interpolates x̂ of real and fake images."""
+    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    x = torch.lerp(real, fake, eps).requires_grad_(True)
+    (grad,) = torch.autograd.grad(D(x, level, alpha).sum(), x, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+class ProGAN(GrowingModel, GenerativeModel):
+    ema_modules = ("G",)  # the paper samples from an EMA of G (run.ema_beta: 0.999)
+
+    def __init__(self, cfg: ProGANConfig, info: DataInfo):
+        GenerativeModel.__init__(self)
+        self.cfg, self.info = cfg, info
+        nf = widths(cfg.fmap_base, cfg.fmap_max)
+        self.G = ProGenerator(cfg.latent, info.resolution, info.channels, nf)
+        self.D = ProDiscriminator(info.resolution, info.channels, nf, cfg.mbstd_group)
+        self._init_growth(cfg.growth, info.resolution)
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "D": self.D}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("D", "D"), Phase("G", "G")]
+
+    def optim_config(self, module: str) -> OptimConfig:
+        return self.cfg.optim_g if module == "G" else self.cfg.optim_d
+
+    def loss(self, phase: str, batch: Batch, nets: Mapping[str, nn.Module]):
+        level, alpha = int(self.level), float(self.alpha)
+        if batch.images.shape[-1] != self.resolution:
+            raise ValueError(
+                f"batch of {batch.images.shape[-1]}x{batch.images.shape[-1]} images at the "
+                f"{self.resolution}x{self.resolution} phase"
+            )
+        b = batch.images.shape[0]
+        z = torch.randn(b, self.cfg.latent, device=batch.images.device)
+        G, D = nets["G"], nets["D"]
+        if phase == "D":
+            real = blend_reals(batch.images, alpha)
+            with torch.no_grad():
+                fake = G(z, level, alpha)
+            d_real, d_fake = D(real, level, alpha), D(fake, level, alpha)
+            gp = gradient_penalty(D, real, fake, level, alpha)
+            loss = (
+                d_fake.mean()
+                - d_real.mean()
+                + self.cfg.gp_lambda * gp
+                + self.cfg.drift * d_real.pow(2).mean()
+            )
+            return loss, {"wdist": (d_real.mean() - d_fake.mean()).item(), "gp": gp.item()}
+        return -D(G(z, level, alpha), level, alpha).mean(), {}
+
+    def latent_shape(self):
+        return (self.cfg.latent,)
+
+    def generator(self, nets=None):
+        G = (nets or {}).get("G", self.G)
+        return AtResolution(G, int(self.level), float(self.alpha), self.top)
+
+    @torch.no_grad()
+    def sample(self, n, labels=None, generator=None, nets=None):
+        G = self.generator(nets)
+        device = next(G.parameters()).device
+        z = torch.randn(n, self.cfg.latent, generator=generator).to(device)
+        return G(z)
+
+
+@register("progan", ProGANConfig, "Karras et al., ICLR 2018 (Progressive GAN)")
+def build_progan(cfg: ProGANConfig, info: DataInfo) -> ProGAN:
+    return ProGAN(cfg, info)

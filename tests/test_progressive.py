@@ -1,0 +1,267 @@
+"""Progressive growing and multi-scale GANs: the structural facts of ProGAN, StyleGAN and
+LAPGAN, the growth schedule, and a Ray Train run killed mid-fade-in."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gm.config import from_dict
+from gm.data.config import DatasetConfig
+from gm.data.prepare import prepare_dataset
+from gm.models.growth import (
+    EqConv2d,
+    EqLinear,
+    GrowthConfig,
+    LevelSettings,
+    growth_at,
+    minibatch_stddev,
+    schedule,
+)
+from gm.models.lapgan import reconstruct, residuals, up
+from gm.models.progan import ProGAN, ProGANConfig
+from gm.models.stylegan import StyleGAN, StyleGANConfig, mix_styles, truncate
+from gm.train.loop import Trainer
+from gm.train.protocol import Batch, DataInfo
+
+INFO = DataInfo(32, 3, 4)
+
+
+def progan(**growth):
+    torch.manual_seed(0)
+    g = GrowthConfig(**({"fade_images": 40, "stable_images": 40} | growth))
+    return ProGAN(ProGANConfig(latent=16, fmap_base=256, fmap_max=16, growth=g), INFO)
+
+
+def stylegan(**kw):
+    torch.manual_seed(0)
+    cfg = {"z_dim": 16, "w_dim": 16, "mapping_layers": 3, "fmap_base": 256, "fmap_max": 16} | kw
+    return StyleGAN(from_dict(StyleGANConfig, cfg, "stylegan"), INFO)
+
+
+def test_alpha_zero_output_is_the_previous_resolution_upsampled_exactly():
+    G = progan().G
+    z = torch.randn(3, 16)
+    for level in (1, 2, 3):
+        grown = G(z, level, alpha=0.0)
+        previous = F.interpolate(G(z, level - 1, alpha=1.0), scale_factor=2, mode="nearest")
+        assert grown.shape[-1] == 4 * 2**level and torch.equal(grown, previous)
+        assert not torch.equal(G(z, level, alpha=0.5), previous)  # the new block shows
+    S = stylegan().G  # StyleGAN upsamples bilinearly; same noise inputs on both sides
+    for level in (1, 2, 3):
+        grown = S(z, level, 0.0, noise_gen=torch.Generator().manual_seed(4))
+        low = S(z, level - 1, 1.0, noise_gen=torch.Generator().manual_seed(4))
+        assert torch.equal(grown, F.interpolate(low, scale_factor=2, mode="bilinear"))
+
+
+def test_discriminator_fades_in_the_same_way():
+    D = progan().D
+    img = torch.rand(4, 3, 16, 16) * 2 - 1
+    at_zero = D(img, 2, alpha=0.0)
+    assert torch.equal(at_zero, D(F.avg_pool2d(img, 2), 1, alpha=1.0))
+
+
+def test_equalized_lr_layers_have_unit_variance_activations_at_init():
+    torch.manual_seed(0)
+    x = torch.randn(4096, 256)
+    y = EqLinear(256, 256, gain=1.0)(x)
+    assert abs(y.var().item() - 1.0) < 0.05
+    y = EqLinear(256, 256, gain=1.0, lr_mul=0.01)(x)  # the mapping network's lr multiplier
+    assert abs(y.var().item() - 1.0) < 0.05
+    conv = EqConv2d(64, 64, 3, gain=1.0, padding=0)
+    y = conv(torch.randn(64, 64, 12, 12))
+    assert abs(y.var().item() - 1.0) < 0.05
+    # the stored weights are N(0, 1); the He constant is applied at run time
+    assert abs(conv.weight.std().item() - 1.0) < 0.02
+    assert math.isclose(conv.scale, 1 / math.sqrt(64 * 9))
+
+
+def test_minibatch_stddev_appends_one_channel_with_the_group_statistic():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 4, 4)
+    y = minibatch_stddev(x, group_size=4)
+    assert y.shape == (8, 6, 4, 4) and torch.equal(y[:, :5], x)
+    for i in range(8):  # sample i's group: samples i % 2, i % 2 + 2, ...
+        group = x[i % 2 :: 2]
+        expected = group.std(dim=0, unbiased=False).mean()
+        assert torch.allclose(y[i, 5], expected.expand(4, 4), atol=1e-5)
+
+
+def test_style_mixing_uses_two_ws_at_the_crossover():
+    w1, w2 = torch.zeros(2, 4), torch.ones(2, 4)
+    ws = mix_styles(w1, w2, layers=8, crossover=3)
+    assert ws.shape == (2, 8, 4)
+    assert torch.equal(ws[:, :3], torch.zeros(2, 3, 4)) and torch.equal(
+        ws[:, 3:], torch.ones(2, 5, 4)
+    )
+    G = stylegan().G
+    z1, z2 = torch.randn(2, 16), torch.randn(2, 16)
+    mixed = G(z1, 3, z2=z2, crossover=3, noise_gen=torch.Generator().manual_seed(0))
+    manual = mix_styles(G.mapping(z1), G.mapping(z2), 8, 3)
+    direct = G.synthesis(manual, 3, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, direct)
+
+
+def test_truncation_at_psi_zero_gives_the_mean_w():
+    w_avg = torch.randn(8)
+    ws = torch.randn(3, 10, 8)
+    t = truncate(ws, w_avg, psi=0.0, cutoff=8)
+    assert torch.equal(t[:, :8], w_avg.expand(3, 8, 8)) and torch.equal(t[:, 8:], ws[:, 8:])
+    assert torch.equal(truncate(ws, w_avg, psi=1.0, cutoff=8), ws)
+    model = stylegan(truncation_psi=0.0, truncation_cutoff=100)
+    model.G.w_avg.normal_()
+    a = model.sample(2, generator=torch.Generator().manual_seed(0))
+    b = model.sample(2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)  # every latent maps to w_avg (noise strengths start at 0)
+    untruncated = stylegan()
+    untruncated.G.load_state_dict(model.G.state_dict())
+    c = untruncated.sample(2, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, c)
+
+
+def test_laplacian_pyramid_of_the_dataset_reconstructs_the_image(raw_folder, tmp_path):
+    from gm.data.readers import ImageDataset
+
+    prepare_dataset(raw_folder, tmp_path / "ds", DatasetConfig(top_resolution=16), progress=False)
+    levels = [ImageDataset(tmp_path / "ds", r, split=None).tensors()[0] for r in (16, 8, 4)]
+    h = residuals(levels)  # from the dataset's own levels, fine to coarse
+    assert [x.shape[-1] for x in h] == [16, 8]
+    again = reconstruct(levels[-1], list(reversed(h)))
+    assert torch.allclose(again, levels[0], atol=1e-5)
+    assert not torch.allclose(up(levels[1]), levels[0], atol=1e-3)  # the residuals matter
+
+
+def test_lapgan_samples_run_coarse_to_fine():
+    from gm.models.lapgan import LAPGAN, LAPGANConfig
+
+    torch.manual_seed(0)
+    model = LAPGAN(LAPGANConfig(levels=3, z_dim=8, coarse_hidden=16, width=8), INFO).eval()
+    assert model.pyramid_levels() == (16, 8)
+    assert model.latent_shape() == (8 + 16 * 16 + 32 * 32,)
+    z = torch.randn(2, *model.latent_shape())
+    with torch.no_grad():
+        out = model.generator()(z)
+        n = model.nets
+        x8 = n["G8"](z[:, :8])  # the coarsest image, then a residual per finer level
+        x16 = (up(x8) + n["G16"](z[:, 8 : 8 + 256].view(2, 1, 16, 16), up(x8))).clamp(-1, 1)
+        x32 = (up(x16) + n["G32"](z[:, 8 + 256 :].view(2, 1, 32, 32), up(x16))).clamp(-1, 1)
+    assert out.shape == (2, 3, 32, 32) and torch.equal(out, x32)
+
+
+def test_the_schedule_switches_resolution_at_the_image_counts():
+    cfg = GrowthConfig(
+        start_resolution=8, fade_images=100, stable_images=200,
+        per_resolution={16: LevelSettings(batch_size=8, lr=0.002, fade_images=50)},
+    )  # fmt: skip
+    phases = schedule(cfg, 32)
+    assert [(g.resolution, g.alpha, n) for g, n in phases] == [
+        (8, 1.0, 200), (16, 0.0, 50), (16, 1.0, 200), (32, 0.0, 100), (32, 1.0, 200),
+    ]  # fmt: skip
+    assert growth_at(phases, 199).resolution == 8 and growth_at(phases, 200).resolution == 16
+    assert growth_at(phases, 225).alpha == 0.5 and growth_at(phases, 225).batch_size == 8
+    assert growth_at(phases, 225).lr == 0.002 and growth_at(phases, 450).resolution == 32
+    assert growth_at(phases, 500).alpha == 0.5 and growth_at(phases, 10**9).index == 4
+    assert schedule(GrowthConfig(progressive=False), 32) == []
+
+
+def test_trainer_sets_phase_lr_and_resets_optimizers_at_a_new_phase():
+    per = {8: LevelSettings(lr=0.005)}
+    model = progan(stable_images=8, fade_images=8, reset_optimizers=True, per_resolution=per)
+    trainer = Trainer(model)
+    seen = []
+    for _ in range(4):
+        g = model.growth(trainer.images_seen)
+        x = torch.rand(4, 3, g.resolution, g.resolution) * 2 - 1
+        trainer.train_step(Batch(x, torch.zeros(4, dtype=torch.long)))
+        opt = trainer.optimizers["G"]
+        adam_steps = int(opt.state[model.G.dense.weight]["step"])  # a weight used at all levels
+        seen.append((g.index, opt.param_groups[0]["lr"], adam_steps))
+    # 2 steps at 4x4 (lr 1e-3), then the 8x8 fade-in (lr 0.005) with fresh Adam state
+    assert seen == [(0, 1e-3, 1), (0, 1e-3, 2), (1, 0.005, 1), (1, 0.005, 2)]
+    assert trainer.growth_index == 1
+
+
+def test_checkpoint_mid_fade_in_restores_alpha_and_resolution(tmp_path):
+    from gm.train.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+
+    model = progan()
+    trainer = Trainer(model, ema_beta=0.9)
+    for _ in range(14):  # 4x4: 40 images; 8x8 fade-in: 40 images
+        g = model.growth(trainer.images_seen)
+        x = torch.rand(4, 3, g.resolution, g.resolution) * 2 - 1
+        trainer.train_step(Batch(x, torch.zeros(4, dtype=torch.long)))
+    assert model.resolution == 8 and 0 < float(model.alpha) < 1
+    cfg = model.cfg
+    save_checkpoint(tmp_path / "c.pt", "progan", cfg, INFO, trainer.state_dict())
+    payload = load_checkpoint(tmp_path / "c.pt")
+    assert float(payload["trainer"]["model"]["alpha"]) == float(model.alpha)
+    rebuilt, _, _ = build_from_checkpoint(payload)
+    resumed = Trainer(rebuilt, ema_beta=0.9)
+    resumed.load_state_dict(payload["trainer"])
+    assert rebuilt.resolution == 8 and float(rebuilt.alpha) == float(model.alpha)
+    assert resumed.growth_index == trainer.growth_index == 1
+    assert torch.equal(trainer.sample(4, seed=1), resumed.sample(4, seed=1))
+
+
+@pytest.mark.slow
+def test_ray_run_killed_mid_fade_in_resumes_at_the_same_alpha(ray_local, raw_folder, tmp_path):
+    from gm.train.checkpoint import load_checkpoint
+    from gm.train.ray_train import CHECKPOINT_FILE, RunSettings, fit
+
+    prepare_dataset(raw_folder, tmp_path / "ds", DatasetConfig(top_resolution=16), progress=False)
+    model = {"latent": 8, "fmap_base": 64, "fmap_max": 8,
+             "growth": {"fade_images": 32, "stable_images": 16}}  # fmt: skip
+    # 4x4: images 0-15, 8x8 fade: 16-47, 8x8: 48-63, 16x16 fade: 64-95 ...; 4 images a step
+    run = RunSettings(steps=20, batch_size=4, checkpoint_every=3, max_failures=2)
+    info = {"resolution": 16, "channels": 3, "num_classes": 3}
+    result = fit(
+        "progan", model, run, tmp_path / "ds", info, tmp_path / "runs", "grow",
+        fault_injection={"step": 8, "marker": str(tmp_path / "killed")},
+    )  # fmt: skip
+    assert (tmp_path / "killed").exists()
+    with result.checkpoint.as_directory() as d:
+        payload = load_checkpoint(f"{d}/{CHECKPOINT_FILE}")
+    assert payload["extra"]["resumed_from"] == 6  # mid 8x8 fade-in (step 6: alpha 0.125)
+    # step k trains at images 4(k-1): 8x8 fade-in at steps 5-12, stable 13-16, 16x16 from 17
+    history = {row["step"]: row for row in payload["extra"]["history"]}
+    assert history[9]["resolution"] == 8 and history[12]["resolution"] == 8
+    assert history[9]["alpha"] == pytest.approx((0.25 + 0.375 + 0.5) / 3)  # steps 7-9
+    assert history[20]["resolution"] == 16 and history[20]["phase"] == 3
+    assert int(payload["trainer"]["model"]["level"]) == 2 and payload["trainer"]["step"] == 20
+    # and it lands on exactly the weights of the same run without a fault
+    clean = fit("progan", model, run, tmp_path / "ds", info, tmp_path / "runs", "clean")
+    with clean.checkpoint.as_directory() as d:
+        reference = load_checkpoint(f"{d}/{CHECKPOINT_FILE}")
+    for k, v in reference["trainer"]["model"].items():
+        assert torch.equal(v, payload["trainer"]["model"][k]), k
+
+
+@pytest.mark.slow
+def test_ddp_growth_through_ray_data_switches_levels(ray_local, raw_folder, tmp_path):
+    """Two DDP workers (unused blocks allowed, gradient penalty through DDP) reading each
+    phase's level from Ray Data; StyleGAN's lazy R1 phase included."""
+    from gm.train.checkpoint import load_checkpoint
+    from gm.train.ray_train import CHECKPOINT_FILE, RunSettings, fit
+
+    prepare_dataset(raw_folder, tmp_path / "ds", DatasetConfig(top_resolution=16), progress=False)
+    info = {"resolution": 16, "channels": 3, "num_classes": 3}
+    run = RunSettings(steps=6, batch_size=2, checkpoint_every=2, num_workers=2, data="ray",
+                      max_failures=0)  # fmt: skip
+    for family, model in {
+        "progan": {"latent": 8, "fmap_base": 64, "fmap_max": 8,
+                   "growth": {"start_resolution": 8, "fade_images": 8, "stable_images": 8}},
+        "stylegan": {"z_dim": 8, "w_dim": 8, "mapping_layers": 2, "fmap_base": 64,
+                     "fmap_max": 8, "r1_every": 2,  # starts at 8x8 unless told otherwise
+                     "growth": {"fade_images": 8, "stable_images": 8}},
+    }.items():  # fmt: skip
+        result = fit(family, model, run, tmp_path / "ds", info, tmp_path / "r", family)
+        with result.checkpoint.as_directory() as d:
+            payload = load_checkpoint(f"{d}/{CHECKPOINT_FILE}")
+        history = {row["step"]: row for row in payload["extra"]["history"]}
+        # 4 images a step over both workers: 8x8 until image 8 (steps 1-2), then 16x16
+        assert history[2]["resolution"] == 8 and history[4]["resolution"] == 16, family
+        assert history[4]["alpha"] == 0.25 and history[6]["alpha"] == 1.0, family
+        assert payload["extra"]["images_seen_total"] == 24
