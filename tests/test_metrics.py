@@ -68,6 +68,38 @@ def test_registry_rejects_unknown_metric_with_the_known_ones():
         EvalConfig(metrics=("fid", "fiid"))
 
 
+def test_psnr_and_ssim_of_an_image_with_itself_are_capped_and_drop_with_noise():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert quality.psnr(x, x) == quality.PSNR_CAP and quality.ssim(x, x) == pytest.approx(1.0)
+    values = []
+    for sigma in (0.01, 0.05, 0.2):
+        noisy = (x + sigma * torch.randn_like(x)).clamp(-1, 1)
+        values.append((quality.psnr(noisy, x), quality.ssim(noisy, x)))
+    assert values[0][0] > values[1][0] > values[2][0] and values[0][1] > values[1][1] > values[2][1]
+    # sigma 0.05 on a range of 2 is about 20*log10(2/0.05) = 32 dB
+    assert 30 < values[1][0] < 34
+    # luma and a cropped border are what SR papers report; a 2-pixel border ignores edge errors
+    edge = x.clone()
+    edge[..., :2, :] = -x[..., :2, :]
+    assert quality.psnr(edge, x, border=2) == quality.PSNR_CAP
+    assert quality.psnr(edge, x, y_channel=True) < quality.PSNR_CAP
+    with pytest.raises(Exception, match="output shape"):
+        quality.psnr(x[:, :, :16], x)
+
+
+def test_paired_metrics_in_the_registry_sit_beside_their_baseline():
+    torch.manual_seed(0)
+    target = torch.rand(3, 3, 16, 16) * 2 - 1
+    sets = quality.EvalSets(*(torch.zeros(2, 2),) * 4, None, torch.zeros(2, 2))
+    assert quality.get("psnr")(sets) == {}  # unpaired models: nothing to report
+    sets.paired_target = target
+    sets.paired_output = (target + 0.01 * torch.randn_like(target)).clamp(-1, 1)
+    sets.paired_baseline = (target + 0.1 * torch.randn_like(target)).clamp(-1, 1)
+    r = quality.get("psnr")(sets) | quality.get("ssim")(sets)
+    assert r["psnr"] > r["psnr_baseline"] and r["ssim"] > r["ssim_baseline"]
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """The real digits dataset at 16x16 (materialized from scikit-learn, like the default)."""

@@ -92,6 +92,56 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     return float(mean), float(std)
 
 
+# Paired metrics (super-resolution, translation): outputs against aligned targets.
+PSNR_CAP = 100.0  # dB, the PSNR reported for identical images (instead of infinity)
+
+
+def to_y(images: torch.Tensor) -> torch.Tensor:
+    """RGB in [-1, 1] → luma Y (ITU-R BT.601, as SR papers report) in [-1, 1] (16–235 range);
+    grey images pass through."""
+    if images.shape[1] == 1:
+        return images
+    rgb = (images + 1) / 2  # [0, 1]
+    w = torch.tensor([65.481, 128.553, 24.966], dtype=rgb.dtype, device=rgb.device)
+    y = (16.0 + torch.einsum("bchw,c->bhw", rgb, w))[:, None] / 255.0
+    return y * 2 - 1
+
+
+def _prepare(pred, target, border: int, y_channel: bool):
+    if pred.shape != target.shape:
+        raise DataError(f"paired metric: output shape {tuple(pred.shape)} != target "
+                        f"{tuple(target.shape)}")  # fmt: skip
+    pred, target = pred.double().clamp(-1, 1), target.double().clamp(-1, 1)
+    if y_channel:
+        pred, target = to_y(pred), to_y(target)
+    if border:
+        pred = pred[..., border:-border, border:-border]
+        target = target[..., border:-border, border:-border]
+    return pred, target
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False):
+    """Per-image PSNR in dB of images in [-1, 1] (data range 2), averaged over images; identical
+    images score PSNR_CAP. ``border``: pixels cropped on each side (SR convention: the scale)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    pred, target = _prepare(pred, target, border, y_channel)
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    per_image = peak_signal_noise_ratio(
+        pred, target, data_range=2.0, reduction="none", dim=(1, 2, 3)
+    )
+    per_image = torch.where(mse == 0, torch.full_like(per_image, PSNR_CAP), per_image)
+    return float(per_image.clamp(max=PSNR_CAP).mean())
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False):
+    """Mean SSIM (Gaussian window 11, σ 1.5; torchmetrics) of images in [-1, 1]."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    pred, target = _prepare(pred, target, border, y_channel)
+    return float(structural_similarity_index_measure(pred, target, data_range=2.0))
+
+
 @dataclass
 class EvalSets:
     """What the metrics read. Features: (N, F); logits: (N, K)."""
@@ -104,6 +154,12 @@ class EvalSets:
     baseline_logits: torch.Tensor
     bits_per_dim: float | None = None  # test-split bits/dim of a likelihood model
     label_logits: torch.Tensor | None = None  # domain classifier on `fake` (else fake_logits)
+    # Paired models: outputs, aligned targets and a baseline's outputs (e.g. bicubic upscaling)
+    paired_output: torch.Tensor | None = None
+    paired_target: torch.Tensor | None = None
+    paired_baseline: torch.Tensor | None = None
+    paired_border: int = 0  # pixels cropped on each side before PSNR/SSIM (SR: the scale)
+    paired_y_channel: bool = False  # on luma (SR convention) instead of all channels
 
 
 def _fid(s: EvalSets) -> dict[str, float]:
@@ -140,6 +196,19 @@ def _bpd(s: EvalSets) -> dict[str, float]:
     return {} if s.bits_per_dim is None else {"bits_per_dim": s.bits_per_dim}
 
 
+def _paired(name: str, fn) -> Callable[[EvalSets], dict[str, float]]:
+    def metric(s: EvalSets) -> dict[str, float]:
+        if s.paired_output is None or s.paired_target is None:
+            return {}
+        kw = {"border": s.paired_border, "y_channel": s.paired_y_channel}
+        out = {name: fn(s.paired_output, s.paired_target, **kw)}
+        if s.paired_baseline is not None:
+            out[f"{name}_baseline"] = fn(s.paired_baseline, s.paired_target, **kw)
+        return out
+
+    return metric
+
+
 METRICS: dict[str, Callable[[EvalSets], dict[str, float]]] = {
     "fid": _fid,
     "kid": _kid,
@@ -147,6 +216,8 @@ METRICS: dict[str, Callable[[EvalSets], dict[str, float]]] = {
     "conditional_accuracy": _cond,
     "inception_score": _is,
     "bits_per_dim": _bpd,
+    "psnr": _paired("psnr", psnr),
+    "ssim": _paired("ssim", ssim),
 }
 
 
