@@ -21,7 +21,7 @@ from torch import nn
 
 from gm.config import check
 from gm.registry import register
-from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
+from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
 
 PAPER_OPTIM = OptimConfig(lr=2e-4, betas=(0.5, 0.999))
 
@@ -143,7 +143,7 @@ class CGANConfig(DCGANConfig):
     d_conditioning: Literal["projection", "concat"] = "projection"
 
 
-class DCGAN(GenerativeModel):
+class DCGAN(GANPair):
     """Unconditional DCGAN; :class:`ConditionalGAN` adds the label to G and D."""
 
     ema_modules = ("G",)  # used when the run's ema_beta > 0 (not in the paper; off by default)
@@ -155,14 +155,8 @@ class DCGAN(GenerativeModel):
         self.D = DCGANDiscriminator(info.resolution, info.channels, cfg.ndf)
         dcgan_init(self)
 
-    def trainable(self) -> dict[str, nn.Module]:
-        return {"G": self.G, "D": self.D}
-
     def phases(self) -> list[Phase]:
         return [Phase("D", "D"), Phase("G", "G")]
-
-    def optim_config(self, module: str) -> OptimConfig:
-        return self.cfg.optim_g if module == "G" else self.cfg.optim_d
 
     def loss(self, phase: str, batch: Batch, nets: Mapping[str, nn.Module]):
         b = batch.images.shape[0]

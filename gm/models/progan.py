@@ -37,7 +37,7 @@ from gm.models.growth import (
     widths,
 )
 from gm.registry import register
-from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
+from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
 
 PAPER_OPTIM = OptimConfig(lr=1e-3, betas=(0.0, 0.99), eps=1e-8)
 
@@ -142,7 +142,7 @@ def gradient_penalty(D, real, fake, level, alpha) -> torch.Tensor:
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
-class ProGAN(GrowingModel, GenerativeModel):
+class ProGAN(GrowingModel, GANPair):
     ema_modules = ("G",)  # the paper samples from an EMA of G (run.ema_beta: 0.999)
 
     def __init__(self, cfg: ProGANConfig, info: DataInfo):
@@ -153,14 +153,8 @@ class ProGAN(GrowingModel, GenerativeModel):
         self.D = ProDiscriminator(info.resolution, info.channels, nf, cfg.mbstd_group)
         self._init_growth(cfg.growth, info.resolution)
 
-    def trainable(self) -> dict[str, nn.Module]:
-        return {"G": self.G, "D": self.D}
-
     def phases(self) -> list[Phase]:
         return [Phase("D", "D"), Phase("G", "G")]
-
-    def optim_config(self, module: str) -> OptimConfig:
-        return self.cfg.optim_g if module == "G" else self.cfg.optim_d
 
     def loss(self, phase: str, batch: Batch, nets: Mapping[str, nn.Module]):
         level, alpha = int(self.level), float(self.alpha)

@@ -38,7 +38,7 @@ from gm.models.growth import (
 )
 from gm.models.progan import ProDiscriminator, blend_reals, fade
 from gm.registry import register
-from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
+from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
 
 PAPER_OPTIM = OptimConfig(lr=1e-3, betas=(0.0, 0.99), eps=1e-8)
 
@@ -186,7 +186,7 @@ class StyleGANConfig:
         check(self.r1_gamma >= 0, "r1_gamma", "must be >= 0")
 
 
-class StyleGAN(GrowingModel, GenerativeModel):
+class StyleGAN(GrowingModel, GANPair):
     ema_modules = ("G",)
     default_start = 8  # "progressive growing from 8x8" (the paper's FFHQ setup)
 
@@ -198,14 +198,8 @@ class StyleGAN(GrowingModel, GenerativeModel):
         self.D = ProDiscriminator(info.resolution, info.channels, nf, cfg.mbstd_group)
         self._init_growth(cfg.growth, info.resolution)
 
-    def trainable(self) -> dict[str, nn.Module]:
-        return {"G": self.G, "D": self.D}
-
     def phases(self) -> list[Phase]:
         return [Phase("D", "D"), Phase("Dreg", "D", every=self.cfg.r1_every), Phase("G", "G")]
-
-    def optim_config(self, module: str) -> OptimConfig:
-        return self.cfg.optim_g if module == "G" else self.cfg.optim_d
 
     def _fake(self, G, b: int, device, level: int, alpha: float) -> torch.Tensor:
         z = torch.randn(b, self.cfg.z_dim, device=device)

@@ -153,3 +153,14 @@ class GenerativeModel(nn.Module):
     def labels_for(self, n: int, num_classes: int, device=None) -> torch.Tensor:
         """Labels 0, 1, ..., num_classes-1, 0, 1 ... for per-class sample grids."""
         return torch.arange(n, device=device) % max(num_classes, 1)
+
+
+class GANPair(GenerativeModel):
+    """A family of one generator ``self.G`` and one discriminator ``self.D``, optimized with
+    ``self.cfg.optim_g`` and ``self.cfg.optim_d``."""
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "D": self.D}
+
+    def optim_config(self, module: str) -> OptimConfig:
+        return self.cfg.optim_g if module == "G" else self.cfg.optim_d

@@ -199,6 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         grow = trainer.model.growth(trainer.images_seen)  # the phase this step trains in
         metrics = trainer.train_step(batch)
         now = time.perf_counter()
+        metrics["step_s"] = now - tick  # data + all phases (checkpoints: checkpoint_s)
+        metrics["images_per_s"] = batch.images.shape[0] * world / max(now - tick, 1e-9)
         if grow is not None:
             metrics |= {"resolution": grow.resolution, "alpha": grow.alpha, "phase": grow.index}
             ended = trainer.model.growth(trainer.images_seen).index != grow.index
@@ -208,8 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 grid = sample_grid(trainer, info.num_classes, seed=run.seed)
                 key = f"phase{grow.index:02d}_{grow.resolution}px_{stage}"
                 logger.log_image(grid, key=key, step=trainer.step)
-        metrics["step_s"] = now - tick  # data + all phases (checkpoints: checkpoint_s)
-        metrics["images_per_s"] = batch.images.shape[0] * world / max(now - tick, 1e-9)
+                now = time.perf_counter()  # the grid is not the next step's time
         tick = now
         for name, opt in trainer.optimizers.items():
             metrics[f"lr/{name}"] = opt.param_groups[0]["lr"]
