@@ -42,6 +42,17 @@ def raw_folder(tmp_path, rng) -> Path:
     return root
 
 
+@pytest.fixture
+def toy_dataset(raw_folder, tmp_path) -> Path:
+    """``raw_folder`` prepared as a pyramid up to 16x16 (levels 4, 8, 16)."""
+    from gm.data.config import DatasetConfig
+    from gm.data.prepare import prepare_dataset
+
+    out = tmp_path / "ds"
+    prepare_dataset(raw_folder, out, DatasetConfig(top_resolution=16), progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (never attaches to a cluster)."""

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from gm.config import from_dict
-from gm.data.config import DatasetConfig
-from gm.data.prepare import prepare_dataset
 from gm.models.growth import (
     EqConv2d,
     EqLinear,
@@ -122,11 +120,10 @@ def test_truncation_at_psi_zero_gives_the_mean_w():
     assert not torch.equal(a, c)
 
 
-def test_laplacian_pyramid_of_the_dataset_reconstructs_the_image(raw_folder, tmp_path):
+def test_laplacian_pyramid_of_the_dataset_reconstructs_the_image(toy_dataset):
     from gm.data.readers import ImageDataset
 
-    prepare_dataset(raw_folder, tmp_path / "ds", DatasetConfig(top_resolution=16), progress=False)
-    levels = [ImageDataset(tmp_path / "ds", r, split=None).tensors()[0] for r in (16, 8, 4)]
+    levels = [ImageDataset(toy_dataset, r, split=None).tensors()[0] for r in (16, 8, 4)]
     h = residuals(levels)  # from the dataset's own levels, fine to coarse
     assert [x.shape[-1] for x in h] == [16, 8]
     again = reconstruct(levels[-1], list(reversed(h)))
@@ -207,18 +204,17 @@ def test_checkpoint_mid_fade_in_restores_alpha_and_resolution(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_run_killed_mid_fade_in_resumes_at_the_same_alpha(ray_local, raw_folder, tmp_path):
+def test_ray_run_killed_mid_fade_in_resumes_at_the_same_alpha(ray_local, toy_dataset, tmp_path):
     from gm.train.checkpoint import load_checkpoint
     from gm.train.ray_train import CHECKPOINT_FILE, RunSettings, fit
 
-    prepare_dataset(raw_folder, tmp_path / "ds", DatasetConfig(top_resolution=16), progress=False)
     model = {"latent": 8, "fmap_base": 64, "fmap_max": 8,
              "growth": {"fade_images": 32, "stable_images": 16}}  # fmt: skip
     # 4x4: images 0-15, 8x8 fade: 16-47, 8x8: 48-63, 16x16 fade: 64-95 ...; 4 images a step
     run = RunSettings(steps=20, batch_size=4, checkpoint_every=3, max_failures=2)
     info = {"resolution": 16, "channels": 3, "num_classes": 3}
     result = fit(
-        "progan", model, run, tmp_path / "ds", info, tmp_path / "runs", "grow",
+        "progan", model, run, toy_dataset, info, tmp_path / "runs", "grow",
         fault_injection={"step": 8, "marker": str(tmp_path / "killed")},
     )  # fmt: skip
     assert (tmp_path / "killed").exists()
@@ -232,7 +228,7 @@ def test_ray_run_killed_mid_fade_in_resumes_at_the_same_alpha(ray_local, raw_fol
     assert history[20]["resolution"] == 16 and history[20]["phase"] == 3
     assert int(payload["trainer"]["model"]["level"]) == 2 and payload["trainer"]["step"] == 20
     # and it lands on exactly the weights of the same run without a fault
-    clean = fit("progan", model, run, tmp_path / "ds", info, tmp_path / "runs", "clean")
+    clean = fit("progan", model, run, toy_dataset, info, tmp_path / "runs", "clean")
     with clean.checkpoint.as_directory() as d:
         reference = load_checkpoint(f"{d}/{CHECKPOINT_FILE}")
     for k, v in reference["trainer"]["model"].items():
@@ -240,13 +236,12 @@ def test_ray_run_killed_mid_fade_in_resumes_at_the_same_alpha(ray_local, raw_fol
 
 
 @pytest.mark.slow
-def test_ddp_growth_through_ray_data_switches_levels(ray_local, raw_folder, tmp_path):
+def test_ddp_growth_through_ray_data_switches_levels(ray_local, toy_dataset, tmp_path):
     """Two DDP workers (unused blocks allowed, gradient penalty through DDP) reading each
     phase's level from Ray Data; StyleGAN's lazy R1 phase included."""
     from gm.train.checkpoint import load_checkpoint
     from gm.train.ray_train import CHECKPOINT_FILE, RunSettings, fit
 
-    prepare_dataset(raw_folder, tmp_path / "ds", DatasetConfig(top_resolution=16), progress=False)
     info = {"resolution": 16, "channels": 3, "num_classes": 3}
     run = RunSettings(steps=6, batch_size=2, checkpoint_every=2, num_workers=2, data="ray",
                       max_failures=0)  # fmt: skip
@@ -257,7 +252,7 @@ def test_ddp_growth_through_ray_data_switches_levels(ray_local, raw_folder, tmp_
                      "fmap_max": 8, "r1_every": 2,  # starts at 8x8 unless told otherwise
                      "growth": {"fade_images": 8, "stable_images": 8}},
     }.items():  # fmt: skip
-        result = fit(family, model, run, tmp_path / "ds", info, tmp_path / "r", family)
+        result = fit(family, model, run, toy_dataset, info, tmp_path / "r", family)
         with result.checkpoint.as_directory() as d:
             payload = load_checkpoint(f"{d}/{CHECKPOINT_FILE}")
         history = {row["step"]: row for row in payload["extra"]["history"]}

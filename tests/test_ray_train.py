@@ -18,9 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def dataset(raw_folder, tmp_path):
-    prepare_dataset(raw_folder, tmp_path / "ds", DatasetConfig(top_resolution=16), progress=False)
-    return tmp_path / "ds"
+def dataset(toy_dataset):
+    return toy_dataset
 
 
 def final_payload(result):
