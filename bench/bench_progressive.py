@@ -4,8 +4,9 @@ for the growing families at the configs in params.yaml (measured in one run, on 
     python bench/bench_progressive.py [--steps 20] [--job progan --job stylegan]
 
 Per resolution: images/s of stable training (alpha = 1) and of fade-in (alpha = 0.5; the old
-and new paths both run), after warm-up. Switch overhead: reading the next pyramid level from
-Parquet plus the extra time of the first step at the new resolution, against one steady step.
+and new paths both run), after warm-up, and their ratio. Switch overhead: reading the next
+pyramid level from Parquet plus the extra time of the first step at the new resolution, also
+as a ratio: how many steady steps it costs.
 On a CUDA device (``--cuda``) the steps run with mixed precision, as ``run.amp`` does.
 """
 
@@ -54,7 +55,8 @@ def bench_job(job: str, steps: int, device: str) -> None:
     print(f"{job} ({cfg.family}) on {cfg.dataset}, {device}, torch threads "
           f"{torch.get_num_threads()}:")  # fmt: skip
     print(f"  {'res':>5} {'batch':>5} {'stable img/s':>13} {'fade img/s':>11} "
-          f"{'level load s':>13} {'1st step +s':>12}")  # fmt: skip
+          f"{'fade/stable':>11} {'level load s':>13} {'1st step +s':>12} "
+          f"{'switch/step':>11}")  # fmt: skip
     for g in model.schedule_phases():
         if g.alpha < 1:
             continue
@@ -70,8 +72,10 @@ def bench_job(job: str, steps: int, device: str) -> None:
         first, fade_s = steps_per_s(trainer, batch, steps)
         model.alpha.fill_(1.0)
         _, stable_s = steps_per_s(trainer, batch, steps)
+        switch = (load_s + max(first - fade_s, 0.0)) / stable_s  # in steady steps
         print(f"  {g.resolution:>5} {bs:>5} {bs / stable_s:>13.0f} {bs / fade_s:>11.0f} "
-              f"{load_s:>13.3f} {first - fade_s:>12.3f}")  # fmt: skip
+              f"{stable_s / fade_s:>11.2f} {load_s:>13.3f} {first - fade_s:>12.3f} "
+              f"{switch:>11.1f}")  # fmt: skip
 
 
 def main() -> None:
