@@ -156,12 +156,15 @@ def _cmd_train(args) -> int:
     p = params.load(args.params)
     if args.model in p.train:
         entry = to_dict(p.train[args.model])
+    elif args.model in p.train_paired:
+        entry = to_dict(p.train_paired[args.model])
     elif args.model in families():
         entry = {"family": args.model}
     else:
         raise ConfigError(
-            f"{args.model}: not a job of {args.params}: train ({', '.join(p.train) or 'none'}) "
-            f"nor a model family ({', '.join(families())})"
+            f"{args.model}: not a job of {args.params}: train or train_paired "
+            f"({', '.join([*p.train, *p.train_paired]) or 'none'}) nor a model family "
+            f"({', '.join(families())})"
         )
     for text in args.set or []:
         path, value = _parse_override(text)
@@ -171,7 +174,12 @@ def _cmd_train(args) -> int:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text}: {part} is not a section")
         node[path[-1]] = value
-    if "dataset" not in entry:
+    paired = families().get(entry.get("family", ""))
+    if paired is not None and paired.pairs:
+        if not entry.get("pairs"):
+            raise ConfigError(f"{args.model}: no paired dataset; add --set pairs=NAME "
+                              f"({', '.join(p.pairs)})")  # fmt: skip
+    elif not entry.get("dataset"):
         raise ConfigError(
             f"{args.model}: no dataset; add --set dataset=NAME ({', '.join(p.datasets)})"
         )
@@ -179,18 +187,55 @@ def _cmd_train(args) -> int:
     cfg.family_config(f"train.{args.model}")
     root = repo_root()
     classifier = Path(args.classifiers) / cfg.dataset / "classifier.pt"
+    kind, name = ("pairs", cfg.pairs) if cfg.pairs else ("pyramid", cfg.dataset)
     m = run_job(
         args.model,
         cfg,
-        Path(args.datasets) / "pyramid" / cfg.dataset,
+        Path(args.datasets) / kind / name,
         Path(args.out) / args.model,
         root=root,
         runs_dir=args.runs,
         progress=not args.quiet,
-        classifier=classifier if classifier.is_file() else None,
+        classifier=classifier if cfg.dataset and classifier.is_file() else None,
     )
     print(json.dumps(m, indent=2))
     return 0
+
+
+def _cmd_upscale(args) -> int:
+    from gm.apply import main_for
+
+    return main_for("super_resolution", args)
+
+
+def _cmd_translate(args) -> int:
+    from gm.apply import main_for
+
+    return main_for("translation", args)
+
+
+def _apply_parser(sub, name: str, help_: str, description: str, example: str):
+    cmd = sub.add_parser(
+        name,
+        help=help_,
+        description=description + " Images of any size are processed in overlapping tiles of "
+        "the model's training input size. A file that cannot be read is listed (exit status 2) "
+        "and the others are still processed; outputs are PNG, written atomically.",
+        epilog=example,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmd.add_argument("input", help="an image file or a folder of images (searched recursively)")
+    cmd.add_argument(
+        "-o", "--out", required=True, help="output file, or folder (same relative paths, .png)"
+    )
+    cmd.add_argument(
+        "--model",
+        required=True,
+        help="a gm checkpoint (models/NAME/checkpoint.pt) or an MLflow model URI "
+        "(runs:/RUN_ID/generator, models:/NAME/VERSION)",
+    )
+    cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    return cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,13 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
         "          gm train cvae --set dataset=emoji --set run.num_workers=2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("model", help="a key of params.yaml: train, or a family (`gm models`)")
+    train.add_argument(
+        "model", help="a key of params.yaml: train or train_paired, or a family (`gm models`)"
+    )
     train.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
         help="override a key of the job (dotted, YAML value): run.steps=200, model.z_dim=64, "
-        "dataset=digits, resolution=16 (repeatable)",
+        "dataset=digits, resolution=16, pairs=photos_sr (repeatable)",
     )
     train.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     train.add_argument(
@@ -292,6 +339,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    up = _apply_parser(
+        sub,
+        "upscale",
+        "super-resolve images with a trained SRGAN/SRResNet",
+        "Upscale images by the model's factor (×2, ×4 ...) with a trained super-resolution model.",
+        "example: gm upscale photo.jpg -o photo_x4.png --model models/srgan/checkpoint.pt",
+    )
+    up.set_defaults(func=_cmd_upscale)
+    tr = _apply_parser(
+        sub,
+        "translate",
+        "translate images with a trained pix2pix/CycleGAN",
+        "Translate images from domain A to domain B (e.g. line-art to colour) with a trained "
+        "pix2pix or CycleGAN model.",
+        "examples: gm translate sketches/ -o coloured/ --model models/pix2pix/checkpoint.pt\n"
+        "          gm translate coloured/ -o sketches/ --model models/cyclegan/checkpoint.pt "
+        "--reverse",
+    )
+    tr.add_argument(
+        "--reverse", action="store_true", help="B → A with a two-way model (CycleGAN's F)"
+    )
+    tr.set_defaults(func=_cmd_translate)
 
     models = sub.add_parser(
         "models",

@@ -15,7 +15,7 @@ from gm.data.config import DatasetConfig, PairConfig
 from gm.errors import ConfigError
 
 # Sections later stages own are added here as they land.
-SECTIONS = ("datasets", "pairs", "train", "evaluate")
+SECTIONS = ("datasets", "pairs", "train", "train_paired", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class Params:
     pairs: dict[str, PairConfig]
     train: dict[str, Any]  # name → gm.train.job.TrainConfig
     evaluate: Any  # gm.metrics.evaluate.EvalConfig
+    train_paired: dict[str, Any]  # name → gm.train.job.TrainConfig (SRGAN, pix2pix, CycleGAN)
 
 
 def parse(raw: dict[str, Any], source: str = "params.yaml") -> Params:
@@ -42,7 +43,13 @@ def _parse(raw: dict[str, Any]) -> Params:
     datasets_raw = raw.get("datasets") or {}
     pairs_raw = raw.get("pairs") or {}
     train_raw = raw.get("train") or {}
-    for key, node in (("datasets", datasets_raw), ("pairs", pairs_raw), ("train", train_raw)):
+    paired_raw = raw.get("train_paired") or {}
+    for key, node in (
+        ("datasets", datasets_raw),
+        ("pairs", pairs_raw),
+        ("train", train_raw),
+        ("train_paired", paired_raw),
+    ):
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: expected a mapping of names, got {node!r}")
     datasets = {}
@@ -69,10 +76,16 @@ def _parse(raw: dict[str, Any]) -> Params:
 
     node = raw.get("evaluate") or {}
     evaluate = from_dict(EvalConfig, node, "evaluate")
-    return Params(datasets, pairs, _parse_train(train_raw, datasets), evaluate)
+    train = _parse_train(train_raw, datasets)
+    paired = _parse_paired(paired_raw, pairs)
+    both = sorted(set(train) & set(paired))
+    if both:
+        raise ConfigError(f"train_paired.{both[0]}: a job of that name is in train too")
+    return Params(datasets, pairs, train, evaluate, paired)
 
 
 def _parse_train(train_raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -> dict[str, Any]:
+    from gm.registry import families
     from gm.train.job import TrainConfig  # imports no torch; the family check below does
 
     train = {}
@@ -80,6 +93,14 @@ def _parse_train(train_raw: dict[str, Any], datasets: dict[str, DatasetConfig]) 
         _check_name("train", name)
         cfg = from_dict(TrainConfig, node or {}, f"train.{name}")
         cfg.family_config(f"train.{name}")
+        fam = families()[cfg.family]
+        if fam.pairs:
+            raise ConfigError(
+                f"train.{name}.family: {cfg.family} trains from {fam.pairs} pairs: "
+                "put the job under train_paired"
+            )
+        if not cfg.dataset:
+            raise ConfigError(f"train.{name}.dataset: required key is missing")
         if cfg.dataset not in datasets:
             raise ConfigError(
                 f"train.{name}.dataset: {cfg.dataset!r} is not a key of datasets "
@@ -93,6 +114,41 @@ def _parse_train(train_raw: dict[str, Any], datasets: dict[str, DatasetConfig]) 
             )
         train[name] = cfg
     return train
+
+
+def _parse_paired(raw: dict[str, Any], pairs: dict[str, PairConfig]) -> dict[str, Any]:
+    """Jobs of paired families: ``pairs`` names a paired dataset of the family's kind."""
+    from gm.registry import families
+    from gm.train.job import TrainConfig
+
+    out = {}
+    for name, node in raw.items():
+        _check_name("train_paired", name)
+        where = f"train_paired.{name}"
+        cfg = from_dict(TrainConfig, node or {}, where)
+        model_cfg = cfg.family_config(where)
+        kind = families()[cfg.family].pairs
+        if kind is None:
+            raise ConfigError(
+                f"{where}.family: {cfg.family} does not train from pairs: put the job under train"
+            )
+        if cfg.pairs not in pairs:
+            raise ConfigError(
+                f"{where}.pairs: {cfg.pairs!r} is not a key of pairs ({', '.join(pairs) or 'none'})"
+            )
+        pcfg = pairs[cfg.pairs]
+        if pcfg.kind != kind:
+            raise ConfigError(
+                f"{where}.pairs: {cfg.pairs} holds {pcfg.kind} pairs; {cfg.family} needs {kind}"
+            )
+        scale = getattr(model_cfg, "scale", None)
+        if kind == "super_resolution" and scale not in pcfg.scales:
+            raise ConfigError(
+                f"{where}.model.scale: {scale} is not one of pairs.{cfg.pairs}.scales "
+                f"({', '.join(map(str, pcfg.scales))})"
+            )
+        out[name] = cfg
+    return out
 
 
 def _check_name(section: str, name: object) -> None:

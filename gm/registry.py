@@ -19,18 +19,21 @@ class Family:
     config: type  # frozen dataclass of the family's hyperparameters
     build: Callable[[Any], Any]  # config -> model (the training protocol object)
     paper: str  # the reference it implements
+    # Paired families: the `pairs` kind they train from (super_resolution, translation); None:
+    # the family trains on a multi-resolution dataset (params.yaml: train)
+    pairs: str | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
 
 
-def register(name: str, config: type, paper: str) -> Callable:
+def register(name: str, config: type, paper: str, pairs: str | None = None) -> Callable:
     """Decorator for a family's builder: ``@register("dcgan", DCGANConfig, "Radford ...")``."""
 
     def deco(build: Callable) -> Callable:
         if name in _FAMILIES:
             raise ValueError(f"model family {name!r} registered twice")
-        _FAMILIES[name] = Family(name, config, build, paper)
+        _FAMILIES[name] = Family(name, config, build, paper, pairs)
         return build
 
     return deco

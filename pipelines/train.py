@@ -1,4 +1,5 @@
-"""DVC stage `train@<name>`: prepared dataset → trained model (checkpoint, samples, metrics)."""
+"""DVC stages `train@<name>` and `train_paired@<name>`: a prepared dataset (multi-resolution or
+paired) → trained model (checkpoint, samples, metrics)."""
 
 from __future__ import annotations
 
@@ -17,23 +18,30 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="pipelines.train", description=__doc__)
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    ap.add_argument("--name", required=True, help="key under `train` in the params file")
+    ap.add_argument("--name", required=True, help="key under SECTION in the params file")
+    ap.add_argument(
+        "--section",
+        choices=("train", "train_paired"),
+        default="train",
+        help="params section of the job (default: %(default)s)",
+    )
     ap.add_argument("--dataset", required=True, help="prepared dataset folder")
     ap.add_argument("--out", required=True, help="output folder (replaced atomically)")
     ap.add_argument("--runs", default="runs", help="Ray run storage, kept across crashes")
     ap.add_argument("--classifier", help="domain classifier: KID is tracked at each checkpoint")
     args = ap.parse_args(argv)
     p = params.load(args.params)
-    if args.name not in p.train:
-        raise ConfigError(f"{args.params}: train.{args.name}: no such training job")
+    jobs = getattr(p, args.section)
+    if args.name not in jobs:
+        raise ConfigError(f"{args.params}: {args.section}.{args.name}: no such training job")
     m = run_job(
         args.name,
-        p.train[args.name],
+        jobs[args.name],
         args.dataset,
         args.out,
         root=repo_root(),
         runs_dir=args.runs,
-        stage=os.environ.get("DVC_STAGE") or f"train@{args.name}",
+        stage=os.environ.get("DVC_STAGE") or f"{args.section}@{args.name}",
         progress=True,
         classifier=args.classifier,
     )

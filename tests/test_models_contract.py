@@ -24,6 +24,11 @@ TINY = {
                  "r1_every": 5, "growth": {"start_resolution": 4, "fade_images": 12,
                                            "stable_images": 12}},
     "lapgan": {"levels": 3, "z_dim": 8, "coarse_hidden": 16, "width": 8},
+    # paired families (16x16 targets; SR from 4x4 inputs)
+    "srgan": {"scale": 4, "width": 8, "blocks": 2, "ndf": 4, "d_dense": 8,
+              "content_loss": "pixel", "pretrain_steps": 0},
+    "pix2pix": {"ngf": 4, "ndf": 4, "d_layers": 2},
+    "cyclegan": {"ngf": 4, "ndf": 4, "blocks": 1, "pool_size": 3, "d_layers": 2},
 }  # fmt: skip
 INFO = DataInfo(resolution=16, channels=3, num_classes=3)
 
@@ -46,14 +51,29 @@ def batch(seed=1, n=6, trainer=None):
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(n, INFO.channels, INFO.resolution, INFO.resolution, generator=g) * 2 - 1
     images = torch.round((images + 1) * 127.5) / 127.5 - 1  # on the 8-bit grid
-    levels = {}
+    levels, inputs = {}, None
     if trainer is not None:
         model = trainer.model
         grow = model.growth(trainer.images_seen)
         if grow is not None:
             images = F.adaptive_avg_pool2d(images, grow.resolution)
         levels = {r: F.adaptive_avg_pool2d(images, r) for r in model.pyramid_levels()}
-    return Batch(images, torch.arange(n) % INFO.num_classes, levels)
+        src = model.pair_source()
+        if src is not None:  # SR: the 2x2-mean LR; translation: another image
+            inputs = F.avg_pool2d(images, src.scale) if src.scale > 1 else images.flip(0)
+    return Batch(images, torch.arange(n) % INFO.num_classes, levels, inputs)
+
+
+def generate(trainer, n: int, seed: int) -> torch.Tensor:
+    """What a family makes: samples, or a paired family's outputs for seeded inputs."""
+    src = trainer.model.pair_source()
+    if src is None:
+        return trainer.sample(n, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    side = INFO.resolution // src.scale
+    x = torch.rand(n, INFO.channels, side, side, generator=g) * 2 - 1
+    trainer.model.eval()
+    return trainer.model.translate(x, trainer.sampling_nets())
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -78,10 +98,10 @@ def test_each_phase_trains_only_its_module(name):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_sample_shape_and_range(name):
     trainer, _ = make(name)
-    x = trainer.sample(5, seed=3)
+    x = generate(trainer, 5, seed=3)
     assert x.shape == (5, INFO.channels, INFO.resolution, INFO.resolution)
     assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
-    assert torch.equal(x, trainer.sample(5, seed=3))
+    assert torch.equal(x, generate(trainer, 5, seed=3))
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -115,7 +135,7 @@ def test_checkpoint_round_trip_continues_exactly(name, tmp_path):
         trainer.model.state_dict().items(), resumed.model.state_dict().items()
     ):
         assert torch.equal(a, b), k
-    assert torch.equal(trainer.sample(4, seed=7), resumed.sample(4, seed=7))
+    assert torch.equal(generate(trainer, 4, seed=7), generate(resumed, 4, seed=7))
     # From the restored RNG state the next step draws the same noise and lands on identical
     # weights. (Both trainers share this process's global RNG, so restore it before each.)
     set_rng_state(payload["trainer"]["rng"])
@@ -171,12 +191,19 @@ def test_paper_dcgan_generator_at_64():
 def test_generator_maps_latents_and_labels_to_images(name):
     trainer, _ = make(name)
     model = trainer.model.eval()
-    z = torch.randn(5, *model.latent_shape())
-    labels = torch.arange(5) % INFO.num_classes
+    src = model.pair_source()
     with torch.no_grad():
-        x = model.generator()(z, labels)
-    assert x.shape == (5, INFO.channels, INFO.resolution, INFO.resolution)
-    assert x.min() >= -1 and x.max() <= 1
+        if src is None:
+            z = torch.randn(5, *model.latent_shape())
+            outputs = [model.generator()(z, torch.arange(5) % INFO.num_classes)]
+        else:  # paired: every exported translator maps input images to output images
+            side = INFO.resolution // src.scale
+            x = torch.rand(5, INFO.channels, side, side) * 4 - 2  # clamped on the way out
+            outputs = [t(x) for t in model.translators().values()]
+            assert len(outputs) == (2 if model.two_way else 1)
+    for x in outputs:
+        assert x.shape == (5, INFO.channels, INFO.resolution, INFO.resolution)
+        assert x.min() >= -1 and x.max() <= 1
 
 
 def test_trainer_from_checkpoint_restores_weights_and_leaves_the_rng(tmp_path):

@@ -79,17 +79,48 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class PairedDataset(torch.utils.data.Dataset):
-    """Two aligned image columns of a paired table (``lr``/``hr`` or ``a``/``b``) in [-1, 1]."""
+    """Two aligned image columns of a paired table (``lr``/``hr`` or ``a``/``b``): pixels kept
+    as stored (uint8), converted to [-1, 1] per item or per batch (:meth:`batch`)."""
 
     def __init__(self, path: str | os.PathLike, columns: tuple[str, str], split: str | None):
         image_fields(path, columns)
         table = read_table(Path(path), split)
-        self.first = to_unit_range(read_images(table, columns[0]))
-        self.second = to_unit_range(read_images(table, columns[1]))
+        self.first_pixels = torch.from_numpy(read_images(table, columns[0]))  # (N, h, w, C)
+        self.second_pixels = torch.from_numpy(read_images(table, columns[1]))  # (N, H, W, C)
         self.labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(first (B, C, h, w), second (B, C, H, W), labels (B,)) of rows ``idx``, in [-1, 1]."""
+        return (
+            to_unit_range(self.first_pixels[idx]),
+            to_unit_range(self.second_pixels[idx]),
+            self.labels[idx],
+        )
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.first[i], self.second[i], self.labels[i]
+        first, second, labels = self.batch(slice(i, i + 1))
+        return first[0], second[0], labels[0]
+
+
+class DomainImages:
+    """The images of one domain (``A`` or ``B``) of an unpaired table (``image`` and ``domain``
+    columns, e.g. ``unpaired.parquet`` of a translation dataset), kept as stored."""
+
+    def __init__(self, path: str | os.PathLike, domain: str, split: str | None = "train"):
+        import pyarrow.compute as pc
+
+        from gm.errors import DataError
+
+        image_fields(path, ("image", "domain"))
+        table = read_table(Path(path), split)
+        table = table.filter(pc.equal(table.column("domain"), domain))
+        if table.num_rows == 0:
+            raise DataError(f"{path}: no image of domain {domain!r} in split {split!r}")
+        self.pixels = torch.from_numpy(read_images(table, "image"))
+        self.labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)

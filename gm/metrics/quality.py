@@ -10,6 +10,7 @@ inside a DDP process group). Each distance is also computed for real train vs re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,9 +121,11 @@ def _prepare(pred, target, border: int, y_channel: bool):
     return pred, target
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False):
-    """Per-image PSNR in dB of images in [-1, 1] (data range 2), averaged over images; identical
-    images score PSNR_CAP. ``border``: pixels cropped on each side (SR convention: the scale)."""
+def psnr_per_image(
+    pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False
+) -> torch.Tensor:
+    """(N,) PSNR in dB of images in [-1, 1] (data range 2); identical images score PSNR_CAP.
+    ``border``: pixels cropped on each side (SR convention: the scale)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     pred, target = _prepare(pred, target, border, y_channel)
@@ -131,7 +134,20 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: b
         pred, target, data_range=2.0, reduction="none", dim=(1, 2, 3)
     )
     per_image = torch.where(mse == 0, torch.full_like(per_image, PSNR_CAP), per_image)
-    return float(per_image.clamp(max=PSNR_CAP).mean())
+    return per_image.clamp(max=PSNR_CAP)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False):
+    """Per-image PSNR in dB (:func:`psnr_per_image`), averaged over images."""
+    return float(psnr_per_image(pred, target, border, y_channel).mean())
+
+
+def psnr_pooled(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False):
+    """PSNR of the mean squared error over every pixel of every image: not dominated by a few
+    flat images whose per-image PSNR runs to the cap."""
+    pred, target = _prepare(pred, target, border, y_channel)
+    mse = float((pred - target).pow(2).mean())
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(4.0 / mse))
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: bool = False):

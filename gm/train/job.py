@@ -34,8 +34,12 @@ RUN_STATE = "gm_run.json"
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A job of ``params.yaml: train`` (``dataset``: a multi-resolution dataset) or of
+    ``train_paired`` (``pairs``: a paired dataset, for SRGAN, pix2pix, CycleGAN)."""
+
     family: str  # a registered model family (`gm models`)
-    dataset: str  # a key of params.yaml: datasets
+    dataset: str = ""  # a key of params.yaml: datasets (section train)
+    pairs: str = ""  # a key of params.yaml: pairs (section train_paired)
     resolution: int = 0  # pyramid level to train on; 0 = the dataset's top resolution
     model: dict[str, Any] = field(default_factory=dict)  # the family's config (its dataclass)
     run: RunSettings = field(default_factory=RunSettings)
@@ -43,6 +47,13 @@ class TrainConfig:
     def __post_init__(self):
         r = self.resolution
         check(r == 0 or (r >= 4 and r & (r - 1) == 0), "resolution", f"{r} is not 0 or 4, 8, 16…")
+        check(not (self.dataset and self.pairs), "pairs", "set dataset or pairs, not both")
+        check(not (self.pairs and r), "resolution", "a paired job trains at its pairs' resolution")
+
+    @property
+    def data_name(self) -> str:
+        """The dataset or paired dataset this job trains on."""
+        return self.pairs or self.dataset
 
     def family_config(self, where: str = ""):
         """The family's config dataclass, validated; errors name ``<where>.family`` or
@@ -59,12 +70,27 @@ class TrainConfig:
 
 
 def data_info(dataset_dir: str | os.PathLike, resolution: int) -> dict[str, int]:
-    """DataInfo of a prepared dataset (from its manifest) at ``resolution`` (0 = top)."""
+    """DataInfo of a prepared dataset (from its manifest) at ``resolution`` (0 = top); of a
+    paired dataset: its target resolution, channels and classes."""
     path = Path(dataset_dir) / "manifest.json"
     try:
         m = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the dataset manifest ({e})") from None
+    if "resolutions" not in m and "files" in m:  # a paired dataset (gm.data.pairs)
+        from gm.data.parquet import read_metadata
+
+        first = Path(dataset_dir) / next(iter(m["files"]))
+        read_metadata(first)  # a missing or foreign file is named
+        import pyarrow.parquet as pq
+
+        shapes = [
+            json.loads(f.metadata[b"shape"])
+            for f in pq.read_schema(first)
+            if f.metadata and b"shape" in f.metadata
+        ]
+        return {"resolution": m["resolution"], "channels": shapes[0][-1],
+                "num_classes": len(m["classes"])}  # fmt: skip
     resolution = resolution or max(m["resolutions"])
     if resolution not in m["resolutions"]:
         raise DataError(f"{path}: no {resolution}x{resolution} level (has {m['resolutions']})")
@@ -116,15 +142,17 @@ def init_ray(cfg: RunSettings) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
 
 
-def _write_outputs(out_dir: Path, payload_path: Path, payload: dict, metrics: dict):
+def _write_outputs(
+    out_dir: Path, payload_path: Path, payload: dict, metrics: dict, dataset_dir: Path
+):
     import numpy as np
     from PIL import Image
 
     from gm.train.checkpoint import trainer_from_checkpoint
-    from gm.train.samples import sample_grid
+    from gm.train.samples import preview_grid
 
     trainer, info = trainer_from_checkpoint(payload)
-    grid = sample_grid(trainer, info.num_classes, seed=0)
+    grid = preview_grid(trainer, info.num_classes, dataset_dir, seed=0)
     history = payload["extra"].get("history", [])
     with atomic_dir(out_dir) as tmp:
         shutil.copyfile(payload_path, tmp / CHECKPOINT_FILE)
@@ -137,6 +165,34 @@ def _write_outputs(out_dir: Path, payload_path: Path, payload: dict, metrics: di
             for row in history:
                 w.writerow([row["step"], *(f"{row[c]:.6g}" if c in row else "" for c in columns)])
     return trainer
+
+
+def check_local_files(model_cfg, where: str) -> dict[str, str]:
+    """The local files a family's config names (``local_files()``: VGG19 weights ...) exist:
+    their SHA-256 by key, for the run's tags. A missing one is an error before any compute."""
+    from gm.io import sha256_file
+
+    files = getattr(model_cfg, "local_files", dict)()
+    for key, path in files.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"{where}.{key}: {path}: no such file on this machine")
+    return {key: sha256_file(path) for key, path in files.items()}
+
+
+def check_pair_source(cfg: TrainConfig, model_cfg, info: dict, dataset_dir: Path, name: str):
+    """The paired dataset has the files the family trains on (e.g. x4.parquet for scale 4)."""
+    from gm.registry import families
+    from gm.train.protocol import DataInfo
+
+    model = families()[cfg.family].build(model_cfg, DataInfo(**info))
+    src = model.pair_source()
+    have = json.loads((dataset_dir / "manifest.json").read_text())["files"]
+    for f in (src.file, src.unpaired_file):
+        if f and f not in have:
+            raise ConfigError(
+                f"train_paired.{name}: {cfg.family} reads {f}, which {dataset_dir} does not have "
+                f"({', '.join(have)}); check the model's settings against pairs.{cfg.pairs}"
+            )
 
 
 def schedule_params(cfg: TrainConfig, model_cfg, info: dict) -> dict[str, str]:
@@ -179,6 +235,9 @@ def run_job(
     runs_dir = Path(runs_dir or root / "runs").resolve()
     model_cfg = cfg.family_config(f"train.{name}")
     info = data_info(dataset_dir, cfg.resolution)
+    files = check_local_files(model_cfg, f"train.{name}.model")
+    if cfg.pairs:
+        check_pair_source(cfg, model_cfg, info, dataset_dir, name)
     digest, digest_kind = tracking.dataset_digest(root, dataset_dir)
     key = run_key(name, cfg, info, digest)
     state_file = runs_dir / key / RUN_STATE
@@ -198,7 +257,7 @@ def run_job(
     params = tracking.flatten(
         {
             "family": cfg.family,
-            "dataset": cfg.dataset,
+            "dataset": cfg.data_name,
             "model": to_dict(model_cfg),
             "run": to_dict(cfg.run),
             "data": info,
@@ -206,10 +265,11 @@ def run_job(
     )
     params |= schedule_params(cfg, model_cfg, info)
     tags = tracking.lineage_tags(root, stage) | {"gm.job": name, "gm.ray_run": key}
+    tags |= {f"file.{k}.sha256": sha for k, sha in files.items()}
     handle = tracking.RunHandle.open(root, name, run_id, params, tags)
     state_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(state_file, {"uri": uri, "run_id": handle.run_id})
-    handle.log_dataset(cfg.dataset, str(dataset_dir), digest)
+    handle.log_dataset(cfg.data_name, str(dataset_dir), digest)
 
     init_ray(cfg.run)
     import ray
@@ -254,7 +314,7 @@ def run_job(
             "dataset_digest": f"{digest_kind}:{digest}",
             **{k: v for k, v in (history[-1] if history else {}).items() if k != "step"},
         }
-        trainer = _write_outputs(out_dir, ckpt, payload, metrics)
+        trainer = _write_outputs(out_dir, ckpt, payload, metrics, dataset_dir)
     write_json(state_file, {"uri": uri, "run_id": handle.run_id, "step": metrics["step"]})
     _log_final(handle, out_dir, trainer, info)
     handle.client.log_metric(handle.run_id, "driver_seconds", time.time() - start)
@@ -264,9 +324,10 @@ def run_job(
 
 def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
     """Final checkpoint, sample grid and metrics as artifacts; the generator as an MLflow
-    model in PyTorch's exported-graph format (``pt2``: loading it runs no pickled code)."""
+    model in PyTorch's exported-graph format (``pt2``: loading it runs no pickled code). Paired
+    families log each translator (``generator``; CycleGAN ``generator_ab``, ``generator_ba``)
+    with an image-to-image signature at the training input size."""
     import mlflow
-    import mlflow.pytorch
     import numpy as np
     import torch
     from mlflow.models import ModelSignature
@@ -275,29 +336,48 @@ def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
     for f in (CHECKPOINT_FILE, "samples.png", "metrics.json", "history.csv"):
         handle.client.log_artifact(handle.run_id, str(out_dir / f), artifact_path="final")
     model = trainer.model.cpu().eval()
-    generator = model.generator(trainer.sampling_nets()).eval()
-    latent = model.latent_shape()
+    nets = trainer.sampling_nets()
     res, ch = info["resolution"], info["channels"]
-    signature = ModelSignature(
-        inputs=Schema(
-            [
-                TensorSpec(np.dtype(np.float32), (-1, *latent), "z"),
-                TensorSpec(np.dtype(np.int64), (-1,), "labels"),
-            ]
-        ),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, ch, res, res), "images")]),
-    )
-    n = max(info["num_classes"], 2)
-    example = (
-        torch.randn(n, *latent, generator=torch.Generator().manual_seed(0)).numpy(),
-        np.arange(n, dtype=np.int64) % max(info["num_classes"], 1),
-    )
+    f32 = np.dtype(np.float32)
+    images = Schema([TensorSpec(f32, (-1, ch, res, res), "images")])
+    family = handle.client.get_run(handle.run_id).data.params.get("family", "")
+    meta = {"data_info": info, "family": family}
+    g = torch.Generator().manual_seed(0)
+    models = []  # (name, module, signature, input example, metadata)
+    src = model.pair_source()
+    if src is not None:
+        side = res // src.scale
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(f32, (-1, ch, side, side), "images")]), outputs=images
+        )
+        example = (torch.rand(2, ch, side, side, generator=g) * 2 - 1).numpy()
+        extra = {"scale": src.scale, "input_resolution": side}
+        for name, module in model.translators(nets).items():
+            models.append((name, module.eval(), signature, example, meta | extra))
+    else:
+        latent = model.latent_shape()
+        signature = ModelSignature(
+            inputs=Schema(
+                [
+                    TensorSpec(f32, (-1, *latent), "z"),
+                    TensorSpec(np.dtype(np.int64), (-1,), "labels"),
+                ]
+            ),
+            outputs=images,
+        )
+        n = max(info["num_classes"], 2)
+        example = (
+            torch.randn(n, *latent, generator=g).numpy(),
+            np.arange(n, dtype=np.int64) % max(info["num_classes"], 1),
+        )
+        models.append(("generator", model.generator(nets).eval(), signature, example, meta))
     # The fluent API needs a global tracking URI, and mlflow.set_tracking_uri also exports it
     # to os.environ (child processes inherit it): restore both afterwards.
     previous_uri, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(handle.uri)
     try:
-        _log_generator(handle, generator, signature, example, info)
+        for entry in models:
+            _log_model(handle, *entry)
     finally:
         mlflow.set_tracking_uri(previous_uri)
         if previous_env is None:
@@ -306,20 +386,17 @@ def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
             os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
-def _log_generator(handle, generator, signature, example, info: dict) -> None:
+def _log_model(handle, name: str, module, signature, example, metadata: dict) -> None:
     import mlflow
     import mlflow.pytorch
     import torch
 
     with mlflow.start_run(run_id=handle.run_id):
         mlflow.pytorch.log_model(
-            generator,
-            name="generator",
+            module,
+            name=name,
             signature=signature,
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            metadata={
-                "data_info": info,
-                "family": handle.client.get_run(handle.run_id).data.params.get("family", ""),
-            },
+            metadata=metadata,
         )

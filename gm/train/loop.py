@@ -43,6 +43,7 @@ class Trainer:
         amp: bool = False,  # native torch.amp mixed precision; used on CUDA only
         ema_beta: float = 0.0,  # 0 disables EMA; >0 keeps EMA copies of model.ema_modules
         world_size: int = 1,  # workers: images_seen counts every worker's images
+        total_steps: int = 0,  # the run's budget, for the family's lr_factor (decay schedules)
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -59,8 +60,10 @@ class Trainer:
             else:
                 self.nets[name] = module
         self.optimizers = {}
+        self.base_lr: dict[str, float] = {}  # before the family's lr_factor
         for name, module in self.modules.items():
             oc = model.optim_config(name)
+            self.base_lr[name] = oc.lr
             self.optimizers[name] = torch.optim.Adam(
                 module.parameters(),
                 lr=oc.lr,
@@ -76,6 +79,7 @@ class Trainer:
             else {}
         )
         self.world_size = world_size
+        self.total_steps = total_steps
         self.step = 0
         self.images_seen = 0  # by all workers
         self.growth_index = -1  # phase of a growing model's schedule (-1: not started)
@@ -102,11 +106,16 @@ class Trainer:
         """One step: every due phase once. Returns the losses and metrics of the phases run."""
         self.model.train()
         self._enter_growth_phase()
+        factor = self.model.lr_factor(self.step, self.total_steps)
+        for name, opt in self.optimizers.items():
+            for group in opt.param_groups:
+                group["lr"] = self.base_lr[name] * factor
         self.model.on_progress(self.step, self.images_seen)
         batch = Batch(
             batch.images.to(self.device, non_blocking=True),
             batch.labels.to(self.device, non_blocking=True),
             {r: x.to(self.device, non_blocking=True) for r, x in batch.levels.items()},
+            None if batch.inputs is None else batch.inputs.to(self.device, non_blocking=True),
         )
         metrics: dict[str, float] = {}
         for phase in self.model.phases():
@@ -147,9 +156,7 @@ class Trainer:
         for name, opt in self.optimizers.items():
             if g.reset_optimizers and self.growth_index >= 0:
                 opt.state.clear()
-            lr = g.lr if g.lr is not None else self.model.optim_config(name).lr
-            for group in opt.param_groups:
-                group["lr"] = lr
+            self.base_lr[name] = g.lr if g.lr is not None else self.model.optim_config(name).lr
         self.growth_index = g.index
 
     def sampling_nets(self) -> dict[str, nn.Module]:
@@ -176,6 +183,7 @@ class Trainer:
             "step": self.step,
             "images_seen": self.images_seen,
             "growth_index": self.growth_index,
+            "base_lr": dict(self.base_lr),
             "rng": rng_state(),
         }
 
@@ -191,6 +199,8 @@ class Trainer:
         self.step = int(state["step"])
         self.images_seen = int(state["images_seen"])
         self.growth_index = int(state.get("growth_index", -1))
+        for n, opt in self.optimizers.items():  # checkpoints before base_lr: the stored rate
+            self.base_lr[n] = float(state.get("base_lr", {}).get(n, opt.param_groups[0]["lr"]))
         set_rng_state(state["rng"])
 
 

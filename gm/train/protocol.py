@@ -43,6 +43,25 @@ class Batch:
     # The same images at the other pyramid levels the family asked for (`pyramid_levels`),
     # read from the dataset: {resolution: (B, C, r, r)}
     levels: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Paired families: the source-domain images `images` are made from (LR input of a
+    # super-resolution pair, domain A of a translation pair), aligned row by row with `images`;
+    # for unpaired training (CycleGAN) an independent batch of domain A. (B, C, h, w)
+    inputs: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """Where a paired family's data lives in its paired dataset (``datasets/pairs/<name>``).
+
+    Evaluation always reads ``file``'s aligned ``inputs``/``targets`` columns (test split).
+    Training reads the same, or with ``unpaired_file`` that file's ``image`` column split by its
+    ``domain`` column (``A``: inputs, ``B``: targets), so no pair is ever seen whole."""
+
+    file: str  # e.g. "x4.parquet", "aligned.parquet"
+    inputs: str  # column of source images: "lr", "a"
+    targets: str  # column of target images: "hr", "b"
+    scale: int = 1  # target side / input side (super-resolution factor)
+    unpaired_file: str = ""  # "unpaired.parquet": train on disjoint domain halves
 
 
 @dataclass(frozen=True)
@@ -149,6 +168,29 @@ class GenerativeModel(nn.Module):
     def pyramid_levels(self) -> tuple[int, ...]:
         """Lower pyramid levels to read alongside each batch (``Batch.levels``)."""
         return ()
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Multiplier of every module's learning rate at ``step`` of ``total_steps`` (linear
+        decay, step drops); 1 keeps the optimizer's configured rate."""
+        return 1.0
+
+    # Paired families (super-resolution, image-to-image translation) implement these three.
+    def pair_source(self) -> PairSource | None:
+        """The paired data this family trains on; None: a generative model of one image set."""
+        return None
+
+    @torch.no_grad()
+    def translate(
+        self, x: torch.Tensor, nets: Mapping[str, nn.Module] | None = None, reverse: bool = False
+    ) -> torch.Tensor:
+        """(B, C, h, w) source images in [-1, 1] → (B, C, h·s, w·s) outputs in [-1, 1];
+        ``reverse``: the target → source direction of a two-way model (CycleGAN's F)."""
+        raise NotImplementedError
+
+    def translators(self, nets: Mapping[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+        """The modules ``x → y`` `gm` exports as MLflow models, by name (``generator``;
+        CycleGAN: ``generator_ab`` and ``generator_ba``)."""
+        raise NotImplementedError
 
     def labels_for(self, n: int, num_classes: int, device=None) -> torch.Tensor:
         """Labels 0, 1, ..., num_classes-1, 0, 1 ... for per-class sample grids."""

@@ -72,6 +72,10 @@ def _batches(config: dict[str, Any], run: RunSettings, info, rank: int, world: i
     from gm.train.protocol import Batch
 
     model = trainer.model
+    src = model.pair_source()
+    if src is not None:
+        yield from _paired_batches(Path(config["dataset_dir"]), src, run, rank, world, trainer)
+        return
     extra = model.pyramid_levels()
     if run.data == "ray":
         import ray.train
@@ -126,6 +130,32 @@ def _batches(config: dict[str, Any], run: RunSettings, info, rank: int, world: i
         )
 
 
+def _paired_batches(dataset_dir: Path, src, run: RunSettings, rank: int, world: int, trainer):
+    """Endless paired batches: ``images`` the targets, ``inputs`` the sources, aligned rows of
+    ``src.file``; or, for unpaired training, independent shards of the two domains of
+    ``src.unpaired_file``. Positions follow from the step, as for pyramid levels."""
+    from gm.data.readers import DomainImages, PairedDataset, to_unit_range
+    from gm.train.protocol import Batch
+
+    bs = run.batch_size
+    if src.unpaired_file:
+        side_a = DomainImages(dataset_dir / src.unpaired_file, "A")
+        side_b = DomainImages(dataset_dir / src.unpaired_file, "B")
+        while True:
+            ia = shard_indices(len(side_a), trainer.step, bs, rank, world, run.seed)
+            ib = shard_indices(len(side_b), trainer.step, bs, rank, world, run.seed + 1)
+            yield Batch(
+                to_unit_range(side_b.pixels[ib]),
+                side_b.labels[ib],
+                inputs=to_unit_range(side_a.pixels[ia]),
+            )
+    data = PairedDataset(dataset_dir / src.file, (src.inputs, src.targets), split="train")
+    while True:
+        idx = shard_indices(len(data), trainer.step, bs, rank, world, run.seed)
+        inputs, targets, labels = data.batch(idx)
+        yield Batch(targets, labels, inputs=inputs)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function. ``config`` holds plain values only (it crosses processes)."""
     import logging
@@ -159,6 +189,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         amp=run.amp,
         ema_beta=run.ema_beta,
         world_size=world,
+        total_steps=run.steps,
     )
     tracking = dict(config.get("tracking") or {})
     resumed_from, history = 0, []
@@ -182,11 +213,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         logger = MetricBuffer(tracking["uri"], tracking["run_id"])
     progress = config.get("progress") if rank == 0 else None  # the driver's ProgressBoard
-    kid_probe = None
-    if rank == 0 and config.get("classifier"):
+    kid_probe = paired_probe = None
+    source = model.pair_source()
+    if rank == 0 and source is not None:  # PSNR/SSIM ... on the test pairs at each checkpoint
+        from gm.metrics.paired import PairedProbe
+
+        paired_probe = PairedProbe(config["dataset_dir"], source)
+    elif rank == 0 and config.get("classifier"):
         from gm.metrics.evaluate import KidProbe
 
         kid_probe = KidProbe(config["classifier"], config["dataset_dir"], info, seed=run.seed)
+
+    def preview():
+        if paired_probe is not None:
+            return paired_probe.grid(trainer)
+        return sample_grid(trainer, info.num_classes, seed=run.seed)
+
     last_progress = 0.0
 
     fault = config.get("fault_injection")  # tests: {"step": k, "marker": path}
@@ -207,7 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if logger and (ended or trainer.step == run.steps):
                 # a grid per phase, from the same latents: one sample growing
                 stage = "fade" if grow.alpha < 1 else "stable"
-                grid = sample_grid(trainer, info.num_classes, seed=run.seed)
+                grid = preview()
                 key = f"phase{grow.index:02d}_{grow.resolution}px_{stage}"
                 logger.log_image(grid, key=key, step=trainer.step)
                 now = time.perf_counter()  # the grid is not the next step's time
@@ -248,11 +290,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     means["kid_s"] = time.perf_counter() - t
                     if logger:
                         logger.log(trainer.step, {"kid": means["kid"], "kid_s": means["kid_s"]})
+                if paired_probe is not None:  # test-pair metrics beside their baseline
+                    t = time.perf_counter()
+                    found = paired_probe(trainer)
+                    found["eval_s"] = time.perf_counter() - t
+                    means |= found
+                    if logger:
+                        logger.log(trainer.step, found)
                 history.append({"step": trainer.step, **means})
                 if logger:
                     logger.flush()
-                    grid = sample_grid(trainer, info.num_classes, seed=run.seed)
-                    logger.log_image(grid, key="samples", step=trainer.step)
+                    logger.log_image(preview(), key="samples", step=trainer.step)
                 with tempfile.TemporaryDirectory() as d:
                     save_checkpoint(
                         Path(d) / CHECKPOINT_FILE,
@@ -273,6 +321,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tick = time.perf_counter()
             if logger:  # flushed with the next interval's metrics
                 logger.log(trainer.step, {"checkpoint_s": tick - report_start})
+
+
+def families_pairs(family: str) -> str | None:
+    from gm.registry import families
+
+    return families()[family].pairs
 
 
 class ProgressBoard:
@@ -354,6 +408,11 @@ def fit(
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
         config["progress"] = board
     datasets = None
+    if run.data == "ray" and families_pairs(family):
+        raise ConfigError(
+            f"run.data: 'ray' streams pyramid levels; {family} trains from a paired dataset "
+            "(read into memory): use run.data: memory"
+        )
     if run.data == "ray":
         from gm.config import from_dict
         from gm.data.raydata import ray_dataset

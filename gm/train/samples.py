@@ -1,4 +1,5 @@
-"""Sample grids: one row per class for conditional models, so classes can be told apart."""
+"""Sample grids: one row per class for conditional models, so classes can be told apart; for
+paired families, input | output | target."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def sample_grid(
         images = trainer.sample(per_class * per_class, seed=seed)
     grid = make_grid(images.float().clamp(-1, 1), nrow=per_class, padding=2, pad_value=1.0)
     return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def preview_grid(trainer, num_classes: int, dataset_dir, seed: int = 0) -> np.ndarray:
+    """What a run shows of its model: the sample grid, or for a paired family the comparison
+    grid (input | output | target) of the first test pairs of ``dataset_dir``."""
+    src = trainer.model.pair_source()
+    if src is None:
+        return sample_grid(trainer, num_classes, seed=seed)
+    from gm.metrics.paired import PairedProbe
+
+    return PairedProbe(dataset_dir, src, max_images=8).grid(trainer)
