@@ -183,8 +183,9 @@ def _cmd_train(args) -> int:
         raise ConfigError(
             f"{args.model}: no dataset; add --set dataset=NAME ({', '.join(p.datasets)})"
         )
-    cfg = from_dict(TrainConfig, entry, f"train.{args.model}")
-    cfg.family_config(f"train.{args.model}")
+    where = f"{'train_paired' if entry.get('pairs') else 'train'}.{args.model}"
+    cfg = from_dict(TrainConfig, entry, where)
+    cfg.family_config(where)
     root = repo_root()
     classifier = Path(args.classifiers) / cfg.dataset / "classifier.pt"
     kind, name = ("pairs", cfg.pairs) if cfg.pairs else ("pyramid", cfg.dataset)

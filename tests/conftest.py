@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,3 +65,38 @@ def ray_local():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def git(root, *args):
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture
+def project(tmp_path, raw_folder):
+    """A git + DVC repository: data.dvc, a prepared 16x16 dataset and a stage `train` that
+    depends on it."""
+    from gm.data.config import DatasetConfig
+    from gm.data.prepare import prepare_dataset
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "data.dvc").write_text(
+        yaml.safe_dump({"outs": [{"md5": "abc123.dir", "path": "data", "hash": "md5"}]})
+    )
+    stage = {"cmd": "echo ok", "deps": ["datasets/pyramid/toy", "notes.txt"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    (root / "notes.txt").write_text("a dependency\n")
+    prepare_dataset(
+        raw_folder, root / "datasets/pyramid/toy", DatasetConfig(top_resolution=16), progress=False
+    )
+    (root / ".gitignore").write_text("datasets/\nruns/\nmodels/\nmlflow.db\nmlartifacts/\n")
+    git(root, "init", "-q")
+    subprocess.run(["dvc", "init", "-q"], cwd=root, check=True)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    return root

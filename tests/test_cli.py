@@ -99,6 +99,11 @@ def test_missing_params_file_is_named(tmp_path, capsys):
         (["train", "cgan", "--set", "run.steps=many"], "train.cgan.run.steps: expected an integer"),
         (["train", "cgan", "--set", "steps"], "--set steps: expected KEY=VALUE"),
         (["train", "dcgan"], "dcgan: no dataset; add --set dataset=NAME"),
+        (["train", "srgan"], "srgan: no paired dataset; add --set pairs=NAME"),
+        (
+            ["train", "srgan", "--set", "pairs=toy_sr"],
+            "train_paired.srgan.model.vgg19_weights: content_loss 'vgg19' needs",
+        ),
     ],
 )
 def test_train_rejects_bad_models_and_keys_before_any_work(tmp_path, capsys, argv, message):

@@ -114,6 +114,26 @@ def test_bicubic_skip_starts_at_bicubic_and_probe_reports_it(paired_sets):
     assert grid.dtype == np.uint8 and grid.shape == (rows * 18 + 2, 3 * 18 + 2, 3)
 
 
+def test_pooled_psnr_is_capped_for_identical_images_and_falls_with_noise():
+    from gm.metrics.paired import to_8bit
+    from gm.metrics.quality import PSNR_CAP, psnr_per_image, psnr_pooled
+
+    g = torch.Generator().manual_seed(0)
+    y = to_8bit(torch.rand(6, 3, 16, 16, generator=g) * 2 - 1)
+    assert psnr_pooled(y, y) == PSNR_CAP and psnr_pooled(y, y, border=2, y_channel=True) == PSNR_CAP
+    noisy = [psnr_pooled((y + s * torch.randn(y.shape, generator=g)).clamp(-1, 1), y)
+             for s in (0.01, 0.05, 0.2)]  # fmt: skip
+    assert noisy[0] > noisy[1] > noisy[2] and noisy[1] == pytest.approx(32, abs=1)
+    # one flat image the baseline gets exactly right: per-image means jump, the pooled one not
+    flat = torch.zeros(1, 3, 16, 16)
+    near = flat + 0.01
+    both = torch.cat([y, flat]), torch.cat([(y + 0.01).clamp(-1, 1), flat])
+    shifted = torch.cat([(y + 0.01).clamp(-1, 1), near])
+    per_a, per_b = psnr_per_image(both[1], both[0]), psnr_per_image(shifted, both[0])
+    assert per_a[-1] == PSNR_CAP and per_a.mean() - per_b.mean() > 7  # 54 dB / 7 images
+    assert psnr_pooled(both[1], both[0]) - psnr_pooled(shifted, both[0]) < 1  # 10·log10(7/6)
+
+
 def test_srgan_pretrains_then_goes_adversarial_and_drops_the_lr():
     model = build("srgan", pretrain_steps=2, lr_drop_steps=1)
     trainer = Trainer(model)
@@ -369,3 +389,75 @@ def test_upscale_folder_with_a_corrupt_file_processes_the_rest(tmp_path, capsys)
     code = main(["translate", str(folder / "a.png"), "-o", str(tmp_path / "x.png"), "--model",
                  str(ckpt), "--reverse"])  # fmt: skip
     assert code == 2 and "pix2pix" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- end to end (Ray, MLflow)
+
+
+@pytest.mark.slow
+def test_paired_jobs_train_evaluate_and_log_their_generators(
+    ray_local, project, monkeypatch, tmp_path, capsys
+):
+    """SRGAN and CycleGAN through run_job: test-pair metrics beside their baselines in
+    metrics.json, history.csv and MLflow, comparison grids, the generators as MLflow models
+    (both of CycleGAN's) that `gm upscale` / `gm translate` apply by URI."""
+    import mlflow
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from gm.cli import main
+    from gm.train.job import TrainConfig, run_job
+    from gm.train.ray_train import RunSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    pyramid = project / "datasets/pyramid/toy"
+    sr, tr = project / "datasets/pairs/sr", project / "datasets/pairs/tr"
+    build_pairs(pyramid, sr, PairConfig(kind="super_resolution", dataset="toy", resolution=16))
+    build_pairs(pyramid, tr, PairConfig(kind="translation", dataset="toy", resolution=16))
+    run = RunSettings(steps=4, batch_size=4, checkpoint_every=2)
+    srgan = TINY["srgan"] | {"pretrain_steps": 2}
+    m = run_job("sr", TrainConfig("srgan", pairs="sr", model=srgan, run=run), sr,
+                project / "models/sr", project, progress=False)  # fmt: skip
+    for key in ("psnr", "psnr_bicubic", "ssim", "ssim_bicubic", "psnr_pooled", "win_rate"):
+        assert isinstance(m[key], float), key
+    header = (project / "models/sr/history.csv").read_text().splitlines()[0].split(",")
+    assert {"psnr", "psnr_bicubic", "loss/G_mse", "loss/D"} <= set(header)
+    uri = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(uri)
+    r = client.get_run(m["mlflow_run_id"])
+    assert r.data.params["model.content_loss"] == "pixel" and r.data.params["dataset"] == "sr"
+    assert [x.step for x in client.get_metric_history(r.info.run_id, "psnr_bicubic")] == [2, 4]
+    images = [f.path for f in client.list_artifacts(r.info.run_id, "images")]
+    assert len([f for f in images if f.endswith(".png")]) == 2  # a comparison grid per checkpoint
+    grid = np.asarray(Image.open(project / "models/sr/samples.png"))
+    assert grid.shape[1] == 3 * 18 + 2  # input | output | target
+
+    m2 = run_job("cg", TrainConfig("cyclegan", pairs="tr", model=TINY["cyclegan"], run=run), tr,
+                 project / "models/cg", project, progress=False)  # fmt: skip
+    assert {"l1", "l1_identity", "psnr", "psnr_identity", "cycle_l1"} <= set(m2)
+    logged = {f.path for f in client.list_artifacts(m2["mlflow_run_id"])}
+    assert {"generator_ab", "generator_ba"} <= logged
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    image = tmp_path / "in.png"
+    save(image, np.random.default_rng(1).integers(0, 256, (10, 7, 3), dtype=np.uint8))
+    out = tmp_path / "up.png"
+    args = ["upscale", str(image), "-o", str(out), "--quiet"]
+    assert main([*args, "--model", f"runs:/{r.info.run_id}/generator"]) == 0
+    assert Image.open(out).size == (28, 40)
+    # the same model from the checkpoint gives the same pixels (the exported graph is G)
+    assert main([*args[:3], str(tmp_path / "ck.png"), "--quiet", "--model",
+                 str(project / "models/sr/checkpoint.pt")]) == 0  # fmt: skip
+    a = np.asarray(Image.open(out), dtype=int)
+    b = np.asarray(Image.open(tmp_path / "ck.png"), dtype=int)
+    assert np.abs(a - b).max() <= 1
+    for direction in ("generator_ab", "generator_ba"):
+        dest = tmp_path / f"{direction}.png"
+        uri_model = f"runs:/{m2['mlflow_run_id']}/{direction}"
+        assert main(["translate", str(image), "-o", str(dest), "--model", uri_model]) == 0
+        assert Image.open(dest).size == (7, 10)
+    capsys.readouterr()
+    assert main(["upscale", str(image), "-o", str(out), "--model",
+                 f"runs:/{m2['mlflow_run_id']}/generator_ab"]) == 2  # fmt: skip
+    assert "not a super_resolution model" in capsys.readouterr().err

@@ -155,7 +155,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: b
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     pred, target = _prepare(pred, target, border, y_channel)
-    return float(structural_similarity_index_measure(pred, target, data_range=2.0))
+    # float32: an order of magnitude faster than float64 on CPU, equal to ~1e-8
+    return float(structural_similarity_index_measure(pred.float(), target.float(), data_range=2.0))
 
 
 @dataclass

@@ -55,6 +55,11 @@ class TrainConfig:
         """The dataset or paired dataset this job trains on."""
         return self.pairs or self.dataset
 
+    @property
+    def section(self) -> str:
+        """The params.yaml section such a job lives in (error messages name it)."""
+        return "train_paired" if self.pairs else "train"
+
     def family_config(self, where: str = ""):
         """The family's config dataclass, validated; errors name ``<where>.family`` or
         ``<where>.model.<key>``."""
@@ -78,17 +83,14 @@ def data_info(dataset_dir: str | os.PathLike, resolution: int) -> dict[str, int]
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the dataset manifest ({e})") from None
     if "resolutions" not in m and "files" in m:  # a paired dataset (gm.data.pairs)
+        import pyarrow.parquet as pq
+
         from gm.data.parquet import read_metadata
 
         first = Path(dataset_dir) / next(iter(m["files"]))
         read_metadata(first)  # a missing or foreign file is named
-        import pyarrow.parquet as pq
-
-        shapes = [
-            json.loads(f.metadata[b"shape"])
-            for f in pq.read_schema(first)
-            if f.metadata and b"shape" in f.metadata
-        ]
+        shapes = [json.loads(f.metadata[b"shape"]) for f in pq.read_schema(first)
+                  if f.metadata and b"shape" in f.metadata]  # fmt: skip
         return {"resolution": m["resolution"], "channels": shapes[0][-1],
                 "num_classes": len(m["classes"])}  # fmt: skip
     resolution = resolution or max(m["resolutions"])
@@ -179,7 +181,7 @@ def check_local_files(model_cfg, where: str) -> dict[str, str]:
     return {key: sha256_file(path) for key, path in files.items()}
 
 
-def check_pair_source(cfg: TrainConfig, model_cfg, info: dict, dataset_dir: Path, name: str):
+def check_pair_source(cfg: TrainConfig, model_cfg, info: dict, dataset_dir: Path, where: str):
     """The paired dataset has the files the family trains on (e.g. x4.parquet for scale 4)."""
     from gm.registry import families
     from gm.train.protocol import DataInfo
@@ -190,7 +192,7 @@ def check_pair_source(cfg: TrainConfig, model_cfg, info: dict, dataset_dir: Path
     for f in (src.file, src.unpaired_file):
         if f and f not in have:
             raise ConfigError(
-                f"train_paired.{name}: {cfg.family} reads {f}, which {dataset_dir} does not have "
+                f"{where}: {cfg.family} reads {f}, which {dataset_dir} does not have "
                 f"({', '.join(have)}); check the model's settings against pairs.{cfg.pairs}"
             )
 
@@ -233,11 +235,12 @@ def run_job(
     root = Path(root).resolve()
     dataset_dir, out_dir = Path(dataset_dir).resolve(), Path(out_dir).resolve()
     runs_dir = Path(runs_dir or root / "runs").resolve()
-    model_cfg = cfg.family_config(f"train.{name}")
+    where = f"{cfg.section}.{name}"
+    model_cfg = cfg.family_config(where)
     info = data_info(dataset_dir, cfg.resolution)
-    files = check_local_files(model_cfg, f"train.{name}.model")
+    files = check_local_files(model_cfg, f"{where}.model")
     if cfg.pairs:
-        check_pair_source(cfg, model_cfg, info, dataset_dir, name)
+        check_pair_source(cfg, model_cfg, info, dataset_dir, where)
     digest, digest_kind = tracking.dataset_digest(root, dataset_dir)
     key = run_key(name, cfg, info, digest)
     state_file = runs_dir / key / RUN_STATE
@@ -250,7 +253,7 @@ def run_job(
         run_id = state["run_id"] if state.get("uri") == uri else None
         if state.get("step", 0) > cfg.run.steps:
             raise ConfigError(
-                f"train.{name}.run.steps: {cfg.run.steps} is below the {state['step']} steps "
+                f"{where}.run.steps: {cfg.run.steps} is below the {state['step']} steps "
                 f"the run in {state_file.parent} already made; raise it, or delete that folder "
                 "to train from scratch"
             )

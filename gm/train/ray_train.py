@@ -323,12 +323,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 logger.log(trainer.step, {"checkpoint_s": tick - report_start})
 
 
-def families_pairs(family: str) -> str | None:
-    from gm.registry import families
-
-    return families()[family].pairs
-
-
 class ProgressBoard:
     """A zero-CPU actor rank 0 posts (step, metrics) to; the driver draws the progress bar,
     so one bar shows on the terminal that launched the run, wherever rank 0 runs."""
@@ -407,8 +401,10 @@ def fit(
 
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
         config["progress"] = board
+    from gm.registry import families
+
     datasets = None
-    if run.data == "ray" and families_pairs(family):
+    if run.data == "ray" and families()[family].pairs:
         raise ConfigError(
             f"run.data: 'ray' streams pyramid levels; {family} trains from a paired dataset "
             "(read into memory): use run.data: memory"
@@ -416,7 +412,6 @@ def fit(
     if run.data == "ray":
         from gm.config import from_dict
         from gm.data.raydata import ray_dataset
-        from gm.registry import families
         from gm.train.protocol import DataInfo
 
         fam = families()[family]
