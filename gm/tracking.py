@@ -14,6 +14,7 @@ Only the driver and rank 0 import MLflow; a worker that does not log never conne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -165,7 +166,11 @@ def dataset_digest(root: str | os.PathLike, dataset_dir: str | os.PathLike) -> t
                 if out.get("path") == rel and _dvc_hash(out):
                     return _dvc_hash(out), "dvc"
     manifest = json.loads((dataset_dir / "manifest.json").read_text())
-    return manifest["content_hash"], "content"
+    if "content_hash" in manifest:  # a multi-resolution dataset
+        return manifest["content_hash"], "content"
+    # a paired dataset: its files' SHA-256, as listed in the manifest
+    files = {name: f["sha256"] for name, f in sorted(manifest["files"].items())}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), "content"
 
 
 class RunHandle:

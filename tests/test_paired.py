@@ -302,6 +302,20 @@ def test_paired_batches_are_aligned_and_unpaired_ones_come_from_each_domain(pair
         DomainImages(tr / "unpaired.parquet", "C")
 
 
+def test_paired_dataset_digest_follows_its_files(paired_sets, tmp_path):
+    import json
+
+    from gm.tracking import dataset_digest
+
+    sr, tr = paired_sets
+    d_sr, kind = dataset_digest(tmp_path, sr)
+    assert kind == "content" and len(d_sr) == 64 and d_sr != dataset_digest(tmp_path, tr)[0]
+    m = json.loads((sr / "manifest.json").read_text())
+    m["files"]["x4.parquet"]["sha256"] = "0" * 64  # another x4 file: another digest
+    (sr / "manifest.json").write_text(json.dumps(m))
+    assert dataset_digest(tmp_path, sr)[0] != d_sr
+
+
 def test_train_paired_params_are_checked():
     from gm.params import parse
 
@@ -435,11 +449,12 @@ def test_paired_jobs_train_evaluate_and_log_their_generators(
     m2 = run_job("cg", TrainConfig("cyclegan", pairs="tr", model=TINY["cyclegan"], run=run), tr,
                  project / "models/cg", project, progress=False)  # fmt: skip
     assert {"l1", "l1_identity", "psnr", "psnr_identity", "cycle_l1"} <= set(m2)
-    logged = {f.path for f in client.list_artifacts(m2["mlflow_run_id"])}
-    assert {"generator_ab", "generator_ba"} <= logged
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    for direction in ("generator_ab", "generator_ba"):  # both CycleGAN generators are models
+        info = mlflow.models.get_model_info(f"runs:/{m2['mlflow_run_id']}/{direction}")
+        assert info.metadata["family"] == "cyclegan" and info.metadata["input_resolution"] == 16
     image = tmp_path / "in.png"
     save(image, np.random.default_rng(1).integers(0, 256, (10, 7, 3), dtype=np.uint8))
     out = tmp_path / "up.png"
