@@ -75,6 +75,13 @@ def evaluate_checkpoint(
     payload = load_checkpoint(checkpoint)
     trainer, info = trainer_from_checkpoint(payload)
     model = trainer.model
+    if model.pair_source() is not None:
+        from gm.errors import DataError
+
+        raise DataError(
+            f"{checkpoint}: a {payload['family']} model translates images; it is scored on its "
+            "test pairs during training (metrics.json, gm.metrics.paired), not by sampling"
+        )
     clf, extractor = load_classifier(classifier)
     size = extractor["resolution"]
     if extractor["channels"] != info.channels or extractor["num_classes"] != info.num_classes:

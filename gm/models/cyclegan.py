@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gm.config import check
+from gm.models.dcgan import dcgan_init
 from gm.models.paired import Clamped, ImagePool, PairedGAN, PatchGAN
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, OptimConfig, PairSource, Phase
@@ -142,11 +143,7 @@ class CycleGAN(PairedGAN):
         blocks = cfg.blocks or (9 if info.resolution >= 256 else 6)
         self.G = GeneratorPair(info.channels, cfg.ngf, blocks)
         self.D = DiscriminatorPair(info.channels, cfg.ndf, cfg.d_layers)
-        for m in self.modules():  # the paper's implementation: N(0, 0.02)
-            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        dcgan_init(self)  # the paper's implementation: N(0, 0.02)
         shape = (info.channels, info.resolution, info.resolution)
         self.pool_a, self.pool_b = ImagePool(cfg.pool_size, shape), ImagePool(cfg.pool_size, shape)
         self._fakes: tuple | None = None  # this step's (inputs, fake_a, fake_b) for D

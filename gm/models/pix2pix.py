@@ -18,23 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gm.config import check
+from gm.models.dcgan import dcgan_init
 from gm.models.paired import PairedGAN, PatchGAN
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, OptimConfig, PairSource, Phase
 
 PAPER_OPTIM = OptimConfig(lr=2e-4, betas=(0.5, 0.999))
-
-
-def pix2pix_init(module: nn.Module) -> None:
-    """The paper's initialisation: weights N(0, 0.02), BN scale N(1, 0.02)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
 
 
 class UNet(nn.Module):
@@ -110,7 +99,7 @@ class Pix2Pix(PairedGAN):
         c = info.channels
         self.G = UNet(c, c, depth, cfg.ngf, cfg.dropout)
         self.D = PatchGAN(2 * c, cfg.ndf, cfg.d_layers, norm="batch")
-        pix2pix_init(self)
+        dcgan_init(self)  # the paper's N(0, 0.02), inherited from DCGAN
 
     def pair_source(self) -> PairSource:
         return PairSource("aligned.parquet", "a", "b")
