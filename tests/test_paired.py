@@ -405,6 +405,16 @@ def test_upscale_folder_with_a_corrupt_file_processes_the_rest(tmp_path, capsys)
     assert code == 2 and "pix2pix" in capsys.readouterr().err
 
 
+def test_a_paired_checkpoint_is_not_evaluated_by_sampling(tmp_path):
+    from gm.metrics.evaluate import EvalConfig, evaluate_checkpoint
+
+    fam = families()["pix2pix"]
+    cfg = from_dict(fam.config, TINY["pix2pix"], "pix2pix")
+    save_checkpoint(tmp_path / "p.pt", "pix2pix", cfg, INFO, Trainer(build("pix2pix")).state_dict())
+    with pytest.raises(DataError, match="p.pt: a pix2pix model translates images"):
+        evaluate_checkpoint(tmp_path / "p.pt", tmp_path / "none.pt", tmp_path, EvalConfig())
+
+
 # ---------------------------------------------------------------- end to end (Ray, MLflow)
 
 
