@@ -48,6 +48,22 @@ PARAMS = {
             "run": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
         }
     },
+    "train_paired": {
+        "toy_sr_gan": {
+            "family": "srgan",
+            "pairs": "toy_sr",
+            "model": {
+                "scale": 4,
+                "width": 8,
+                "blocks": 2,
+                "ndf": 4,
+                "d_dense": 8,
+                "content_loss": "pixel",
+                "pretrain_steps": 2,
+            },  # fmt: skip
+            "run": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
+        }
+    },
     "evaluate": {
         "classifier": {"width": 4, "features": 8, "steps": 10, "batch_size": 8},
         "num_samples": 12,
@@ -91,6 +107,7 @@ def test_repro_builds_everything_then_does_nothing(repo):
         "pairs@toy_lineart",
         "pairs@gray_labels",
         "train@toy_gan",
+        "train_paired@toy_sr_gan",
         "classifier@toy",
         "classifier@gray",
         "evaluate@toy_gan",
@@ -104,6 +121,8 @@ def test_repro_builds_everything_then_does_nothing(repo):
         "datasets/pairs/gray_labels/pairs.parquet",
         "models/toy_gan/checkpoint.pt",
         "models/toy_gan/samples.png",
+        "models/toy_sr_gan/checkpoint.pt",
+        "models/toy_sr_gan/samples.png",
         "models/classifiers/toy/classifier.pt",
         "reports/eval/toy_gan.json",
         "reports/summary.md",
@@ -114,7 +133,12 @@ def test_repro_builds_everything_then_does_nothing(repo):
     evaluated = metrics[""]["data"]["reports/eval/toy_gan.json"]["data"]
     assert evaluated["fid"] > 0 and "fid_baseline" in evaluated
     assert "| toy | 1 | toy_gan | cgan | 4 |" in (repo / "reports/summary.md").read_text()
-    run = MlflowClient(f"sqlite:///{repo}/mlflow.db").search_runs(["0", "1"])[0]
+    sr = metrics[""]["data"]["models/toy_sr_gan/metrics.json"]["data"]  # scored on test pairs
+    assert sr["step"] == 4 and sr["psnr"] > 0 and sr["psnr_bicubic"] > 0
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    runs = {r.data.tags["gm.job"]: r for r in client.search_runs(["0", "1"])}
+    assert runs["toy_sr_gan"].data.tags["dvc.stage"] == "train_paired@toy_sr_gan"
+    run = runs["toy_gan"]
     assert run.data.tags["dvc.stage"] == "train@toy_gan" and "dvc.dep.gm" in run.data.tags
     # dvc metrics and the MLflow run agree
     assert run.data.metrics["eval/fid"] == pytest.approx(evaluated["fid"])
