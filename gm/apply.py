@@ -15,13 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gm.errors import DataError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
 @dataclass
@@ -122,20 +119,16 @@ def apply_tiled(t: Translator, image: torch.Tensor, overlap: int = 0, batch: int
 
 
 def read_image(path: Path, channels: int) -> torch.Tensor:
-    """An image file → (C, H, W) in [-1, 1]; RGB or grey as the model wants."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file → (C, H, W) in [-1, 1], decoded under the datasets' colour policy
+    (gm.data.images: EXIF orientation, alpha onto white, 16-bit, CMYK ...)."""
+    from gm.data.images import BadImage, decode
+    from gm.data.readers import to_unit_range
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("RGB" if channels == 3 else "L")
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file Pillow can read") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read the image ({e})") from None
-    a = np.asarray(im, dtype=np.float32)
-    a = a[..., None] if a.ndim == 2 else a
-    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
+        pixels = decode(str(path), channels, background=(255,) * channels)
+    except BadImage as e:
+        raise DataError(f"{path}: {e.reason}") from None
+    return to_unit_range(pixels[None])[0]
 
 
 def write_image(path: Path, image: torch.Tensor) -> None:
@@ -158,6 +151,8 @@ def plan(src: Path, out: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
     if src.is_file():
         dest = out / f"{src.stem}.png" if out.is_dir() else out
         return [(src, dest)], []
+    from gm.data.prepare import IMAGE_SUFFIXES
+
     jobs, skipped = [], []
     for p in sorted(q for q in src.rglob("*") if q.is_file()):
         rel = p.relative_to(src)

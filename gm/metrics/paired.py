@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid
 
 from gm.metrics.quality import psnr, psnr_per_image, psnr_pooled, ssim
 from gm.train.protocol import PairSource
@@ -117,7 +116,7 @@ class PairedProbe:
             "ssim": ssim(out, y),
             **base,
         }
-        if getattr(trainer.model, "two_way", False):
+        if trainer.model.two_way:
             rec_a = self.outputs(trainer, out, reverse=True)
             rec_b = self.outputs(trainer, self.outputs(trainer, y, reverse=True))
             cycle = 0.5 * ((rec_a - x).abs().mean() + (rec_b - y).abs().mean())
@@ -130,10 +129,9 @@ class PairedProbe:
         x, y = self.inputs[:n], self.targets[:n]
         out = self.outputs(trainer, x)
         columns = [F.interpolate(x, scale_factor=self.scale, mode="nearest"), out, y]
-        if getattr(trainer.model, "two_way", False):
+        if trainer.model.two_way:
             columns.append(self.outputs(trainer, out, reverse=True))
+        from gm.train.samples import image_grid
+
         images = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: pair by pair
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        g = make_grid(images.float().clamp(-1, 1), nrow=len(columns), padding=2, pad_value=1.0)
-        return ((g + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        return image_grid(images, nrow=len(columns))

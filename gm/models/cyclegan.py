@@ -133,8 +133,6 @@ def lsgan(pred: torch.Tensor, real: bool) -> torch.Tensor:
 
 
 class CycleGAN(PairedGAN):
-    two_way = True
-
     def __init__(self, cfg: CycleGANConfig, info: DataInfo):
         super().__init__()
         if info.resolution % 4:
@@ -192,11 +190,6 @@ class CycleGAN(PairedGAN):
     def translators(self, nets=None) -> dict[str, nn.Module]:
         G = (nets or {}).get("G", self.G)
         return {"generator_ab": Clamped(G.ab), "generator_ba": Clamped(G.ba)}
-
-    @torch.no_grad()
-    def translate(self, x, nets=None, reverse=False):
-        G = (nets or {}).get("G", self.G)
-        return (G.ba if reverse else G.ab)(x.to(self.device())).clamp(-1, 1)
 
 
 @register(

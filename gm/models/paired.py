@@ -27,17 +27,21 @@ class PairedGAN(GANPair):
     """A paired family with one translating generator ``G`` (x → y) and a discriminator ``D``.
     Generation needs an input image: :meth:`translate`, not :meth:`sample`."""
 
-    two_way = False  # translates both ways (``translate(x, reverse=True)``)
-
     def translators(self, nets: Mapping[str, nn.Module] | None = None) -> dict[str, nn.Module]:
         return {"generator": Clamped((nets or {}).get("G", self.G))}
 
+    @property
+    def two_way(self) -> bool:
+        """Translates both ways: a second translator, ``translate(x, reverse=True)``."""
+        return len(self.translators()) == 2
+
     @torch.no_grad()
     def translate(self, x, nets=None, reverse=False):
-        if reverse:
+        """The first translator (x → y), or with ``reverse`` the second (y → x)."""
+        translators = list(self.translators(nets).values())
+        if reverse and len(translators) < 2:
             raise ValueError(f"{type(self).__name__} translates one way only")
-        G = (nets or {}).get("G", self.G)
-        return G(x.to(self.device())).clamp(-1, 1)
+        return translators[int(reverse)](x.to(self.device()))
 
     def device(self) -> torch.device:
         return next(self.parameters()).device

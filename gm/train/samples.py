@@ -22,7 +22,14 @@ def sample_grid(
         images = trainer.sample(len(labels), labels, seed=seed)
     else:
         images = trainer.sample(per_class * per_class, seed=seed)
-    grid = make_grid(images.float().clamp(-1, 1), nrow=per_class, padding=2, pad_value=1.0)
+    return image_grid(images, nrow=per_class)
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """(N, C, H, W) images in [-1, 1] → an (H', W', 3) uint8 grid, ``nrow`` images a row."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    grid = make_grid(images.float().clamp(-1, 1), nrow=nrow, padding=2, pad_value=1.0)
     return ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
