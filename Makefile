@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_progressive.py
+	$(BIN)/python bench/bench_tune.py
 
 # Regenerate the full pin set after changing pyproject.toml's dependencies.
 lock:

@@ -203,6 +203,16 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    from pipelines.tune import main as tune_main
+
+    argv = ["--name", args.name, "--params", args.params, "--runs", args.runs]
+    for flag in ("out", "report", "datasets", "classifiers"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    return tune_main(argv)
+
+
 def _cmd_upscale(args) -> int:
     from gm.apply import main_for
 
@@ -340,6 +350,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    tune = sub.add_parser(
+        "tune",
+        help="search hyperparameters with Ray Tune",
+        description="Run search NAME of params.yaml's `tune` section: trials of its training "
+        "job with sampled settings (Optuna TPE or random), stopped early by ASHA or evolved by "
+        "PBT, each an MLflow child run of the search's run. Writes OUT/best_params.yaml (with "
+        "the `dvc exp run -S` arguments that train with it), OUT/trials.csv and a summary. On "
+        "a Ray cluster: set RAY_ADDRESS (and MLFLOW_TRACKING_URI, --runs s3://...). Running "
+        "the same command after an interruption resumes the search.",
+        epilog="examples: gm tune dcgan\n"
+        "          RAY_ADDRESS=auto gm tune dcgan --runs s3://bucket/gm-runs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tune.add_argument("name", help="a key of params.yaml: tune")
+    tune.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    tune.add_argument("--runs", default="runs", help="Tune storage: a folder or a URI "
+                      "(default: %(default)s)")  # fmt: skip
+    tune.add_argument("--out", help="results folder (default: tune/NAME)")
+    tune.add_argument("--report", help="summary REPORT.json/.png (default: reports/tune/NAME)")
+    tune.add_argument("--datasets", help="prepared datasets (default: datasets)")
+    tune.add_argument("--classifiers", help="domain classifiers (default: models/classifiers)")
+    tune.set_defaults(func=_cmd_tune)
 
     up = _apply_parser(
         sub,

@@ -15,7 +15,7 @@ from gm.data.config import DatasetConfig, PairConfig
 from gm.errors import ConfigError
 
 # Sections later stages own are added here as they land.
-SECTIONS = ("datasets", "pairs", "train", "train_paired", "evaluate")
+SECTIONS = ("datasets", "pairs", "train", "train_paired", "evaluate", "tune")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,15 @@ class Params:
     train: dict[str, Any]  # name → gm.train.job.TrainConfig
     evaluate: Any  # gm.metrics.evaluate.EvalConfig
     train_paired: dict[str, Any]  # name → gm.train.job.TrainConfig (SRGAN, pix2pix, CycleGAN)
+    tune: dict[str, Any]  # name → gm.tune.SearchConfig
+
+    def job(self, name: str) -> tuple[str, Any]:
+        """(section, TrainConfig) of training job ``name`` (train or train_paired)."""
+        for section in ("train", "train_paired"):
+            jobs = getattr(self, section)
+            if name in jobs:
+                return section, jobs[name]
+        raise KeyError(name)
 
 
 def parse(raw: dict[str, Any], source: str = "params.yaml") -> Params:
@@ -44,7 +53,9 @@ def _parse(raw: dict[str, Any]) -> Params:
     pairs_raw = raw.get("pairs") or {}
     train_raw = raw.get("train") or {}
     paired_raw = raw.get("train_paired") or {}
+    tune_raw = raw.get("tune") or {}
     for key, node in (
+        ("tune", tune_raw),
         ("datasets", datasets_raw),
         ("pairs", pairs_raw),
         ("train", train_raw),
@@ -81,7 +92,30 @@ def _parse(raw: dict[str, Any]) -> Params:
     both = sorted(set(train) & set(paired))
     if both:
         raise ConfigError(f"train_paired.{both[0]}: a job of that name is in train too")
-    return Params(datasets, pairs, train, evaluate, paired)
+    result = Params(datasets, pairs, train, evaluate, paired, {})
+    result.tune.update(_parse_tune(tune_raw, result))
+    return result
+
+
+def _parse_tune(raw: dict[str, Any], p: Params) -> dict[str, Any]:
+    """Searches: each names a training job and a space over its config's keys."""
+    from gm.tune import SearchConfig, check_search
+
+    out = {}
+    for name, node in raw.items():
+        _check_name("tune", name)
+        where = f"tune.{name}"
+        cfg = from_dict(SearchConfig, node or {}, where)
+        try:
+            _, job = p.job(cfg.job)
+        except KeyError:
+            jobs = ", ".join([*p.train, *p.train_paired]) or "none"
+            raise ConfigError(
+                f"{where}.job: {cfg.job!r} is not a job of train or train_paired ({jobs})"
+            ) from None
+        check_search(cfg, job, where)
+        out[name] = cfg
+    return out
 
 
 def _parse_train(train_raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -> dict[str, Any]:

@@ -265,8 +265,29 @@ class MetricBuffer:
     def flush(self) -> None:
         while self.pending:
             chunk = self.pending[:1000]  # MLflow's per-request limit
-            self.client.log_batch(self.run_id, metrics=chunk)
+            retry(self.client.log_batch, self.run_id, metrics=chunk)
             del self.pending[: len(chunk)]
 
     def log_image(self, image, key: str, step: int) -> None:
-        self.client.log_image(self.run_id, image, key=key, step=step)
+        retry(self.client.log_image, self.run_id, image, key=key, step=step)
+
+
+def retry(fn, *args, attempts: int = 6, first_wait: float = 0.25, **kwargs):
+    """Call ``fn``, retrying with exponential back-off (0.25 s … 8 s) on a store that is
+    briefly busy: SQLite's "database is locked" when several trials write one ``mlflow.db``,
+    a server that drops a connection. The last failure is raised."""
+    from mlflow.exceptions import MlflowException
+
+    wait = first_wait
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except (MlflowException, OSError) as e:
+            text = str(e).lower()
+            transient = isinstance(e, OSError) or any(
+                s in text for s in ("locked", "busy", "connection", "timed out", "503", "502")
+            )
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(wait)
+            wait *= 2

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import time
-import urllib.request
 
 import mlflow
 import pytest
@@ -22,7 +18,7 @@ from gm.train.checkpoint import load_checkpoint
 from gm.train.job import TrainConfig, run_job
 from gm.train.ray_train import RunSettings
 
-from .conftest import BIN
+from .conftest import free_port
 from .test_models_contract import TINY
 
 
@@ -60,12 +56,6 @@ def test_dataset_digest_is_the_dvc_hash_of_a_stage_output(project):
     }
     (project / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert tracking.dataset_digest(project, ds) == ("d00d.dir", "dvc")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_server_fails_before_any_compute(project, monkeypatch):
@@ -150,52 +140,6 @@ def test_one_run_per_training_with_metrics_images_model_and_lineage(
     assert len(client.search_runs([run.info.experiment_id])) == 1
     steps = [x.step for x in client.get_metric_history(run.info.run_id, "loss/G")]
     assert steps == [1, 2, 3, 4, 5, 6]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback (one worker, no job runner), stopped afterwards."""
-    port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(
-        [
-            BIN / "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/server.db",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"mlflow server did not start (exit {proc.poll()})")
-        time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -156,14 +156,55 @@ def _paired_batches(dataset_dir: Path, src, run: RunSettings, rank: int, world: 
         yield Batch(targets, labels, inputs=inputs)
 
 
+class TrainHost:
+    """The loop's host inside a Ray Train worker (DDP rank of a TorchTrainer)."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], directory: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def wait_reported(self) -> None:
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(timeout_s=60)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function. ``config`` holds plain values only (it crosses processes)."""
     import logging
 
-    import ray.train
-    import ray.train.torch
     from ray.train.v2._internal.execution import context as _train_context
 
+    # Ray Train logs every report at INFO (one long line per checkpoint): keep warnings only.
+    logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+    run_loop(config, TrainHost())
+
+
+def run_loop(config: dict[str, Any], host) -> None:
+    """The training loop of one rank. ``host`` is where it runs: a Ray Train worker
+    (:class:`TrainHost`) or a single-process Ray Tune trial (``gm.tune.TrialHost``); it gives
+    ``rank``, ``world``, ``device``, ``checkpoint()``, ``report(metrics, directory)`` and
+    ``wait_reported()``.
+
+    Extra keys a Tune trial sets: ``"own_run": True`` keeps the MLflow run given in
+    ``tracking`` even when the checkpoint comes from another trial (PBT exploits), and
+    ``"optim_from_config": True`` applies the config's optimizer settings (lr, betas, eps,
+    weight decay) over a restored checkpoint's (PBT's mutated hyperparameters)."""
     from gm.config import from_dict
     from gm.registry import families
     from gm.train.checkpoint import load_checkpoint, save_checkpoint
@@ -171,17 +212,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from gm.train.protocol import DataInfo
     from gm.train.samples import sample_grid
 
-    # Ray Train logs every report at INFO (one long line per checkpoint): keep warnings only.
-    logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = host.rank, host.world
     run = from_dict(RunSettings, config["run"], "run")
     fam = families()[config["family"]]
     model_cfg = from_dict(fam.config, config["model"], config["family"])
     info = DataInfo(**config["data_info"])
     torch.manual_seed(run.seed)  # identical initial weights on every rank
     model = fam.build(model_cfg, info)
-    device = ray.train.torch.get_device()
+    device = host.device
     trainer = Trainer(
         model,
         device=device,
@@ -193,15 +231,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     tracking = dict(config.get("tracking") or {})
     resumed_from, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = host.checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             payload = load_checkpoint(Path(d) / CHECKPOINT_FILE, family=config["family"])
         trainer.load_state_dict(payload["trainer"])  # RNG: rank 0's saved state
         resumed_from = trainer.step
         history = list(payload["extra"].get("history", []))
-        if payload["extra"].get("mlflow_run_id"):
+        if payload["extra"].get("mlflow_run_id") and not config.get("own_run"):
             tracking["run_id"] = payload["extra"]["mlflow_run_id"]
+        if config.get("optim_from_config"):
+            for name, opt in trainer.optimizers.items():
+                oc = model.optim_config(name)
+                trainer.base_lr[name] = oc.lr
+                for group in opt.param_groups:
+                    group.update(betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
     if checkpoint is None or rank > 0:
         # Per-rank noise streams; rank 0 continues its saved stream exactly, other ranks
         # restart a stream determined by (seed, rank, step).
@@ -212,6 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from gm.tracking import MetricBuffer
 
         logger = MetricBuffer(tracking["uri"], tracking["run_id"])
+        logger.log(trainer.step, {"start_step": trainer.step})  # one per (re)start of the run
     progress = config.get("progress") if rank == 0 else None  # the driver's ProgressBoard
     kid_probe = paired_probe = None
     source = model.pair_source()
@@ -269,7 +314,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not marker.exists():
                 # Wait until Ray Train has registered every report so far, so the test knows
                 # which checkpoint the restart must find; then die without cleanup.
-                ray.train.get_all_reported_checkpoints(timeout_s=60)
+                host.wait_reported()
                 marker.write_text("killed once")
                 os.kill(os.getpid(), 9)
         if trainer.step % run.checkpoint_every == 0 or trainer.step == run.steps:
@@ -277,12 +322,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             means = {k: sums[k] / counts[k] for k in sums}
             sums.clear()
             counts.clear()
-            report = {
-                "step": trainer.step,
-                "images_seen": trainer.images_seen,
-                "resumed_from": resumed_from,
-                **means,
-            }
             if rank == 0:
                 if kid_probe is not None:  # in-training KID, at every checkpoint
                     t = time.perf_counter()
@@ -298,6 +337,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if logger:
                         logger.log(trainer.step, found)
                 history.append({"step": trainer.step, **means})
+            report = {
+                "step": trainer.step,
+                "images_seen": trainer.images_seen,
+                "resumed_from": resumed_from,
+                **means,  # rank 0: with the checkpoint's KID / test-pair metrics
+            }
+            if rank == 0:
                 if logger:
                     logger.flush()
                     logger.log_image(preview(), key="samples", step=trainer.step)
@@ -315,9 +361,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             "history": history,
                         },
                     )
-                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+                    host.report(report, d)
             else:
-                ray.train.report(report, checkpoint=None)
+                host.report(report, None)
             tick = time.perf_counter()
             if logger:  # flushed with the next interval's metrics
                 logger.log(trainer.step, {"checkpoint_s": tick - report_start})
