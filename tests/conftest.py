@@ -156,3 +156,43 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def s3_server():
+    """A real S3-protocol server on loopback (moto's standalone server) with a bucket
+    ``gm-test``; yields the environment a client needs (endpoint, dummy credentials), which
+    boto3, DVC's s3 remote and pyarrow's S3 filesystem (Ray's storage_path) all read."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(endpoint + "/moto-api/", timeout=2):
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"moto_server did not start (exit {proc.poll()})")
+        time.sleep(0.3)
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
+    s3.create_bucket(Bucket="gm-test")
+    yield {"endpoint": endpoint, "env": env, "client": s3}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -454,3 +454,35 @@ def test_search_submitted_to_a_ray_start_cluster_logs_every_trial_to_an_mlflow_s
 def test_tune_help_lists_the_command():
     r = subprocess.run([str(BIN / "gm"), "tune", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "best_params.yaml" in r.stdout and "RAY_ADDRESS" in r.stdout
+
+
+@pytest.mark.slow
+def test_search_with_its_storage_path_on_an_s3_server(project, s3_server):
+    """Tune's storage_path on S3 (`--runs s3://…`, the cluster setting): trial checkpoints,
+    the experiment state and gm's search state land in the bucket of a real S3-protocol server
+    on loopback; a second run of the same command finds the finished search there."""
+    search = {
+        "metric": "kid",
+        "scheduler": "fifo",
+        "search": "random",
+        "num_samples": 2,
+        "max_concurrent_trials": 2,
+        "steps": 10,
+        "report_every": 5,
+        "space": {"model.optim_g.lr": {"choice": [0.002, 0.001]}},
+    }
+    root = search_repo(project, search)
+    env = env_for(root, **s3_server["env"])
+    cmd = [PY, "-m", "pipelines.tune", "--name", "toy", "--runs", "s3://gm-test/gm-runs"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not (root / "runs").exists()
+    listing = s3_server["client"].list_objects_v2(Bucket="gm-test", Prefix="gm-runs/tune/")
+    keys = [o["Key"] for o in listing.get("Contents", [])]
+    assert any(k.endswith("/gm_tune.json") for k in keys)
+    assert any("/checkpoint_" in k and k.endswith("/checkpoint.pt") for k in keys)
+    assert any("experiment_state" in k for k in keys)
+    rows = list(csv.DictReader(open(root / "tune/toy/trials.csv")))
+    assert len(rows) == 2 and {row["status"] for row in rows} == {"full"}
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming the search" in r.stdout, r.stderr[-3000:]
