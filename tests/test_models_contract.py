@@ -24,6 +24,7 @@ TINY = {
                  "r1_every": 5, "growth": {"start_resolution": 4, "fade_images": 12,
                                            "stable_images": 12}},
     "lapgan": {"levels": 3, "z_dim": 8, "coarse_hidden": 16, "width": 8},
+    "aae": {"z_dim": 4, "width": 8, "d_hidden": 16, "conditional": True, "embed_dim": 4},
     "flow": {"levels": 2, "steps": 2, "hidden": 8},
     "ddpm": {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
              "attention_resolutions": [8], "dropout": 0.0, "timesteps": 20, "sample_steps": 5,
