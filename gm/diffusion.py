@@ -163,21 +163,25 @@ def ddim_sample(
     device: torch.device | str = "cpu",
     clip: bool = True,
     x: torch.Tensor | None = None,
+    abar: list[float] | None = None,
 ) -> torch.Tensor:
-    """DDIM over ``steps`` of the schedule's timesteps (η = 0: deterministic)."""
-    abar = schedule.alphas_cumprod
+    """DDIM over ``steps`` of the schedule's timesteps (η = 0: deterministic). ``abar``: the
+    schedule's ᾱ as Python floats, computed once outside a traced region (torch.export of a
+    sampler sees constants, not data-dependent ``.item()`` calls)."""
+    abar = schedule.alphas_cumprod.tolist() if abar is None else abar
     if x is None:
         x = torch.randn(shape, generator=generator).to(device)
     seq = ddim_timesteps(schedule.steps, steps)
     for k, i in enumerate(seq):
-        t = torch.full((shape[0],), i, dtype=torch.long)
-        e = eps(x, t.to(device))
-        x0 = schedule.predict_x0(x, t, e)
+        t = torch.full((shape[0],), i, dtype=torch.long, device=x.device)
+        a = abar[i]
+        e = eps(x, t)
+        x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
         if clip:
             x0 = x0.clamp(-1, 1)
         if k == len(seq) - 1:
             return x0
-        a, a_prev = abar[i].item(), abar[seq[k + 1]].item()
+        a_prev = abar[seq[k + 1]]
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         e = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)  # ε consistent with the clipped x̂_0
         x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * e

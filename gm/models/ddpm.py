@@ -189,10 +189,12 @@ class DDPMSampler(nn.Module):
     def __init__(self, model: DDPM, unet: UNet):
         super().__init__()
         self.unet, self.cfg, self.schedule = unet, model.cfg, model.schedule
+        self.abar = model.schedule.alphas_cumprod.tolist()  # plain floats: export-friendly
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         eps = _eps_fn(self.unet, self.cfg, labels)
-        return ddim_sample(eps, self.schedule, tuple(z.shape), self.cfg.sample_steps, x=z)
+        return ddim_sample(eps, self.schedule, tuple(z.shape), self.cfg.sample_steps, x=z,
+                           abar=self.abar)  # fmt: skip
 
 
 def _eps_fn(unet: UNet, cfg: DDPMConfig, labels: torch.Tensor | None):
