@@ -213,6 +213,18 @@ def _cmd_tune(args) -> int:
     return tune_main(argv)
 
 
+def _cmd_compress(args) -> int:
+    from gm.compress import main_compress
+
+    return main_compress(args)
+
+
+def _cmd_decompress(args) -> int:
+    from gm.compress import main_decompress
+
+    return main_decompress(args)
+
+
 def _cmd_upscale(args) -> int:
     from gm.apply import main_for
 
@@ -396,6 +408,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--reverse", action="store_true", help="B → A with a two-way model (CycleGAN's F)"
     )
     tr.set_defaults(func=_cmd_translate)
+
+    comp = sub.add_parser(
+        "compress",
+        help="compress an image with a trained learned codec",
+        description="Code an image into a .gmc file with a trained `codec` model (Ballé et al. "
+        "2018): real ANS bitstreams, a header with the model's id, any image size.",
+        epilog="example: gm compress photo.png -o photo.gmc --model models/codec/checkpoint.pt",
+    )
+    comp.add_argument("input", help="an image file")
+    comp.add_argument("-o", "--output", required=True, help="the .gmc file to write")
+    comp.add_argument("--model", required=True, help="a codec checkpoint")
+    comp.set_defaults(func=_cmd_compress)
+    dec = sub.add_parser(
+        "decompress",
+        help="decode a .gmc file back to an image",
+        description="Decode a .gmc file with the codec that made it (a file of another model, "
+        "or a truncated or corrupted one, is refused).",
+        epilog="example: gm decompress photo.gmc -o back.png --model models/codec/checkpoint.pt",
+    )
+    dec.add_argument("input", help="a .gmc file")
+    dec.add_argument("-o", "--output", required=True, help="the PNG to write")
+    dec.add_argument("--model", required=True, help="the codec checkpoint that made it")
+    dec.set_defaults(func=_cmd_decompress)
 
     models = sub.add_parser(
         "models",

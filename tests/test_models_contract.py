@@ -24,6 +24,14 @@ TINY = {
                  "r1_every": 5, "growth": {"start_resolution": 4, "fade_images": 12,
                                            "stable_images": 12}},
     "lapgan": {"levels": 3, "z_dim": 8, "coarse_hidden": 16, "width": 8},
+    "aae": {"z_dim": 4, "width": 8, "d_hidden": 16, "conditional": True, "embed_dim": 4},
+    "hvae": {"width": 8, "z_channels": 2, "scales": 2, "groups_per_scale": 2, "mixtures": 2,
+             "kl_warmup_steps": 4},
+    "codec": {"hyperprior": False, "n": 8, "m": 8},
+    "flow": {"levels": 2, "steps": 2, "hidden": 8},
+    "ddpm": {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+             "attention_resolutions": [8], "dropout": 0.0, "timesteps": 20, "sample_steps": 5,
+             "conditional": True, "guidance": 1.0},
     # paired families (16x16 targets; SR from 4x4 inputs)
     "srgan": {"scale": 4, "width": 8, "blocks": 2, "ndf": 4, "d_dense": 8,
               "content_loss": "pixel", "pretrain_steps": 0},
@@ -151,7 +159,8 @@ def test_checkpoint_round_trip_continues_exactly(name, tmp_path):
 @pytest.mark.parametrize("name", [n for n in sorted(TINY) if make(n)[0].model.conditional])
 def test_conditional_samples_differ_by_class(name):
     trainer, _ = make(name)
-    trainer.train_step(batch())
+    for _ in range(2):  # zero-initialised output layers (DDPM) pass gradient on from step 2
+        trainer.train_step(batch())
     a = trainer.sample(3, labels=torch.zeros(3, dtype=torch.long), seed=5)
     b = trainer.sample(3, labels=torch.ones(3, dtype=torch.long), seed=5)
     assert a.shape == b.shape and not torch.equal(a, b)  # the label reaches the output
