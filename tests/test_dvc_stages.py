@@ -68,6 +68,7 @@ PARAMS = {
         "classifier": {"width": 4, "features": 8, "steps": 10, "batch_size": 8},
         "num_samples": 12,
     },
+    "tune": {},  # dvc.yaml's foreach stages need every section they iterate, even empty
 }
 
 

@@ -429,7 +429,11 @@ def test_search_submitted_to_a_ray_start_cluster_logs_every_trial_to_an_mlflow_s
             # the CLI shell-quotes each word after --: a compound command goes through bash -c
             "bash", "-c", f"cd {root} && {PY} -m pipelines.tune --name toy",
         ]  # fmt: skip
-        r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        while True:  # the Jobs API can answer before the node's job agent is up
+            r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in r.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in r.stdout.lower()
     finally:
