@@ -409,6 +409,13 @@ def test_search_submitted_to_a_ray_start_cluster_logs_every_trial_to_an_mlflow_s
         "--port", str(port), "--num-cpus", "3", "--include-dashboard", "true",
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
         "--temp-dir", str(temp), "--disable-usage-stats",
+        # the suite's own Ray (the ray_local fixture) holds the default agent ports: a second
+        # node on this machine needs its own, or its job agent never comes up
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),
     ]  # fmt: skip
     # --block keeps `ray start` in the foreground: killing its process group stops exactly
     # this cluster (`ray stop` would stop every Ray on the machine, the suite's own too).
