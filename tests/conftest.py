@@ -106,6 +106,23 @@ def project(tmp_path, raw_folder):
     return root
 
 
+def wait_until_serving(proc: subprocess.Popen, url: str, name: str, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; kill ``proc``'s group and fail the test if it exits
+    or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"{name} did not start (exit {proc.poll()})")
+        time.sleep(0.3)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,18 +155,7 @@ def mlflow_server(tmp_path):
         start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"mlflow server did not start (exit {proc.poll()})")
-        time.sleep(0.5)
+    wait_until_serving(proc, f"{uri}/health", "mlflow server", timeout=120)
     yield uri
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -177,17 +183,7 @@ def s3_server():
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(endpoint + "/moto-api/", timeout=2):
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"moto_server did not start (exit {proc.poll()})")
-        time.sleep(0.3)
+    wait_until_serving(proc, endpoint + "/moto-api/", "moto_server", timeout=60)
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",

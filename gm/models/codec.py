@@ -182,9 +182,10 @@ class Codec(GenerativeModel):
         c, h, w = image01.shape
         x = self._pad(image01[None].float())
         net, r = self.codec, self.cfg.support
-        y_hat = coding.quantize(net.g_a(x), r)
+        y = net.g_a(x)
+        y_hat = coding.quantize(y, r)
         if self.cfg.hyperprior:
-            z_hat = coding.quantize(net.h_a(net.g_a(x).abs()), r)
+            z_hat = coding.quantize(net.h_a(y.abs()), r)
             scales = net.h_s(z_hat)
             streams = [coding.encode_factorized(z_hat, net.density),
                        coding.encode_gaussian(y_hat, scales, r)]  # fmt: skip

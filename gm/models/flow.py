@@ -241,11 +241,9 @@ class Flow(GenerativeModel):
         latents, ld = (net or self.flow)(z)
         return sum(_normal_logp(v) for v in latents) + ld + ld_logit
 
-    def dequantize(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+    def dequantize(self, images: torch.Tensor) -> torch.Tensor:
         k = torch.round((images.clamp(-1, 1) + 1) * 127.5)  # the 8-bit levels 0..255
-        u = torch.rand(k.shape, generator=generator, device=k.device) if generator else \
-            torch.rand_like(k)  # fmt: skip
-        return (k + u) / 256.0
+        return (k + torch.rand_like(k)) / 256.0
 
     def _bpd(self, images: torch.Tensor, net=None) -> torch.Tensor:
         y = self.dequantize(images)

@@ -88,6 +88,11 @@ def gaussian_kl(mu_q, logs_q, mu_p, logs_p) -> torch.Tensor:
     return (kl - 0.5).flatten(1).sum(1)
 
 
+def _log_normal(z, mu, log_s) -> torch.Tensor:
+    """log N(z; μ, σ²) per image without the 2π constant (it cancels in p/q ratios)."""
+    return (-0.5 * ((z - mu) / torch.exp(log_s)) ** 2 - log_s).flatten(1).sum(1)
+
+
 def dmol_log_prob(x: torch.Tensor, params: torch.Tensor, mixtures: int) -> torch.Tensor:
     """log P(x) per image under a discretized logistic mixture over the 256 levels of x in
     [−1, 1]; ``params``: (B, K·(1 + 2C), H, W) = mixture logits, then K means and K log-scales
@@ -176,12 +181,15 @@ class HierarchicalVAE(nn.Module):
         n: int,
         temperature: float = 1.0,
         noise: list[torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        log_ratio: bool = False,
+    ):
         """(likelihood parameters, KL per image). With ``feats`` (inference): z from the
         posteriors; without: z_l = μ_p + T σ_p ε_l from the priors, ε_l from ``noise``
-        (sampling; KL is then zero)."""
+        (sampling; KL is then zero). ``log_ratio``: also log p(z) − log q(z | x) at the
+        sampled z (up to the constants that cancel), for importance weighting."""
         h = self.h0.expand(n, -1, -1, -1)
         kl = self.h0.new_zeros(n)
+        ratio = self.h0.new_zeros(n)
         g = self.cfg.groups_per_scale
         for s in range(self.cfg.scales):
             for i in range(g):
@@ -193,11 +201,13 @@ class HierarchicalVAE(nn.Module):
                     mu_q, logs_q = mu_p + d_mu, logs_p + d_logs.clamp(-7, 5)
                     z = mu_q + torch.exp(logs_q) * torch.randn_like(mu_q)
                     kl = kl + gaussian_kl(mu_q, logs_q, mu_p, logs_p)
+                    if log_ratio:
+                        ratio = ratio + _log_normal(z, mu_p, logs_p) - _log_normal(z, mu_q, logs_q)
                 else:
                     z = mu_p + temperature * torch.exp(logs_p) * noise[j]
                 h = self.down_cells[j](h + self.from_z[j](z))
             h = self.upsample[s](F.interpolate(h, scale_factor=2, mode="nearest"))
-        return self.out(h), kl
+        return (self.out(h), kl, ratio) if log_ratio else (self.out(h), kl)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image (reconstruction NLL, KL) in nats, one posterior sample."""
@@ -259,40 +269,16 @@ class HVAE(GenerativeModel):
         return (nll + kl) / (batch.images[0].numel() * LOG2)
 
     def log_likelihood_bounds(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean of k ELBO samples, the k-sample importance-weighted bound) per image, nats.
-        The importance weights need log q(z|x) and log p(z): for Gaussian groups they are
-        computed as −KL's integrand at the sampled z (a one-sample KL estimate)."""
-        elbos, weights = [], []
+        """(mean of k ELBO samples, the k-sample importance-weighted bound) per image, nats;
+        the weights are log p(x | z) + log p(z) − log q(z | x) at each posterior sample."""
         feats = self.vae.bottom_up(x)
+        elbos, weights = [], []
         for _ in range(k):
-            log_w, elbo = self._one_sample(x, feats)
-            elbos.append(elbo)
-            weights.append(log_w)
-        w = torch.stack(weights)
-        return torch.stack(elbos).mean(0), torch.logsumexp(w, 0) - math.log(k)
-
-    def _one_sample(self, x, feats):
-        net, n = self.vae, x.shape[0]
-        h = net.h0.expand(n, -1, -1, -1)
-        log_pz_minus_qz = x.new_zeros(n)
-        kl = x.new_zeros(n)
-        g = net.cfg.groups_per_scale
-        for s in range(net.cfg.scales):
-            for i in range(g):
-                j = s * g + i
-                mu_p, logs_p = net.prior[j](h).chunk(2, 1)
-                logs_p = logs_p.clamp(-7, 5)
-                d_mu, d_logs = net.posterior[j](torch.cat([h, feats[j]], 1)).chunk(2, 1)
-                mu_q, logs_q = mu_p + d_mu, logs_p + d_logs.clamp(-7, 5)
-                z = mu_q + torch.exp(logs_q) * torch.randn_like(mu_q)
-                log_q = (-0.5 * ((z - mu_q) / torch.exp(logs_q)) ** 2 - logs_q).flatten(1).sum(1)
-                log_p = (-0.5 * ((z - mu_p) / torch.exp(logs_p)) ** 2 - logs_p).flatten(1).sum(1)
-                log_pz_minus_qz = log_pz_minus_qz + log_p - log_q
-                kl = kl + gaussian_kl(mu_q, logs_q, mu_p, logs_p)
-                h = net.down_cells[j](h + net.from_z[j](z))
-            h = net.upsample[s](F.interpolate(h, scale_factor=2, mode="nearest"))
-        log_px = dmol_log_prob(x, net.out(h), net.cfg.mixtures)
-        return log_px + log_pz_minus_qz, log_px - kl
+            params, kl, ratio = self.vae.top_down(feats, x.shape[0], log_ratio=True)
+            log_px = dmol_log_prob(x, params, self.cfg.mixtures)
+            elbos.append(log_px - kl)
+            weights.append(log_px + ratio)
+        return torch.stack(elbos).mean(0), torch.logsumexp(torch.stack(weights), 0) - math.log(k)
 
     def latent_shape(self):
         return (sum(math.prod(s) for s in self.vae.latent_shapes()),)

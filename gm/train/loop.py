@@ -97,6 +97,15 @@ class Trainer:
         if missing:
             raise ValueError(f"parameters outside every trainable module: {missing[:3]}")
 
+    def apply_optim_config(self) -> None:
+        """Set every optimizer's lr, betas, eps and weight decay from the model's config,
+        keeping its moments: a restored state taking new hyperparameters (PBT's mutations)."""
+        for name, opt in self.optimizers.items():
+            oc = self.model.optim_config(name)
+            self.base_lr[name] = oc.lr
+            for group in opt.param_groups:
+                group.update(betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
+
     def _nets_for(self, trained: str) -> Mapping[str, nn.Module]:
         for name, module in self.modules.items():
             module.requires_grad_(name == trained)

@@ -241,11 +241,7 @@ def run_loop(config: dict[str, Any], host) -> None:
         if payload["extra"].get("mlflow_run_id") and not config.get("own_run"):
             tracking["run_id"] = payload["extra"]["mlflow_run_id"]
         if config.get("optim_from_config"):
-            for name, opt in trainer.optimizers.items():
-                oc = model.optim_config(name)
-                trainer.base_lr[name] = oc.lr
-                for group in opt.param_groups:
-                    group.update(betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
+            trainer.apply_optim_config()
     if checkpoint is None or rank > 0:
         # Per-rank noise streams; rank 0 continues its saved stream exactly, other ranks
         # restart a stream determined by (seed, rank, step).
