@@ -12,10 +12,11 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 PIP_QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2 || true)
 
-.PHONY: help venv data repro test test-fast lint bench lock clean
+.PHONY: help venv data repro repro-long test test-fast lint bench lock clean
 
 help:
 	@echo "make repro     set up the venv, materialize data/ if missing, run dvc repro"
+	@echo "make repro-long  after repro: the codec's 2-hour warm-started λ sweep (presets/long)"
 	@echo "make test      set up the venv and run the whole test suite"
 	@echo "make test-fast the tests not marked slow"
 	@echo "make lint      ruff check and format check"
@@ -42,6 +43,9 @@ data: $(STAMP)
 repro: data
 	dvc repro
 
+repro-long: repro
+	dvc repro presets/long/dvc.yaml
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
@@ -58,6 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_progressive.py
 	$(BIN)/python bench/bench_tune.py
+	$(BIN)/python bench/bench_codec.py
 
 # Regenerate the full pin set after changing pyproject.toml's dependencies.
 lock:

@@ -154,18 +154,16 @@ def _cmd_train(args) -> int:
     from gm.train.job import TrainConfig, run_job
 
     p = params.load(args.params)
-    if args.model in p.train:
-        entry = to_dict(p.train[args.model])
-    elif args.model in p.train_paired:
-        entry = to_dict(p.train_paired[args.model])
-    elif args.model in families():
+    try:
+        entry = to_dict(p.job(args.model)[1])
+    except KeyError:
+        if args.model not in families():
+            raise ConfigError(
+                f"{args.model}: not a job of {args.params}: train, train_paired or train_codec "
+                f"({', '.join([*p.train, *p.train_paired, *p.train_codec]) or 'none'}) nor a "
+                f"model family ({', '.join(families())})"
+            ) from None
         entry = {"family": args.model}
-    else:
-        raise ConfigError(
-            f"{args.model}: not a job of {args.params}: train or train_paired "
-            f"({', '.join([*p.train, *p.train_paired]) or 'none'}) nor a model family "
-            f"({', '.join(families())})"
-        )
     for text in args.set or []:
         path, value = _parse_override(text)
         node = entry
@@ -183,8 +181,8 @@ def _cmd_train(args) -> int:
         raise ConfigError(
             f"{args.model}: no dataset; add --set dataset=NAME ({', '.join(p.datasets)})"
         )
-    where = f"{'train_paired' if entry.get('pairs') else 'train'}.{args.model}"
-    cfg = from_dict(TrainConfig, entry, where)
+    cfg = from_dict(TrainConfig, entry, f"train.{args.model}")
+    where = f"{cfg.section}.{args.model}"
     cfg.family_config(where)
     root = repo_root()
     classifier = Path(args.classifiers) / cfg.dataset / "classifier.pt"
@@ -337,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument(
-        "model", help="a key of params.yaml: train or train_paired, or a family (`gm models`)"
+        "model",
+        help="a key of params.yaml: train, train_paired or train_codec, or a family (`gm models`)",
     )
     train.add_argument(
         "--set",

@@ -15,7 +15,9 @@ from gm.data.config import DatasetConfig, PairConfig
 from gm.errors import ConfigError
 
 # Sections later stages own are added here as they land.
-SECTIONS = ("datasets", "pairs", "train", "train_paired", "evaluate", "tune")
+SECTIONS = ("datasets", "pairs", "train", "train_paired", "train_codec", "evaluate", "tune", "rd")
+# Sections of training jobs (gm.train.job.TrainConfig), in the order job names are looked up.
+JOB_SECTIONS = ("train", "train_paired", "train_codec")
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,12 @@ class Params:
     evaluate: Any  # gm.metrics.evaluate.EvalConfig
     train_paired: dict[str, Any]  # name → gm.train.job.TrainConfig (SRGAN, pix2pix, CycleGAN)
     tune: dict[str, Any]  # name → gm.tune.SearchConfig
+    train_codec: dict[str, Any]  # name → gm.train.job.TrainConfig (learned codecs)
+    rd: dict[str, Any]  # name → gm.metrics.rd.RDConfig
 
     def job(self, name: str) -> tuple[str, Any]:
-        """(section, TrainConfig) of training job ``name`` (train or train_paired)."""
-        for section in ("train", "train_paired"):
+        """(section, TrainConfig) of training job ``name`` (train, train_paired, train_codec)."""
+        for section in JOB_SECTIONS:
             jobs = getattr(self, section)
             if name in jobs:
                 return section, jobs[name]
@@ -54,8 +58,12 @@ def _parse(raw: dict[str, Any]) -> Params:
     train_raw = raw.get("train") or {}
     paired_raw = raw.get("train_paired") or {}
     tune_raw = raw.get("tune") or {}
+    codec_raw = raw.get("train_codec") or {}
+    rd_raw = raw.get("rd") or {}
     for key, node in (
         ("tune", tune_raw),
+        ("train_codec", codec_raw),
+        ("rd", rd_raw),
         ("datasets", datasets_raw),
         ("pairs", pairs_raw),
         ("train", train_raw),
@@ -89,12 +97,48 @@ def _parse(raw: dict[str, Any]) -> Params:
     evaluate = from_dict(EvalConfig, node, "evaluate")
     train = _parse_train(train_raw, datasets)
     paired = _parse_paired(paired_raw, pairs)
-    both = sorted(set(train) & set(paired))
-    if both:
-        raise ConfigError(f"train_paired.{both[0]}: a job of that name is in train too")
-    result = Params(datasets, pairs, train, evaluate, paired, {})
+    codecs = _parse_train(codec_raw, datasets, section="train_codec")
+    seen: dict[str, str] = {}
+    for section, jobs in (("train", train), ("train_paired", paired), ("train_codec", codecs)):
+        for name in jobs:
+            if name in seen:
+                raise ConfigError(f"{section}.{name}: a job of that name is in {seen[name]} too")
+            seen[name] = section
+    result = Params(datasets, pairs, train, evaluate, paired, {}, codecs, {})
     result.tune.update(_parse_tune(tune_raw, result))
+    result.rd.update(_parse_rd(rd_raw, result))
     return result
+
+
+def _parse_rd(raw: dict[str, Any], p: Params) -> dict[str, Any]:
+    """Rate–distortion evaluations: a learned codec's λ sweep (a tune entry keeping its
+    checkpoints, over a train_codec job) on an RGB dataset."""
+    from gm.metrics.rd import RDConfig
+
+    out = {}
+    for name, node in raw.items():
+        _check_name("rd", name)
+        where = f"rd.{name}"
+        cfg = from_dict(RDConfig, node or {}, where)
+        if cfg.dataset not in p.datasets:
+            raise ConfigError(f"{where}.dataset: {cfg.dataset!r} is not a key of datasets "
+                              f"({', '.join(p.datasets) or 'none'})")  # fmt: skip
+        if p.datasets[cfg.dataset].channels != 3:
+            raise ConfigError(f"{where}.dataset: {cfg.dataset} is not RGB (channels: "
+                              f"{p.datasets[cfg.dataset].channels}); the baselines code "
+                              "RGB")  # fmt: skip
+        sweep = p.tune.get(cfg.sweep)
+        if sweep is None:
+            raise ConfigError(f"{where}.sweep: {cfg.sweep!r} is not a key of tune "
+                              f"({', '.join(p.tune) or 'none'})")  # fmt: skip
+        if sweep.job not in p.train_codec:
+            raise ConfigError(f"{where}.sweep: tune.{cfg.sweep} searches {sweep.job}, not a job "
+                              f"of train_codec ({', '.join(p.train_codec) or 'none'})")  # fmt: skip
+        if not sweep.keep_checkpoints:
+            raise ConfigError(f"{where}.sweep: tune.{cfg.sweep} does not keep its checkpoints; "
+                              "set keep_checkpoints: true there")  # fmt: skip
+        out[name] = cfg
+    return out
 
 
 def _parse_tune(raw: dict[str, Any], p: Params) -> dict[str, Any]:
@@ -109,41 +153,52 @@ def _parse_tune(raw: dict[str, Any], p: Params) -> dict[str, Any]:
         try:
             _, job = p.job(cfg.job)
         except KeyError:
-            jobs = ", ".join([*p.train, *p.train_paired]) or "none"
+            jobs = ", ".join([*p.train, *p.train_paired, *p.train_codec]) or "none"
             raise ConfigError(
-                f"{where}.job: {cfg.job!r} is not a job of train or train_paired ({jobs})"
+                f"{where}.job: {cfg.job!r} is not a job of train, train_paired or train_codec "
+                f"({jobs})"
             ) from None
         check_search(cfg, job, where)
         out[name] = cfg
     return out
 
 
-def _parse_train(train_raw: dict[str, Any], datasets: dict[str, DatasetConfig]) -> dict[str, Any]:
+def _parse_train(
+    train_raw: dict[str, Any], datasets: dict[str, DatasetConfig], section: str = "train"
+) -> dict[str, Any]:
+    """Jobs of ``train`` (sampling families, scored by the evaluate stage) or of
+    ``train_codec`` (learned codecs, scored by the rd stage) on a prepared dataset."""
     from gm.registry import families
     from gm.train.job import TrainConfig  # imports no torch; the family check below does
 
     train = {}
     for name, node in train_raw.items():
-        _check_name("train", name)
-        cfg = from_dict(TrainConfig, node or {}, f"train.{name}")
-        cfg.family_config(f"train.{name}")
+        _check_name(section, name)
+        where = f"{section}.{name}"
+        cfg = from_dict(TrainConfig, node or {}, where)
+        cfg.family_config(where)
         fam = families()[cfg.family]
         if fam.pairs:
             raise ConfigError(
-                f"train.{name}.family: {cfg.family} trains from {fam.pairs} pairs: "
+                f"{where}.family: {cfg.family} trains from {fam.pairs} pairs: "
                 "put the job under train_paired"
             )
+        if (cfg.family == "codec") != (section == "train_codec"):
+            raise ConfigError(
+                f"{where}.family: learned codecs go under train_codec (scored by the rd stage), "
+                "sampling families under train"
+            )
         if not cfg.dataset:
-            raise ConfigError(f"train.{name}.dataset: required key is missing")
+            raise ConfigError(f"{where}.dataset: required key is missing")
         if cfg.dataset not in datasets:
             raise ConfigError(
-                f"train.{name}.dataset: {cfg.dataset!r} is not a key of datasets "
+                f"{where}.dataset: {cfg.dataset!r} is not a key of datasets "
                 f"({', '.join(datasets) or 'none'})"
             )
         top = datasets[cfg.dataset].top_resolution
         if cfg.resolution > top:
             raise ConfigError(
-                f"train.{name}.resolution: {cfg.resolution} is above "
+                f"{where}.resolution: {cfg.resolution} is above "
                 f"datasets.{cfg.dataset}.top_resolution ({top})"
             )
         train[name] = cfg

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,12 @@ class SearchConfig:
     reduction_factor: float = 2.0  # ASHA: 1/rf of the trials go on at each rung
     perturbation_steps: int = 100  # PBT: steps between exploit/explore decisions
     seed: int = 0  # the searcher's seed
+    # copy every trial's final checkpoint to OUT/checkpoints/<trial id>/ (with trial.json: its
+    # values), e.g. the λ sweep of a learned codec that the rd stage scores
+    keep_checkpoints: bool = False
+    # OUT folder of an earlier search with kept checkpoints: each trial starts from the weights
+    # of the kept trial with the same searched values (run.init_from); '' = random init
+    warm_start: str = ""
 
     def __post_init__(self):
         check(bool(self.space), "space", "declare at least one searched key")
@@ -327,6 +334,34 @@ def _child_run(base: dict[str, Any], values: dict[str, Any], trial_id: str, tria
     return run.info.run_id
 
 
+def kept_checkpoints(folder: str | os.PathLike) -> list[tuple[dict[str, Any], str]]:
+    """(searched values, checkpoint path) of every trial a ``keep_checkpoints`` search kept
+    in ``folder`` (its OUT folder), in trial-id order."""
+    out = []
+    for meta in sorted(Path(folder).glob("checkpoints/*/trial.json")):
+        doc = json.loads(meta.read_text())
+        out.append((doc["values"], str((meta.parent / "checkpoint.pt").resolve())))
+    return out
+
+
+def _same_values(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    def eq(x, y):
+        if isinstance(x, int | float) and isinstance(y, int | float):
+            return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+        return x == y
+
+    return set(a) == set(b) and all(eq(a[k], b[k]) for k in a)
+
+
+def _warm_start_for(values: dict[str, Any], kept: list) -> str:
+    for kept_values, path in kept:
+        if _same_values(values, kept_values):
+            return path
+    raise ConfigError(
+        f"warm_start: no kept checkpoint has the values {values} (kept: {[v for v, _ in kept]})"
+    )
+
+
 def _trial(values: dict[str, Any], base: dict[str, Any]) -> None:
     """A Tune function trainable: the job with ``values`` set, trained in this process."""
     import torch
@@ -338,6 +373,8 @@ def _trial(values: dict[str, Any], base: dict[str, Any]) -> None:
 
     job = from_dict(TrainConfig, base["job_config"], "job")
     tree, cfg = trial_config(job, values)
+    if base.get("warm_start"):
+        tree["run"]["init_from"] = _warm_start_for(values, base["warm_start"])
     torch.set_num_threads(max(1, int(base["cpus_per_trial"])))
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -477,6 +514,15 @@ def run_search(
     if classifier and not Path(classifier).is_file():
         raise ConfigError(f"{where}: classifier {classifier}: no such file")
     digest, _ = tracking.dataset_digest(root, dataset_dir)
+    kept = []
+    if search.warm_start:
+        from gm.io import sha256_file
+
+        kept = kept_checkpoints(search.warm_start)
+        if not kept:
+            raise ConfigError(f"{where}.warm_start: {search.warm_start}: no kept checkpoints "
+                              "(checkpoints/*/trial.json) there")  # fmt: skip
+        digest += "".join(sha256_file(p)[:16] for _, p in kept)  # the weights, not the path
     key = search_key(name, search, job, info, digest)
     storage = _storage(runs)
     state = _read_state(storage, key)
@@ -508,6 +554,7 @@ def run_search(
         "scheduler": search.scheduler,
         "cpus_per_trial": search.cpus_per_trial,
         "gpus_per_trial": search.gpus_per_trial,
+        "warm_start": kept,
     }
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base),
@@ -593,6 +640,24 @@ def _new_tuner(search: SearchConfig, trainable, steps: int, storage: str, key: s
     )
 
 
+def _keep_checkpoints(results, rows: list[dict], search: SearchConfig, dest: Path) -> None:
+    """Each finished trial's latest checkpoint and its values, for later stages."""
+    from gm.io import write_json
+    from gm.train.ray_train import CHECKPOINT_FILE
+
+    for r, row in zip(results, rows, strict=True):
+        if r.error or r.checkpoint is None:
+            continue
+        d = dest / row["trial_id"]
+        d.mkdir(parents=True)
+        with r.checkpoint.as_directory() as src:
+            shutil.copyfile(Path(src) / CHECKPOINT_FILE, d / CHECKPOINT_FILE)
+        write_json(d / "trial.json", {"trial_id": row["trial_id"], "steps": row["steps"],
+                                      "status": row["status"],
+                                      "mlflow_run_id": row["mlflow_run_id"],
+                                      "values": {k: row[k] for k in search.space}})  # fmt: skip
+
+
 def _write_results(
     name, search, section, job, results, out_dir, report_json, report_png, parent, path,
     wall_s: float, cluster: dict,
@@ -675,6 +740,8 @@ def _write_results(
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(sorted(rows, key=lambda row: row["trial_id"]))
+        if search.keep_checkpoints:
+            _keep_checkpoints(results, rows, search, tmp / "checkpoints")
         pbt = _pbt_logs(path)
         if pbt:
             (tmp / "pbt").mkdir()

@@ -1,5 +1,5 @@
-"""DVC stages `train@<name>` and `train_paired@<name>`: a prepared dataset (multi-resolution or
-paired) → trained model (checkpoint, samples, metrics)."""
+"""DVC stages `train@<name>`, `train_paired@<name>` and `train_codec@<name>`: a prepared
+dataset (multi-resolution or paired) → trained model (checkpoint, samples, metrics)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True, help="key under SECTION in the params file")
     ap.add_argument(
         "--section",
-        choices=("train", "train_paired"),
+        choices=("train", "train_paired", "train_codec"),
         default="train",
         help="params section of the job (default: %(default)s)",
     )

@@ -69,6 +69,8 @@ PARAMS = {
         "num_samples": 12,
     },
     "tune": {},  # dvc.yaml's foreach stages need every section they iterate, even empty
+    "train_codec": {},
+    "rd": {},
 }
 
 

@@ -8,15 +8,25 @@ Bjøntegaard delta rate (BD-rate) between two rate–distortion curves.
   over their common PSNR range, with log-rate fitted as a cubic in PSNR and integrated
   (Bjøntegaard, VCEG-M33). Negative: the test codec needs fewer bits.
 - :func:`mosaic`: small images tiled into larger ones, so that per-file headers do not decide
-  the comparison (the issue's ≥ 256×256 rule).
+  the comparison (images of at least 256×256).
+- :func:`evaluate_rd`: trained learned codecs (``train_codec`` jobs) beside the baselines on
+  the held-out mosaics: bpp of the real ``.gmc`` files, their entropy-coded payload apart from
+  the header, the estimate from the model's likelihoods, PSNR, MS-SSIM, the compression ratio
+  against raw 24-bit, encode/decode speed, and BD-rates (the DVC stage ``rd@<name>``).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+
+from gm.config import check
 
 CODECS = {
     "jpeg": ("JPEG", "quality", (10, 20, 30, 40, 50, 60, 70, 80, 90, 95)),
@@ -51,19 +61,41 @@ def decode(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def baseline_points(images: list[np.ndarray], codec: str) -> list[dict[str, float]]:
-    """Mean bpp and PSNR over ``images`` (uint8 HxWx3) at each quality of ``codec``."""
+def ms_ssim(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Mean MS-SSIM (Wang et al. 2003; torchmetrics, 5 scales, 11×11 Gaussian window) of
+    pairs of equally sized uint8 HxWxC images, batched; NaN for sides under 161 pixels."""
+    import torch
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    def t(xs):
+        return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
+
+    if min(a[0].shape[:2]) < 161:  # 4 halvings of an 11-pixel window do not fit
+        return math.nan
+    with torch.no_grad():
+        return float(multiscale_structural_similarity_index_measure(t(b), t(a), data_range=1.0))
+
+
+def baseline_points(
+    images: list[np.ndarray], codec: str, with_ms_ssim: bool = False
+) -> list[dict[str, float]]:
+    """Mean bpp and PSNR (and MS-SSIM) over ``images`` (uint8 HxWx3) at each quality of
+    ``codec``; bpp counts the whole files (pixels of all images together)."""
     _, _, settings = CODECS[codec]
     points = []
     for s in settings:
         bits = pixels = 0
-        psnrs = []
+        psnrs, backs = [], []
         for img in images:
             data = encode(img, codec, s)
             bits += 8 * len(data)
             pixels += img.shape[0] * img.shape[1]
-            psnrs.append(psnr(img, decode(data)))
-        points.append({"setting": s, "bpp": bits / pixels, "psnr": float(np.mean(psnrs))})
+            backs.append(decode(data))
+            psnrs.append(psnr(img, backs[-1]))
+        point = {"setting": s, "bpp": bits / pixels, "psnr": float(np.mean(psnrs))}
+        if with_ms_ssim:
+            point["ms_ssim"] = ms_ssim(images, backs)
+        points.append(point)
     return sorted(points, key=lambda p: p["bpp"])
 
 
@@ -103,3 +135,245 @@ def mosaic(tiles: list[np.ndarray], side: int) -> list[np.ndarray]:
         rows = [np.concatenate(group[r * per_row : (r + 1) * per_row], 1) for r in range(per_col)]
         out.append(np.concatenate(rows, 0))
     return out
+
+
+# -- the rate–distortion stage ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RDConfig:
+    """``params.yaml: rd.<name>``: learned codecs against the standard ones on held-out images."""
+
+    dataset: str  # a key of datasets (RGB): its `split` tiles, tiled into mosaics
+    sweep: str  # a key of tune with keep_checkpoints over a train_codec job: its kept
+    # checkpoints are the learned codec's RD points (4+ for a BD-rate)
+    split: Literal["train", "val", "test"] = "test"
+    mosaic: int = 256  # side of the mosaics the tiles are assembled into (>= 256 in reports)
+    max_images: int = 0  # 0: every full mosaic
+    baselines: tuple[str, ...] = ("jpeg", "webp", "jpeg2000")
+    anchor: str = "jpeg"  # BD-rates are against this baseline
+
+    def __post_init__(self):
+        m = self.mosaic
+        check(m >= 64 and m & (m - 1) == 0, "mosaic", f"{m} is not a power of two >= 64")
+        check(self.max_images >= 0, "max_images", "must be >= 0")
+        for b in self.baselines:
+            check(b in CODECS, "baselines", f"{b!r} is not one of {', '.join(CODECS)}")
+        check(self.anchor in self.baselines, "anchor", f"{self.anchor!r} is not in baselines")
+
+
+def load_mosaics(dataset_dir: str | Path, split: str, side: int, max_images: int = 0):
+    """The ``split`` tiles of a prepared RGB dataset (top level), in stored order, as
+    ``side``×``side`` uint8 mosaics."""
+    import json
+
+    from gm.data.readers import ImageDataset
+    from gm.errors import DataError
+
+    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    top = max(manifest["resolutions"])
+    ds = ImageDataset(dataset_dir, top, split=split)
+    tiles = [t for t in ds.pixels.numpy()]
+    if not tiles or tiles[0].shape[-1] != 3:
+        raise DataError(f"{dataset_dir}: the {split} split needs RGB images (has "
+                        f"{len(tiles)} of {tiles[0].shape[-1] if tiles else 0} "
+                        "channels)")  # fmt: skip
+    if top > side:
+        raise DataError(f"{dataset_dir}: {top}x{top} tiles do not fit {side}x{side} mosaics")
+    out = mosaic(tiles, side)
+    if not out:
+        raise DataError(
+            f"{dataset_dir}: {len(tiles)} {split} tiles of {top}x{top} do not fill one "
+            f"{side}x{side} mosaic ({(side // top) ** 2} needed); lower rd.*.mosaic"
+        )
+    return out[:max_images] if max_images else out
+
+
+def codec_point(model, images: list[np.ndarray]) -> dict[str, Any]:
+    """One trained codec on ``images``: real files (pack/unpack), their size with and without
+    the header, the likelihood estimate, quality of the decoded 8-bit images, speed."""
+    import torch
+
+    from gm import codec as coding
+
+    file_bits = header = est_bits = pixels = 0
+    psnrs, outs, exact = [], [], True
+    enc_s = dec_s = 0.0
+    for img in images:
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
+        t0 = time.perf_counter()
+        data = coding.pack(model.compress(x))
+        t1 = time.perf_counter()
+        back = model.decompress(coding.unpack(data))
+        t2 = time.perf_counter()
+        enc_s, dec_s = enc_s + t1 - t0, dec_s + t2 - t1
+        rec = model.reconstruct(x)
+        exact &= bool(torch.equal(back, rec))
+        out = (back.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        file_bits += 8 * len(data)
+        header += coding.header_bytes(coding.unpack(data))
+        n = img.shape[0] * img.shape[1]
+        pixels += n
+        est_bits += model.rate_distortion(x[None] * 2 - 1)["bpp_estimate"] * n
+        psnrs.append(psnr(img, out))
+        outs.append(out)
+    bpp = file_bits / pixels
+    return {
+        "bpp": bpp,
+        "bpp_payload": (file_bits - 8 * header) / pixels,
+        "bpp_estimate": est_bits / pixels,
+        "header_bytes": header / len(images),
+        "psnr": float(np.mean(psnrs)),
+        "ms_ssim": ms_ssim(images, outs),
+        "ratio": 24 / bpp,
+        "encode_images_per_s": len(images) / enc_s,
+        "decode_images_per_s": len(images) / dec_s,
+        "decode_exact": exact,
+    }
+
+
+def _bd(anchor: list[dict], test: list[dict]) -> float | None:
+    try:
+        return round(bd_rate([(p["bpp"], p["psnr"]) for p in anchor],
+                             [(p["bpp"], p["psnr"]) for p in test]), 2)  # fmt: skip
+    except ValueError:
+        return None
+
+
+def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep_dir: str | Path,
+                progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """The rate–distortion table: each kept codec checkpoint of the sweep (``sweep_dir``: the
+    tune stage's OUT folder) as a point, each baseline's sweep, BD-rates (None where the
+    curves' PSNR ranges do not overlap or a curve has < 4 points)."""
+    import json
+
+    from tqdm import tqdm
+
+    from gm.compress import load_codec
+    from gm.errors import DataError
+
+    metas = sorted(Path(sweep_dir).glob("checkpoints/*/trial.json"))
+    if not metas:
+        raise DataError(f"{sweep_dir}: no kept codec checkpoints (checkpoints/*/trial.json); "
+                        "the sweep needs keep_checkpoints: true")  # fmt: skip
+    images = load_mosaics(dataset_dir, cfg.split, cfg.mosaic, cfg.max_images)
+    learned = []
+    for meta in tqdm(metas, desc="learned codecs", disable=not progress):
+        trial = json.loads(meta.read_text())
+        model = load_codec(meta.parent / "checkpoint.pt")
+        point = {"name": trial["trial_id"], "lmbda": model.cfg.lmbda, "steps": trial["steps"],
+                 "mlflow_run_id": trial.get("mlflow_run_id", "")}  # fmt: skip
+        learned.append(point | codec_point(model, images))
+    learned.sort(key=lambda p: p["bpp"])
+    baselines = {b: baseline_points(images, b, with_ms_ssim=True)
+                 for b in tqdm(cfg.baselines, desc="baselines", disable=not progress)}  # fmt: skip
+    anchor = baselines[cfg.anchor]
+    bd = {"learned": _bd(anchor, learned)}
+    bd |= {b: _bd(anchor, pts) for b, pts in baselines.items() if b != cfg.anchor}
+    vs = {b: _bd(pts, learned) for b, pts in baselines.items() if b != cfg.anchor}
+    jpeg_speed = _baseline_speed(images, cfg.anchor)
+    return {
+        "images": len(images),
+        "mosaic": cfg.mosaic,
+        "pixels_per_image": cfg.mosaic * cfg.mosaic,
+        "anchor": cfg.anchor,
+        "learned": learned,
+        "baselines": baselines,
+        "container_bytes": {b: container_overhead(b) for b in cfg.baselines},
+        "bd_rate": bd,  # % bits against the anchor at equal PSNR (negative: fewer bits)
+        "bd_rate_learned_vs": vs,  # the learned curve against each other baseline
+        "anchor_speed": jpeg_speed,
+    }
+
+
+def _baseline_speed(images: list[np.ndarray], codec: str) -> dict[str, float]:
+    """Encode and decode images/s of ``codec`` at its middle setting (for the speed ratio)."""
+    _, _, settings = CODECS[codec]
+    s = settings[len(settings) // 2]
+    t0 = time.perf_counter()
+    files = [encode(img, codec, s) for img in images]
+    t1 = time.perf_counter()
+    for f in files:
+        decode(f)
+    t2 = time.perf_counter()
+    return {"encode_images_per_s": len(images) / (t1 - t0),
+            "decode_images_per_s": len(images) / (t2 - t1)}  # fmt: skip
+
+
+def plot_rd(result: dict[str, Any], title: str):
+    """PSNR and MS-SSIM against bpp for every curve, as a PIL image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    curves = [(b.upper() if b != "jpeg2000" else "JPEG 2000", pts, "o-", 1.2)
+              for b, pts in result["baselines"].items()]  # fmt: skip
+    curves.append(("learned codec", result["learned"], "s-", 2.4))
+    for ax, key, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ms_ssim", "MS-SSIM")):
+        for name, pts, style, lw in curves:
+            ax.plot([p["bpp"] for p in pts], [p[key] for p in pts], style, lw=lw, ms=3.5,
+                    label=name)  # fmt: skip
+        ax.set_xlabel("bits per pixel (file size)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.set_xlim(left=0)
+    bd = result["bd_rate"].get("learned")
+    bd_text = "n/a" if bd is None else f"{bd:+.1f} %"
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{title}: {result['images']} held-out {result['mosaic']}² mosaics; "
+                 f"BD-rate of the learned codec vs {result['anchor'].upper()}: {bd_text}",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def rd_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every point of the table as flat rows (the stage's CSV, a DVC plot)."""
+    rows = []
+    for p in result["learned"]:
+        rows.append({"codec": "learned", "setting": p["name"], "bpp": p["bpp"],
+                     "psnr": p["psnr"], "ms_ssim": p["ms_ssim"],
+                     "bpp_estimate": p["bpp_estimate"],
+                     "bpp_payload": p["bpp_payload"]})  # fmt: skip
+    for b, pts in result["baselines"].items():
+        for p in pts:
+            rows.append({"codec": b, "setting": p["setting"], "bpp": p["bpp"], "psnr": p["psnr"],
+                         "ms_ssim": p["ms_ssim"], "bpp_estimate": "",
+                         "bpp_payload": ""})  # fmt: skip
+    return rows
+
+
+def comparison_strip(image: np.ndarray, result: dict[str, Any], sweep_dir: str | Path,
+                     crop: int = 128) -> np.ndarray:  # fmt: skip
+    """Original | each learned point | JPEG at the bpp nearest the middle learned point, on a
+    ``crop``² corner of ``image`` (uint8), each decoded from its real file."""
+    import torch
+
+    from gm import codec as coding
+    from gm.compress import load_codec
+
+    x = image[:crop, :crop]
+    crop = x.shape[0]
+    panels = [x]
+    for p in result["learned"]:
+        model = load_codec(Path(sweep_dir) / "checkpoints" / p["name"] / "checkpoint.pt")
+        t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 255
+        back = model.decompress(coding.unpack(coding.pack(model.compress(t))))
+        panels.append((back.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    target = result["learned"][len(result["learned"]) // 2]["bpp"]
+    jpeg = min(result["baselines"].get("jpeg", []), key=lambda q: abs(q["bpp"] - target),
+               default=None)  # fmt: skip
+    if jpeg is not None:
+        panels.append(decode(encode(x, "jpeg", jpeg["setting"])))
+    gap = np.full((crop, 4, 3), 255, np.uint8)
+    row = [panels[0]]
+    for p in panels[1:]:
+        row += [gap, p]
+    return np.concatenate(row, 1)

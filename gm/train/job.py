@@ -58,7 +58,9 @@ class TrainConfig:
     @property
     def section(self) -> str:
         """The params.yaml section such a job lives in (error messages name it)."""
-        return "train_paired" if self.pairs else "train"
+        if self.pairs:
+            return "train_paired"
+        return "train_codec" if self.family == "codec" else "train"
 
     def family_config(self, where: str = ""):
         """The family's config dataclass, validated; errors name ``<where>.family`` or
@@ -118,6 +120,10 @@ def run_key(name: str, cfg: TrainConfig, info: dict, dataset_digest: str) -> str
     run = to_dict(cfg.run)
     for budget_only in ("steps", "max_failures"):
         run.pop(budget_only)
+    if run.get("init_from"):  # the warm-start weights by content, not by path
+        from gm.io import sha256_file
+
+        run["init_from"] = sha256_file(run["init_from"])
     ident = {
         "family": cfg.family,
         "model": to_dict(cfg.family_config()),
@@ -239,6 +245,16 @@ def run_job(
     model_cfg = cfg.family_config(where)
     info = data_info(dataset_dir, cfg.resolution)
     files = check_local_files(model_cfg, f"{where}.model")
+    if cfg.run.init_from:
+        from dataclasses import replace
+
+        from gm.io import sha256_file
+
+        init = Path(cfg.run.init_from)
+        if not init.is_file():
+            raise ConfigError(f"{where}.run.init_from: {init}: no such checkpoint")
+        cfg = replace(cfg, run=replace(cfg.run, init_from=str(init.resolve())))
+        files["init_from"] = sha256_file(init)
     if cfg.pairs:
         check_pair_source(cfg, model_cfg, info, dataset_dir, where)
     digest, digest_kind = tracking.dataset_digest(root, dataset_dir)

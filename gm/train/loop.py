@@ -196,6 +196,15 @@ class Trainer:
             "rng": rng_state(),
         }
 
+    def warm_start(self, payload: dict) -> None:
+        """Weights and EMA of another run's checkpoint payload; optimizers, step and RNG stay
+        fresh (a new run from a trained starting point)."""
+        state = payload["trainer"]
+        self.model.load_state_dict(state["model"])
+        for n, sd in state["ema"].items():
+            if n in self.ema:
+                self.ema[n].module.load_state_dict(sd)
+
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if set(state["ema"]) != set(self.ema):

@@ -46,6 +46,9 @@ class RunSettings:
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts before the run fails
     data: Literal["memory", "ray"] = "memory"  # per-worker in-memory shards, or Ray Data
+    # warm start: a checkpoint.pt of the same family and config whose weights (and EMA) a new
+    # run starts from; optimizers, step and schedules start fresh ('' = random init)
+    init_from: str = ""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "num_workers"):
@@ -242,6 +245,8 @@ def run_loop(config: dict[str, Any], host) -> None:
             tracking["run_id"] = payload["extra"]["mlflow_run_id"]
         if config.get("optim_from_config"):
             trainer.apply_optim_config()
+    elif run.init_from:
+        trainer.warm_start(load_checkpoint(run.init_from, family=config["family"]))
     if checkpoint is None or rank > 0:
         # Per-rank noise streams; rank 0 continues its saved stream exactly, other ranks
         # restart a stream determined by (seed, rank, step).

@@ -1,0 +1,251 @@
+"""The rate–distortion stage (gm.metrics.rd, pipelines/rd.py) and the codec sweep behind it:
+real files measured against the likelihood estimate, baselines on the same mosaics, the
+params checks that tie rd → tune sweep → train_codec job, warm starts and kept checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from gm import params
+from gm.errors import ConfigError
+from gm.metrics import rd
+from gm.models.codec import Codec, CodecConfig
+from gm.train.checkpoint import save_checkpoint
+from gm.train.loop import Trainer
+from gm.train.protocol import Batch, DataInfo, OptimConfig
+
+from .conftest import REPO
+
+
+def smooth_images(n: int, side: int, seed: int) -> list[np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, side // 16, side // 16, generator=g)
+    x = torch.nn.functional.interpolate(low, size=side, mode="bilinear")
+    return [(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for im in x]
+
+
+def fitted_codec(lmbda: float, steps: int = 25, seed: int = 0) -> Codec:
+    torch.manual_seed(seed)
+    cfg = CodecConfig(n=16, m=16, lmbda=lmbda, optim=OptimConfig(lr=2e-3, betas=(0.9, 0.999)))
+    model = Codec(cfg, DataInfo(64, 3, 1))
+    trainer = Trainer(model)
+    for i in range(steps):
+        x = torch.from_numpy(np.stack(smooth_images(8, 64, 100 + i))).permute(0, 3, 1, 2)
+        trainer.train_step(Batch(x.float() / 127.5 - 1, torch.zeros(8, dtype=torch.long)))
+    return model
+
+
+def sweep_dir(tmp_path, lmbdas=(0.002, 0.01, 0.05, 0.2)):
+    """A folder shaped like a keep_checkpoints search: checkpoints/<trial>/{checkpoint.pt,
+    trial.json}."""
+    out = tmp_path / "sweep"
+    for i, lm in enumerate(lmbdas):
+        model = fitted_codec(lm)
+        d = out / "checkpoints" / f"t{i}"
+        d.mkdir(parents=True)
+        save_checkpoint(d / "checkpoint.pt", "codec", model.cfg, model.info,
+                        Trainer(model).state_dict())  # fmt: skip
+        (d / "trial.json").write_text(json.dumps(
+            {"trial_id": f"t{i}", "steps": 25, "status": "full", "mlflow_run_id": "",
+             "values": {"model.lmbda": lm}}))  # fmt: skip
+    return out
+
+
+def test_a_codec_point_measures_real_files_against_the_estimate():
+    model = fitted_codec(0.01)
+    model.eval()
+    images = smooth_images(2, 256, 7)
+    p = rd.codec_point(model, images)
+    assert p["decode_exact"]  # decoded file == the model's quantized reconstruction
+    pixels = 2 * 256 * 256
+    # the whole file = payload + header, the header reported apart (per file)
+    assert p["bpp"] == pytest.approx(p["bpp_payload"] + 8 * p["header_bytes"] * 2 / pixels)
+    assert 20 < p["header_bytes"] < 200
+    # the entropy coder's payload is within 5 % (+ 64 bytes per stream) of the estimate
+    assert (
+        abs(p["bpp_payload"] - p["bpp_estimate"]) <= 0.05 * p["bpp_estimate"] + 8 * 64 * 4 / pixels
+    )
+    assert p["ratio"] == pytest.approx(24 / p["bpp"])
+    assert 0 < p["ms_ssim"] <= 1
+    # quality is that of the decoded 8-bit images, i.e. of the quantized reconstruction
+    recs = [model.reconstruct(torch.from_numpy(im).permute(2, 0, 1).float() / 255) for im in images]
+    recs8 = [(r.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for r in recs]
+    assert p["psnr"] == pytest.approx(np.mean([rd.psnr(a, b) for a, b in zip(images, recs8)]))
+
+
+def test_ms_ssim_is_one_for_equal_images_lower_for_noisy_and_nan_when_too_small():
+    a = smooth_images(2, 256, 1)
+    noisy = [np.clip(x.astype(int) + np.random.default_rng(0).integers(-40, 40, x.shape), 0, 255)
+             .astype(np.uint8) for x in a]  # fmt: skip
+    assert rd.ms_ssim(a, a) == pytest.approx(1.0, abs=1e-5)
+    assert rd.ms_ssim(a, noisy) < 0.95
+    assert math.isnan(rd.ms_ssim([x[:64, :64] for x in a], [x[:64, :64] for x in a]))
+
+
+def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dataset):
+    # toy_dataset: 16x16 RGB tiles; 16 of them fill one 64x64 mosaic
+    cfg = rd.RDConfig(dataset="toy", sweep="s", split="train", mosaic=64)
+    sweep = sweep_dir(tmp_path)
+    result = rd.evaluate_rd(cfg, toy_dataset, sweep, progress=False)
+    assert result["images"] >= 1 and result["mosaic"] == 64
+    learned = result["learned"]
+    assert [p["name"] for p in sorted(learned, key=lambda p: p["lmbda"])] == [
+        "t0",
+        "t1",
+        "t2",
+        "t3",
+    ]
+    assert [p["bpp"] for p in learned] == sorted(p["bpp"] for p in learned)
+    assert all(p["decode_exact"] for p in learned)
+    for b in ("jpeg", "webp", "jpeg2000"):
+        pts = result["baselines"][b]
+        assert len(pts) == len(rd.CODECS[b][2])
+        assert pts[-1]["psnr"] > pts[0]["psnr"]  # more bits, better quality
+        assert result["container_bytes"][b] > 0
+    assert set(result["bd_rate"]) == {"learned", "webp", "jpeg2000"}
+    rows = rd.rd_rows(result)
+    assert len(rows) == 4 + sum(len(rd.CODECS[b][2]) for b in rd.CODECS)
+    strip = rd.comparison_strip(rd.load_mosaics(toy_dataset, "train", 64, 1)[0], result, sweep,
+                                crop=64)  # fmt: skip
+    assert strip.shape == (64, 64 * 6 + 4 * 5, 3)  # original, 4 learned, JPEG
+
+
+def test_no_kept_checkpoints_and_too_few_tiles_are_clear_errors(tmp_path, toy_dataset):
+    from gm.errors import DataError
+
+    cfg = rd.RDConfig(dataset="toy", sweep="s", split="train", mosaic=64)
+    with pytest.raises(DataError, match="no kept codec checkpoints"):
+        rd.evaluate_rd(cfg, toy_dataset, tmp_path, progress=False)
+    with pytest.raises(DataError, match="do not fill one 256x256 mosaic"):
+        rd.load_mosaics(toy_dataset, "train", 256)
+
+
+def default_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda p: p["rd"]["photos"].update(sweep="dcgan"), "sweep: tune.dcgan searches dcgan"),
+        (lambda p: p["rd"]["photos"].update(sweep="nosuch"), "sweep: 'nosuch' is not a key"),
+        (lambda p: p["tune"]["codec_rd"].update(keep_checkpoints=False), "does not keep its"),
+        (lambda p: p["rd"]["photos"].update(dataset="digits"), "dataset: digits is not RGB"),
+        (lambda p: p["rd"]["photos"].update(mosaic=100), "mosaic: 100 is not a power of two"),
+        (lambda p: p["rd"]["photos"].update(anchor="png"), "anchor: 'png' is not in baselines"),
+        (lambda p: p["rd"]["photos"].update(baselines=["jpeg", "avif"]), "baselines: 'avif'"),
+        (lambda p: p["train"].update(c=p["train_codec"]["codec"]), "train.c.family: learned"),
+        (lambda p: p["train_codec"].update(g=p["train"]["dcgan"]), "train_codec.g.family: "),
+        (lambda p: p["train_codec"].update(dcgan=p["train_codec"]["codec"]), "is in train too"),
+    ],
+)  # fmt: skip
+def test_rd_and_codec_params_are_checked_naming_the_key(edit, match):
+    p = default_params()
+    edit(p)
+    with pytest.raises(ConfigError, match=match):
+        params.parse(p)
+
+
+def test_the_long_preset_warm_starts_the_default_sweep_with_the_same_codec():
+    """presets/long: its codec job must be the default's (warm start loads those weights) and
+    its sweep must cover the default sweep's λ values."""
+    default = params.load(REPO / "params.yaml")
+    long = params.load(REPO / "presets/long/params.yaml")
+    d_job, l_job = default.train_codec["codec"], long.train_codec["codec"]
+    assert l_job.family_config() == d_job.family_config()  # same architecture and λ default
+    sweep = long.tune[long.rd["photos_long"].sweep]
+    assert sweep.warm_start == "tune/codec_rd" and sweep.keep_checkpoints
+    assert sweep.space == default.tune["codec_rd"].space
+    assert sweep.steps > 10 * default.tune["codec_rd"].steps
+
+
+def test_warm_start_loads_weights_but_not_optimizer_or_step():
+    a = fitted_codec(0.01, steps=3)
+    ta = Trainer(a)
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    ta.train_step(Batch(x, torch.zeros(4, dtype=torch.long)))
+    payload = {"trainer": ta.state_dict()}
+    torch.manual_seed(5)
+    b = Codec(a.cfg, a.info)
+    tb = Trainer(b)
+    assert not torch.equal(next(a.parameters()), next(b.parameters()))
+    tb.warm_start(payload)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+    assert tb.step == 0 and all(not o.state for o in tb.optimizers.values())
+
+
+def test_kept_checkpoints_are_matched_by_their_searched_values(tmp_path):
+    from gm.tune import _warm_start_for, kept_checkpoints
+
+    sweep = sweep_dir(tmp_path, lmbdas=(0.002, 0.01))
+    kept = kept_checkpoints(sweep)
+    assert [v for v, _ in kept] == [{"model.lmbda": 0.002}, {"model.lmbda": 0.01}]
+    assert _warm_start_for({"model.lmbda": 0.01}, kept).endswith("t1/checkpoint.pt")
+    with pytest.raises(ConfigError, match="no kept checkpoint has the values"):
+        _warm_start_for({"model.lmbda": 0.5}, kept)
+
+
+def test_the_rd_stage_writes_its_reports_and_logs_both_rates_to_mlflow(
+    tmp_path, toy_dataset, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    from pipelines import rd as stage
+
+    p = default_params()
+    p["datasets"]["toy"] = {"top_resolution": 16}
+    p["rd"] = {"toy": {"dataset": "toy", "sweep": "codec_rd", "split": "train", "mosaic": 64}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("gm-rd-test", artifact_location=(tmp_path / "art").as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "gm-rd-test")
+    sweep = sweep_dir(tmp_path)
+    trial_runs = {}
+    for meta in sorted(sweep.glob("checkpoints/*/trial.json")):  # the sweep's child runs
+        doc = json.loads(meta.read_text())
+        doc["mlflow_run_id"] = client.create_run(exp).info.run_id
+        meta.write_text(json.dumps(doc))
+        trial_runs[doc["trial_id"]] = doc["mlflow_run_id"]
+    out = tmp_path / "reports" / "rd" / "toy"
+    argv = ["--params", str(tmp_path / "params.yaml"), "--name", "toy", "--dataset",
+            str(toy_dataset), "--sweep", str(sweep), "--out", str(out), "--quiet"]  # fmt: skip
+    assert stage.main(argv) == 0
+    metrics = json.loads(out.with_suffix(".json").read_text())
+    assert metrics["decode_exact"] is True
+    assert {f"learned_{i}_bpp" for i in range(4)} <= set(metrics)
+    with open(out.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["codec"] for r in rows} == {"learned", "jpeg", "webp", "jpeg2000"}
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert (out.parent / "toy_samples.png").is_file()
+    for run_id in trial_runs.values():  # estimated and actual bpp side by side
+        m = client.get_run(run_id).data.metrics
+        assert m["file/bpp"] > m["file/bpp_payload"] > 0 and m["file/bpp_estimate"] > 0
+    rd_runs = client.search_runs([exp], filter_string="tags.`gm.rd` = 'toy'")
+    assert len(rd_runs) == 1
+    arts = {a.path for a in client.list_artifacts(rd_runs[0].info.run_id)}
+    assert {"toy.json", "toy.csv", "toy.png", "toy_samples.png"} <= arts
+    assert "learned/bpp" in rd_runs[0].data.metrics
+
+
+def test_bad_rd_name_exits_2_naming_it(tmp_path, capsys):
+    from pipelines import rd as stage
+
+    p = copy.deepcopy(default_params())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    rc = stage.main(["--params", str(tmp_path / "params.yaml"), "--name", "nosuch", "--dataset",
+                     "x", "--sweep", "y", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2
+    assert "rd.nosuch: no such rate–distortion evaluation" in capsys.readouterr().err
+    assert not list(tmp_path.glob("o*"))
