@@ -334,14 +334,16 @@ def _child_run(base: dict[str, Any], values: dict[str, Any], trial_id: str, tria
     return run.info.run_id
 
 
+def kept_trials(folder: str | os.PathLike) -> list[tuple[dict[str, Any], Path]]:
+    """(trial.json, checkpoint path) of every trial a ``keep_checkpoints`` search kept in
+    ``folder`` (its OUT folder), in trial-id order."""
+    metas = sorted(Path(folder).glob("checkpoints/*/trial.json"))
+    return [(json.loads(m.read_text()), (m.parent / "checkpoint.pt").resolve()) for m in metas]
+
+
 def kept_checkpoints(folder: str | os.PathLike) -> list[tuple[dict[str, Any], str]]:
-    """(searched values, checkpoint path) of every trial a ``keep_checkpoints`` search kept
-    in ``folder`` (its OUT folder), in trial-id order."""
-    out = []
-    for meta in sorted(Path(folder).glob("checkpoints/*/trial.json")):
-        doc = json.loads(meta.read_text())
-        out.append((doc["values"], str((meta.parent / "checkpoint.pt").resolve())))
-    return out
+    """(searched values, checkpoint path) of every kept trial in ``folder``."""
+    return [(doc["values"], str(path)) for doc, path in kept_trials(folder)]
 
 
 def _same_values(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -17,7 +17,14 @@ from gm.errors import ConfigError
 @guarded
 def main(argv: list[str] | None = None) -> int:
     from gm.io import atomic_path, write_json
-    from gm.metrics.rd import comparison_strip, evaluate_rd, load_mosaics, plot_rd, rd_rows
+    from gm.metrics.rd import (
+        comparison_strip,
+        evaluate_rd,
+        load_mosaics,
+        load_sweep,
+        plot_rd,
+        rd_rows,
+    )
     from gm.tracking import repo_root
 
     ap = argparse.ArgumentParser(prog="pipelines.rd", description=__doc__)
@@ -32,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.name not in p.rd:
         raise ConfigError(f"{args.params}: rd.{args.name}: no such rate–distortion evaluation")
     cfg = p.rd[args.name]
-    result = evaluate_rd(cfg, args.dataset, args.sweep, progress=not args.quiet)
+    sweep = load_sweep(args.sweep)  # every codec loaded once, for the table and the strip
+    result = evaluate_rd(cfg, args.dataset, sweep, progress=not args.quiet)
     plot = plot_rd(result, f"rd.{args.name}")
     mosaics = load_mosaics(args.dataset, cfg.split, cfg.mosaic, 1)
     from PIL import Image
 
-    strip = Image.fromarray(comparison_strip(mosaics[0], result, args.sweep))
+    strip = Image.fromarray(comparison_strip(mosaics[0], result, sweep))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = rd_rows(result)

@@ -165,13 +165,11 @@ class RDConfig:
 def load_mosaics(dataset_dir: str | Path, split: str, side: int, max_images: int = 0):
     """The ``split`` tiles of a prepared RGB dataset (top level), in stored order, as
     ``side``×``side`` uint8 mosaics."""
-    import json
-
     from gm.data.readers import ImageDataset
     from gm.errors import DataError
+    from gm.train.job import data_info
 
-    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
-    top = max(manifest["resolutions"])
+    top = data_info(dataset_dir, 0)["resolution"]
     ds = ImageDataset(dataset_dir, top, split=split)
     tiles = [t for t in ds.pixels.numpy()]
     if not tiles or tiles[0].shape[-1] != 3:
@@ -204,14 +202,15 @@ def codec_point(model, images: list[np.ndarray]) -> dict[str, Any]:
         t0 = time.perf_counter()
         data = coding.pack(model.compress(x))
         t1 = time.perf_counter()
-        back = model.decompress(coding.unpack(data))
+        packed = coding.unpack(data)
+        back = model.decompress(packed)
         t2 = time.perf_counter()
         enc_s, dec_s = enc_s + t1 - t0, dec_s + t2 - t1
         rec = model.reconstruct(x)
         exact &= bool(torch.equal(back, rec))
         out = (back.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         file_bits += 8 * len(data)
-        header += coding.header_bytes(coding.unpack(data))
+        header += coding.header_bytes(packed)
         n = img.shape[0] * img.shape[1]
         pixels += n
         est_bits += model.rate_distortion(x[None] * 2 - 1)["bpp_estimate"] * n
@@ -240,27 +239,35 @@ def _bd(anchor: list[dict], test: list[dict]) -> float | None:
         return None
 
 
-def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep_dir: str | Path,
-                progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """The rate–distortion table: each kept codec checkpoint of the sweep (``sweep_dir``: the
-    tune stage's OUT folder) as a point, each baseline's sweep, BD-rates (None where the
-    curves' PSNR ranges do not overlap or a curve has < 4 points)."""
-    import json
-
-    from tqdm import tqdm
-
+def load_sweep(sweep_dir: str | Path) -> list[tuple[dict[str, Any], Any]]:
+    """(trial.json, frozen Codec) of each checkpoint a codec sweep kept (the tune stage's OUT
+    folder), loaded once for :func:`evaluate_rd` and :func:`comparison_strip`."""
     from gm.compress import load_codec
     from gm.errors import DataError
+    from gm.tune import kept_trials
 
-    metas = sorted(Path(sweep_dir).glob("checkpoints/*/trial.json"))
-    if not metas:
+    kept = kept_trials(sweep_dir)
+    if not kept:
         raise DataError(f"{sweep_dir}: no kept codec checkpoints (checkpoints/*/trial.json); "
                         "the sweep needs keep_checkpoints: true")  # fmt: skip
+    return [(trial, load_codec(path)) for trial, path in kept]
+
+
+def _sweep(sweep) -> list[tuple[dict[str, Any], Any]]:
+    return load_sweep(sweep) if isinstance(sweep, str | Path) else sweep
+
+
+def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
+                progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """The rate–distortion table: each kept codec of the sweep (its OUT folder, or
+    :func:`load_sweep`'s result) as a point, each baseline's sweep, BD-rates (None where the
+    curves' PSNR ranges do not overlap or a curve has < 4 points)."""
+    from tqdm import tqdm
+
+    codecs = _sweep(sweep)
     images = load_mosaics(dataset_dir, cfg.split, cfg.mosaic, cfg.max_images)
     learned = []
-    for meta in tqdm(metas, desc="learned codecs", disable=not progress):
-        trial = json.loads(meta.read_text())
-        model = load_codec(meta.parent / "checkpoint.pt")
+    for trial, model in tqdm(codecs, desc="learned codecs", disable=not progress):
         point = {"name": trial["trial_id"], "lmbda": model.cfg.lmbda, "steps": trial["steps"],
                  "mlflow_run_id": trial.get("mlflow_run_id", "")}  # fmt: skip
         learned.append(point | codec_point(model, images))
@@ -350,20 +357,20 @@ def rd_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def comparison_strip(image: np.ndarray, result: dict[str, Any], sweep_dir: str | Path,
+def comparison_strip(image: np.ndarray, result: dict[str, Any], sweep,
                      crop: int = 128) -> np.ndarray:  # fmt: skip
     """Original | each learned point | JPEG at the bpp nearest the middle learned point, on a
     ``crop``² corner of ``image`` (uint8), each decoded from its real file."""
     import torch
 
     from gm import codec as coding
-    from gm.compress import load_codec
 
+    models = {trial["trial_id"]: model for trial, model in _sweep(sweep)}
     x = image[:crop, :crop]
     crop = x.shape[0]
     panels = [x]
     for p in result["learned"]:
-        model = load_codec(Path(sweep_dir) / "checkpoints" / p["name"] / "checkpoint.pt")
+        model = models[p["name"]]
         t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 255
         back = model.decompress(coding.unpack(coding.pack(model.compress(t))))
         panels.append((back.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

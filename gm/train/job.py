@@ -116,15 +116,16 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
-def run_key(name: str, cfg: TrainConfig, info: dict, dataset_digest: str) -> str:
+def run_key(
+    name: str, cfg: TrainConfig, info: dict, dataset_digest: str, files: dict[str, str]
+) -> str:
+    """``files``: SHA-256 of the local files the job reads (VGG weights, ``run.init_from``):
+    their content, not their path, is part of the identity."""
     run = to_dict(cfg.run)
-    for budget_only in ("steps", "max_failures"):
-        run.pop(budget_only)
-    if run.get("init_from"):  # the warm-start weights by content, not by path
-        from gm.io import sha256_file
-
-        run["init_from"] = sha256_file(run["init_from"])
+    for not_identity in ("steps", "max_failures", "init_from"):
+        run.pop(not_identity)
     ident = {
+        "files": files,
         "family": cfg.family,
         "model": to_dict(cfg.family_config()),
         "run": run,
@@ -258,7 +259,7 @@ def run_job(
     if cfg.pairs:
         check_pair_source(cfg, model_cfg, info, dataset_dir, where)
     digest, digest_kind = tracking.dataset_digest(root, dataset_dir)
-    key = run_key(name, cfg, info, digest)
+    key = run_key(name, cfg, info, digest, files)
     state_file = runs_dir / key / RUN_STATE
 
     # The MLflow run: fail fast on an unreachable server, before Ray or any compute starts.
