@@ -125,7 +125,14 @@ def from_dict(cls: type[T], data: dict[str, Any], key: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], prefix + name)
+            value = data[name]
+            default = _default(f)
+            if isinstance(value, dict) and dataclasses.is_dataclass(default):
+                # A partial section overrides the keys it names and keeps the field's own
+                # default for the others: `optim: {lr: 5e-4}` keeps the family's betas and
+                # gradient clipping, not the bare OptimConfig's.
+                value = _merge(to_dict(default), value)
+            kwargs[name] = _convert(value, hints[name], prefix + name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{prefix}{name}: required key is missing")
     try:
@@ -134,6 +141,22 @@ def from_dict(cls: type[T], data: dict[str, Any], key: str = "") -> T:
         # __post_init__ checks name the bare field; give them their full path.
         msg = str(e)
         raise ConfigError(msg if msg.startswith(prefix) else prefix + msg) from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(obj: Any) -> Any:

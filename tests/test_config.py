@@ -148,3 +148,21 @@ def test_cli_exits_2_with_the_key_and_no_traceback(tmp_path, capsys):
     assert gm_main(["prepare", "--params", path, "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "datasets.toy.colour: unknown key" in err and "Traceback" not in err
+
+
+def test_a_partial_section_keeps_the_familys_own_defaults():
+    """`optim: {lr: …}` overrides the lr and keeps the family's betas and gradient clipping
+    (not the bare OptimConfig's), nested sections too; unknown keys are still named."""
+    from gm.config import from_dict
+    from gm.errors import ConfigError
+    from gm.models.codec import CodecConfig
+    from gm.models.progan import ProGANConfig
+
+    default = CodecConfig().optim
+    got = from_dict(CodecConfig, {"optim": {"lr": 5e-4}}, "codec").optim
+    assert got.lr == 5e-4 and got.betas == default.betas and got.grad_clip == default.grad_clip
+    assert default.grad_clip == 1.0 and default.betas == (0.9, 0.999)  # not GAN defaults
+    grown = from_dict(ProGANConfig, {"growth": {"fade_images": 10}}, "progan").growth
+    assert grown.fade_images == 10 and grown.stable_images == ProGANConfig().growth.stable_images
+    with pytest.raises(ConfigError, match="codec.optim.bogus: unknown key"):
+        from_dict(CodecConfig, {"optim": {"bogus": 1}}, "codec")
