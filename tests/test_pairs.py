@@ -105,11 +105,10 @@ def test_conditional_pairs_need_every_class_in_train(tmp_path, rng):
         f"{i}.png" for i in range(100) if assign_split(f"rare/{i}.png", SplitConfig()) != "train"
     )
     save(raw / "rare" / name, rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    prepare_dataset(raw, tmp_path / "pyr", DatasetConfig(top_resolution=8), progress=False)
-    cfg = PairConfig(kind="conditional", dataset="toy", resolution=8)
-    with pytest.raises(DataError, match="class 'rare' has no image in the train split"):
-        build_pairs(tmp_path / "pyr", tmp_path / "cond", cfg)
-    assert not (tmp_path / "cond").exists()
+    # Refused when the dataset is prepared, before any pairs or model: nothing is written.
+    with pytest.raises(DataError, match=r"raw/rare: class has no image in the train split"):
+        prepare_dataset(raw, tmp_path / "pyr", DatasetConfig(top_resolution=8), progress=False)
+    assert not (tmp_path / "pyr").exists()
 
 
 def test_pairs_need_the_top_level(smooth_dataset, tmp_path):

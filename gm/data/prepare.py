@@ -215,6 +215,16 @@ def prepare_dataset(
     counts = {s: {c: 0 for c in class_names} for s in SPLITS}
     for s, c in zip(splits, names, strict=True):
         counts[s][c] += 1
+    # A class no model can learn (none of its images is in train) is refused; one missing from
+    # val or test (a few images) only thins those splits, and the manifest's counts show it.
+    lacking = [c for c in class_names if counts["train"][c] == 0]
+    if lacking:
+        c = lacking[0]
+        found = ", ".join(f"{s} {counts[s][c]}" for s in SPLITS)
+        raise DataError(
+            f"{raw / c}: class has no image in the train split ({found}; split by "
+            f"{cfg.split_by}): no model can learn it; add images to it, or change the split"
+        )
     train = np.asarray([s == "train" for s in splits])
     mean, std = channel_stats(pixels[train] if train.any() else pixels)
 

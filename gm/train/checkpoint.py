@@ -6,6 +6,7 @@ its format version and the gm version that wrote it; loading checks them.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -43,8 +44,20 @@ def save_checkpoint(
         "trainer": trainer_state,
         "extra": extra or {},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Serialized in memory first, so a failing write (a full disk: ENOSPC; a size limit: EFBIG)
+    # is a plain OSError naming the file rather than an error deep in torch's zip writer. Then
+    # written and fsynced to a temporary that replaces ``path`` only when complete.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(
+            e.errno, f"{path}: checkpoint not written ({e.strerror}); the previous one is kept"
+        ) from e
 
 
 def load_checkpoint(path: str | os.PathLike, family: str | None = None) -> dict:
