@@ -235,6 +235,36 @@ def _cmd_translate(args) -> int:
     return main_for("translation", args)
 
 
+def _cmd_runs(args) -> int:
+    from gm.audit import compare_runs, list_runs, render_runs
+    from gm.tracking import repo_root
+
+    if args.compare:
+        print(compare_runs(repo_root(), args.compare))
+        return 0
+    rows = list_runs(repo_root(), args.experiment, args.filter or "", args.max)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(render_runs(rows))
+    return 0
+
+
+def _cmd_audit(args) -> int:
+    from gm.audit import audit_run, render_audit
+    from gm.tracking import repo_root
+
+    a = audit_run(repo_root(), args.run_id)
+    print(render_audit(a))
+    return 0 if a.matches or not args.check else 1
+
+
+def _cmd_sample(args) -> int:
+    from gm.sample import main_sample
+
+    return main_sample(args)
+
+
 def _apply_parser(sub, name: str, help_: str, description: str, example: str):
     cmd = sub.add_parser(
         name,
@@ -430,6 +460,65 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("-o", "--output", required=True, help="the PNG to write")
     dec.add_argument("--model", required=True, help="the codec checkpoint that made it")
     dec.set_defaults(func=_cmd_decompress)
+
+    runs = sub.add_parser(
+        "runs",
+        help="list and compare MLflow runs",
+        description="List the runs of the MLflow store (MLFLOW_TRACKING_URI, or the project's "
+        "mlflow.db) as a table: model, git commit, dataset hash, key params and metrics. "
+        "--compare shows the params and metrics that differ between runs.",
+        epilog="examples: gm runs\n"
+        "          gm runs --filter \"params.family = 'dcgan'\" --max 10\n"
+        "          gm runs --compare 3f2a9c 81bd07",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    runs.add_argument("--experiment", default="gm", help="experiment (default: %(default)s)")
+    runs.add_argument("--filter", help='an MLflow search filter, e.g. "metrics.`eval/fid` < 50"')
+    runs.add_argument("--max", type=int, default=50, help="rows (default: %(default)s)")
+    runs.add_argument("--json", action="store_true", help="rows as JSON")
+    runs.add_argument("--compare", nargs="+", metavar="RUN_ID", help="runs to compare")
+    runs.set_defaults(func=_cmd_runs)
+
+    aud = sub.add_parser(
+        "audit",
+        help="a run's lineage, checked against the workspace, and how to reproduce it",
+        description="Show a run's git commit, DVC data and dependency hashes, params, metrics "
+        "and artifacts; check each recorded hash against the workspace (which differ), and "
+        "print the commands that reproduce the run (git checkout, dvc checkout, dvc repro or "
+        "dvc exp run -S with the params that differ from the commit's params.yaml).",
+        epilog="example: gm audit 3f2a9c0d5e8b4a1f9c7d6e5b4a3f2e1d --check",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    aud.add_argument("run_id", help="an MLflow run id (gm runs lists them)")
+    aud.add_argument("--check", action="store_true",
+                     help="exit 1 when the workspace does not match the run")  # fmt: skip
+    aud.set_defaults(func=_cmd_audit)
+
+    smp = sub.add_parser(
+        "sample",
+        help="a grid of samples from a trained generator",
+        description="Sample a PNG grid from a gm checkpoint or an MLflow model: a run's "
+        "(runs:/RUN_ID/generator) or a registered one (models:/gm-NAME@champion, "
+        "models:/gm-NAME/VERSION). Conditional models cycle through the classes unless "
+        "--label picks one.",
+        epilog="examples: gm sample models:/gm-dcgan@champion --n 64 --out grid.png\n"
+        "          gm sample models/stylegan/checkpoint.pt --truncation 0.7 --out s.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    smp.add_argument("model", help="a checkpoint.pt or an MLflow model URI")
+    smp.add_argument("--n", type=int, default=64, help="samples (default: %(default)s)")
+    smp.add_argument("--label", type=int, help="class index for every sample")
+    smp.add_argument(
+        "--truncation",
+        type=float,
+        default=1.0,
+        help="ψ in [0, 1]: StyleGAN checkpoints truncate w (w̄ + ψ(w − w̄)), other models "
+        "sample z at temperature ψ (default: 1, none)",
+    )
+    smp.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    smp.add_argument("--nrow", type=int, help="images per row (default: √n)")
+    smp.add_argument("--out", required=True, help="the PNG grid to write")
+    smp.set_defaults(func=_cmd_sample)
 
     models = sub.add_parser(
         "models",

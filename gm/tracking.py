@@ -14,6 +14,7 @@ Only the driver and rank 0 import MLflow; a worker that does not log never conne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -128,6 +129,7 @@ def stage_dep_hashes(root: str | os.PathLike, stage: str) -> dict[str, str]:
     read from inside the stage). Empty when ``stage`` is not a stage of the repository."""
     import tempfile
 
+    from dvc.dependency.param import ParamsDependency
     from dvc.exceptions import DvcException
     from dvc.ignore import DvcIgnoreFilter
     from dvc.repo import Repo
@@ -139,7 +141,13 @@ def stage_dep_hashes(root: str | os.PathLike, stage: str) -> dict[str, str]:
     try:
         with Repo(str(root)) as repo:
             target = f"{root / 'dvc.yaml'}:{stage}"  # a bare name resolves against the cwd
-            deps = [(d.def_path, d.fs_path) for d in repo.stage.collect(target)[0].deps]
+            # Params are recorded by value (the run's params), not as params.yaml's file hash,
+            # which any other job's edit would change.
+            deps = [
+                (d.def_path, d.fs_path)
+                for d in repo.stage.collect(target)[0].deps
+                if not isinstance(d, ParamsDependency)
+            ]
     except (DvcException, IndexError, OSError):
         return {}
     fs = LocalFileSystem()
@@ -245,16 +253,29 @@ class MetricBuffer:
     """Rank 0's metric logger: per-step values are buffered and written in batches.
 
     One ``log_batch`` per flush keeps the per-step cost off the training loop (a SQLite
-    transaction per step would cost more than a small model's step). A failed flush keeps the
-    buffer for the next one.
+    transaction per step would cost more than a small model's step).
+
+    **A tracking server that goes away mid-run does not stop training.** A flush that cannot
+    reach it keeps everything buffered (metrics and sample grids), warns once, and returns; the
+    next flush writes it all when the server is back. The last flush of a training
+    (``wait_s`` > 0) waits up to that long for the server; if it is still away, the run fails
+    with a TrackingError *before* its final checkpoint is reported, so the checkpoint before it
+    stays the latest and rerunning the command retrains (and logs) only the last interval.
+    MLflow's own HTTP retries (7, about four minutes per request) are cut to one here, so an
+    outage costs seconds per checkpoint, not minutes.
     """
 
     def __init__(self, uri: str, run_id: str):
         from mlflow import MlflowClient
 
+        if uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         self.client = MlflowClient(uri)
-        self.run_id = run_id
+        self.uri, self.run_id = uri, run_id
         self.pending: list = []
+        self.images: list[tuple[Any, str, int]] = []
+        self.offline_since: float | None = None
+        self.offline_s = 0.0  # total time the store was unreachable
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -262,32 +283,179 @@ class MetricBuffer:
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
 
-    def flush(self) -> None:
+    def log_image(self, image, key: str, step: int) -> None:
+        """Buffered like the metrics: written by the next flush."""
+        self.images.append((image, key, step))
+
+    def _write(self) -> None:
         while self.pending:
             chunk = self.pending[:1000]  # MLflow's per-request limit
-            retry(self.client.log_batch, self.run_id, metrics=chunk)
+            retry(self.client.log_batch, self.run_id, metrics=chunk, attempts=3)
             del self.pending[: len(chunk)]
+        while self.images:
+            image, key, step = self.images[0]
+            retry(self.client.log_image, self.run_id, image, key=key, step=step, attempts=3)
+            del self.images[0]
 
-    def log_image(self, image, key: str, step: int) -> None:
-        retry(self.client.log_image, self.run_id, image, key=key, step=step)
+    def flush(self, wait_s: float = 0.0) -> bool:
+        """Write what is buffered; False (and everything kept) when the store is unreachable.
+        With ``wait_s`` > 0, keep trying that long, then raise TrackingError."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._write()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                if self.offline_since is None:
+                    self.offline_since = time.monotonic()
+                    print(
+                        f"warning: MLflow store {self.uri} unreachable ({_short(e)}); training "
+                        "goes on, metrics are kept and written when it is back",
+                        flush=True,
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if wait_s > 0:
+                        raise TrackingError(
+                            f"{self.uri}: the MLflow server did not come back within {wait_s:.0f}"
+                            f" s; {len(self.pending)} metric values of run {self.run_id} are "
+                            "not logged. The previous checkpoint is intact: rerun the same "
+                            "command when the server is up to retrain and log the last interval"
+                        ) from None
+                    return False
+                time.sleep(min(2.0, left))
+                continue
+            if self.offline_since is not None:
+                gap = time.monotonic() - self.offline_since
+                self.offline_s += gap
+                self.offline_since = None
+                print(f"MLflow store {self.uri} is back after {gap:.0f} s; buffered metrics "
+                      "written", flush=True)  # fmt: skip
+            return True
+
+
+def _short(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
+
+
+def is_transient(e: Exception) -> bool:
+    """An error a later attempt may not meet: a busy SQLite file, a server away or overloaded."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, OSError):
+        return True
+    if not isinstance(e, MlflowException):
+        return False
+    text = str(e).lower()
+    return any(
+        s in text
+        for s in ("locked", "busy", "connection", "timed out", "503", "502", "max retries")
+    )
 
 
 def retry(fn, *args, attempts: int = 6, first_wait: float = 0.25, **kwargs):
     """Call ``fn``, retrying with exponential back-off (0.25 s … 8 s) on a store that is
     briefly busy: SQLite's "database is locked" when several trials write one ``mlflow.db``,
     a server that drops a connection. The last failure is raised."""
-    from mlflow.exceptions import MlflowException
-
     wait = first_wait
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except (MlflowException, OSError) as e:
-            text = str(e).lower()
-            transient = isinstance(e, OSError) or any(
-                s in text for s in ("locked", "busy", "connection", "timed out", "503", "502")
-            )
-            if not transient or attempt == attempts - 1:
+        except Exception as e:
+            if not is_transient(e) or attempt == attempts - 1:
                 raise
             time.sleep(wait)
             wait *= 2
+
+
+@contextlib.contextmanager
+def using_uri(uri: str):
+    """MLflow's fluent API (``log_model``, ``register_model``) pointed at ``uri`` for a block.
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to child processes: both
+    are restored afterwards."""
+    import mlflow
+
+    previous_uri, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+# The evaluate stage's champion rule: lower is better for these metrics, higher for the others.
+LOWER_IS_BETTER = frozenset({"fid", "kid", "bits_per_dim"})
+CHAMPION = "champion"
+MODEL_PREFIX = "gm-"
+
+
+def register_champion(
+    root: str | os.PathLike, job: str, results: Mapping[str, Any], metric: str = "fid"
+) -> dict[str, Any] | None:
+    """Register a run's exported generator as a version of the registered model ``gm-<job>``
+    (once per run: a rerun of the evaluation finds its version again) and move the
+    ``champion`` alias to it when its ``metric`` beats the current champion's, or when there
+    is none. Returns what was done, or None when the run has no generator or no ``metric``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_id = results.get("mlflow_run_id")
+    if not run_id or metric not in results:
+        return None
+    uri = tracking_uri(root)
+    check_store(uri)
+    client = MlflowClient(uri)
+    # MLflow 3 keeps logged models apart from the run's artifacts: find the run's generator.
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models(
+        experiment_ids=[experiment],
+        filter_string=f"source_run_id = '{run_id}' AND name = 'generator'",
+    )
+    if not logged:
+        return None
+    name = f"{MODEL_PREFIX}{job}"
+    value = float(results[metric])
+    lower = metric in LOWER_IS_BETTER
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:  # evaluated again: the version keeps the latest value
+        version = found[0]
+        client.set_model_version_tag(name, version.version, f"eval.{metric}", repr(value))
+    else:
+        tags = {f"eval.{metric}": repr(value), "gm.job": job, "eval.step": str(results["step"])}
+        with using_uri(uri):
+            import mlflow
+
+            version = mlflow.register_model(f"models:/{logged[0].model_id}", name, tags=tags)
+        client.update_registered_model(
+            name, description=f"gm job {job!r}: generators registered by the evaluate stage; "
+            f"alias {CHAMPION!r} = the best {metric} ({'lower' if lower else 'higher'} wins)",
+        )  # fmt: skip
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+        best = float(current.tags.get(f"eval.{metric}", "nan"))
+    except MlflowException:
+        current, best = None, float("nan")
+    wins = (
+        current is None
+        or best != best  # the champion has no value of this metric
+        or (value < best if lower else value > best)
+    )
+    if current is not None and current.version == version.version:
+        wins = True  # already the champion
+    if wins:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return {
+        "model": name,
+        "version": int(version.version),
+        "metric": metric,
+        "value": value,
+        "champion": wins,
+        "previous": None if current is None else int(current.version),
+        "previous_value": None if current is None else best,
+    }

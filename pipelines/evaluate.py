@@ -14,7 +14,7 @@ from gm.errors import ConfigError
 def main(argv: list[str] | None = None) -> int:
     from gm.io import write_json
     from gm.metrics.evaluate import evaluate_checkpoint, log_to_mlflow
-    from gm.tracking import repo_root
+    from gm.tracking import register_champion, repo_root
 
     ap = argparse.ArgumentParser(prog="pipelines.evaluate", description=__doc__)
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
@@ -31,12 +31,24 @@ def main(argv: list[str] | None = None) -> int:
     results = {"name": args.name, "dataset": p.train[args.name].dataset, **results}
     write_json(args.out, results)
     log_to_mlflow(repo_root(), results)
+    champ = None
+    if p.evaluate.champion_metric:
+        champ = register_champion(repo_root(), args.name, results, p.evaluate.champion_metric)
     shown = ", ".join(
         f"{k} {results[k]:.4g} (real {results[k + '_baseline']:.4g})"
         for k in ("fid", "kid")
         if k in results
     )
     print(f"{args.name}: {shown} → {args.out}")
+    if champ:
+        state = (
+            f"is the champion (before: v{champ['previous']}, {champ['previous_value']:.4g})"
+            if champ["champion"] and champ["previous"] not in (None, champ["version"])
+            else "is the champion" if champ["champion"]
+            else f"stays behind champion v{champ['previous']} ({champ['previous_value']:.4g})"
+        )  # fmt: skip
+        print(f"  models:/{champ['model']}/{champ['version']} ({champ['metric']} "
+              f"{champ['value']:.4g}) {state}")  # fmt: skip
     return 0
 
 

@@ -129,10 +129,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on loopback (one worker, no job runner), stopped afterwards."""
-    port = free_port()
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on loopback (one worker, no job runner) over the SQLite file and
+    artifact folder in ``store``; answers /health when this returns."""
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = subprocess.Popen(
         [
@@ -145,23 +144,35 @@ def mlflow_server(tmp_path):
             "--workers",
             "1",
             "--backend-store-uri",
-            f"sqlite:///{tmp_path}/server.db",
+            f"sqlite:///{store}/server.db",
             "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
+            str(store / "server-artifacts"),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    uri = f"http://127.0.0.1:{port}"
-    wait_until_serving(proc, f"{uri}/health", "mlflow server", timeout=120)
-    yield uri
+    wait_until_serving(proc, f"http://127.0.0.1:{port}/health", "mlflow server", timeout=120)
+    return proc
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback, stopped afterwards; yields its URI."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path, port)
+    yield f"http://127.0.0.1:{port}"
+    stop_process_group(proc)
 
 
 @pytest.fixture

@@ -198,3 +198,78 @@ def test_verify_names_modified_raw_data(repo):
     assert r.returncode == 2
     assert "data is modified with respect to data.dvc" in r.stderr
     assert "dvc add data" in r.stderr
+
+
+def cache_is_sound(repo) -> int:
+    """Every file object in the DVC cache hashes to its own name; returns how many."""
+    import hashlib
+
+    n = 0
+    for f in (repo / ".dvc/cache/files/md5").glob("*/*"):
+        if f.name.endswith(".dir"):
+            json.loads(f.read_text())  # a directory listing: valid JSON
+        else:
+            assert hashlib.md5(f.read_bytes()).hexdigest() == f.parent.name + f.name, f
+        n += 1
+    return n
+
+
+def interrupt_training(repo, sig, seen: frozenset = frozenset()):
+    """Start `dvc repro train@toy_gan`, wait for a Ray checkpoint not in ``seen``, and send
+    ``sig`` to the whole process group (DVC, the stage, its Ray); (exit code, checkpoints)."""
+    import os
+    import signal
+
+    def checkpoints():
+        return frozenset(p.parent.name for p in repo.glob("runs/toy_gan-*/checkpoint_*/*.pt"))
+
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train@toy_gan"],
+        cwd=repo,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not checkpoints() - seen:
+        assert proc.poll() is None, "dvc repro ended before the interruption"
+        assert time.monotonic() < deadline, "no new checkpoint within 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, sig)
+    if sig == signal.SIGINT:  # Ctrl-C: DVC and the stage stop on their own
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)  # let a SIGKILLed Ray's leftovers exit
+    return proc.returncode, checkpoints()
+
+
+def test_repro_interrupted_by_sigint_then_sigkill_resumes_from_its_checkpoint(repo):
+    import signal
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    run = {"steps": 400, "batch_size": 4, "checkpoint_every": 20}
+    params["train"]["toy_gan"]["run"] = run
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    code, seen = interrupt_training(repo, signal.SIGINT)
+    assert code != 0 and seen
+    assert not (repo / "models/toy_gan/checkpoint.pt").exists()  # no output of a partial stage
+    assert "train@toy_gan" in sh(["dvc", "status"], repo).stdout
+    assert cache_is_sound(repo) > 0
+
+    code, seen_again = interrupt_training(repo, signal.SIGKILL, seen)
+    assert code == -signal.SIGKILL and seen_again - seen  # it went on, then died again
+    assert not (repo / "models/toy_gan/checkpoint.pt").exists()
+    cache_is_sound(repo)
+
+    r = sh(["dvc", "repro", "train@toy_gan"], repo)
+    assert "Running stage 'train@toy_gan'" in r.stdout
+    metrics = json.loads((repo / "models/toy_gan/metrics.json").read_text())
+    # resumed from the last checkpoint the SIGKILLed run reported, not from scratch
+    assert metrics["step"] == 400 and metrics["resumed_from"] >= 40
+    assert "train@toy_gan" not in sh(["dvc", "status"], repo).stdout
+    assert cache_is_sound(repo) > 0
+    sh(["dvc", "checkout", "--force"], repo)  # the cache restores the outputs it recorded
+    assert json.loads((repo / "models/toy_gan/metrics.json").read_text())["step"] == 400

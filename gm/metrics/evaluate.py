@@ -33,6 +33,10 @@ class EvalConfig:
     # torchvision inception_v3 state dict on this machine: Inception features for FID, KID,
     # precision/recall and the Inception Score ('' = the domain classifier's features)
     inception_weights: str = ""
+    # The evaluate stage registers each model's generator in the MLflow model registry
+    # (gm-<job>) and moves the `champion` alias to the version with the best value of this
+    # metric (lower wins for fid, kid, bits_per_dim; higher for the others); '' = no registry.
+    champion_metric: str = "fid"
 
     def __post_init__(self):
         r = self.max_resolution
@@ -40,6 +44,13 @@ class EvalConfig:
         check(self.num_samples >= 10, "num_samples", "must be >= 10")
         for name in self.metrics:
             get(name)  # an unknown name lists the known ones
+        known = ("fid", "kid", "bits_per_dim", "precision", "recall", "conditional_accuracy",
+                 "inception_score")  # fmt: skip
+        check(
+            self.champion_metric in ("", *known),
+            "champion_metric",
+            f"{self.champion_metric!r} is not one of {', '.join(known)} (or '' for none)",
+        )
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

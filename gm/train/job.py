@@ -26,7 +26,7 @@ from typing import Any
 
 from gm.config import check, from_dict, to_dict
 from gm.errors import ConfigError, DataError
-from gm.io import atomic_dir, write_json
+from gm.io import atomic_dir, sha256_file, write_json
 from gm.train.ray_train import CHECKPOINT_FILE, RunSettings
 
 RUN_STATE = "gm_run.json"
@@ -137,6 +137,19 @@ def run_key(
     return f"{name}-{digest[:12]}"
 
 
+def tracking_wait_s() -> float:
+    """How long the end of a training waits for an MLflow server that went away
+    (``GM_MLFLOW_WAIT_S``, default 600 s)."""
+    text = os.environ.get("GM_MLFLOW_WAIT_S", "600")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ConfigError(f"GM_MLFLOW_WAIT_S={text}: expected seconds >= 0")
+    return value
+
+
 def init_ray(cfg: RunSettings) -> None:
     """Attach to ``RAY_ADDRESS`` when set, else start a local Ray sized for the job."""
     import ray
@@ -147,8 +160,9 @@ def init_ray(cfg: RunSettings) -> None:
         ray.init(log_to_driver=True)
         return
     need = cfg.num_workers * cfg.cpus_per_worker
-    # The dashboard (on 127.0.0.1) serves the State API Ray Train's clean-up thread polls.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
+    # The dashboard serves the State API Ray Train's clean-up thread polls, and the Jobs API:
+    # on loopback only (a cluster's head sets its own host; token auth, see README).
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), dashboard_host="127.0.0.1")
 
 
 def _write_outputs(
@@ -179,7 +193,6 @@ def _write_outputs(
 def check_local_files(model_cfg, where: str) -> dict[str, str]:
     """The local files a family's config names (``local_files()``: VGG19 weights ...) exist:
     their SHA-256 by key, for the run's tags. A missing one is an error before any compute."""
-    from gm.io import sha256_file
 
     files = getattr(model_cfg, "local_files", dict)()
     for key, path in files.items():
@@ -249,8 +262,6 @@ def run_job(
     if cfg.run.init_from:
         from dataclasses import replace
 
-        from gm.io import sha256_file
-
         init = Path(cfg.run.init_from)
         if not init.is_file():
             raise ConfigError(f"{where}.run.init_from: {init}: no such checkpoint")
@@ -284,7 +295,10 @@ def run_job(
         }
     )
     params |= schedule_params(cfg, model_cfg, info)
-    tags = tracking.lineage_tags(root, stage) | {"gm.job": name, "gm.ray_run": key}
+    tags = tracking.lineage_tags(root, stage)
+    tags |= {"gm.job": name, "gm.section": cfg.section, "gm.ray_run": key}
+    if out_dir.is_relative_to(root):  # where the checkpoint goes (`gm audit` checks it)
+        tags["gm.out"] = out_dir.relative_to(root).as_posix()
     tags |= {f"file.{k}.sha256": sha for k, sha in files.items()}
     handle = tracking.RunHandle.open(root, name, run_id, params, tags)
     state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -310,7 +324,7 @@ def run_job(
             runs_dir,
             key,
             fault_injection=fault_injection,
-            tracking={"uri": uri, "run_id": handle.run_id},
+            tracking={"uri": uri, "run_id": handle.run_id, "wait_s": tracking_wait_s()},
             progress=progress,
             classifier=classifier,
         )
@@ -336,6 +350,7 @@ def run_job(
         }
         trainer = _write_outputs(out_dir, ckpt, payload, metrics, dataset_dir)
     write_json(state_file, {"uri": uri, "run_id": handle.run_id, "step": metrics["step"]})
+    handle.set_tags({"gm.checkpoint.sha256": sha256_file(out_dir / CHECKPOINT_FILE)})
     _log_final(handle, out_dir, trainer, info)
     handle.client.log_metric(handle.run_id, "driver_seconds", time.time() - start)
     handle.finish()
@@ -347,21 +362,25 @@ def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
     model in PyTorch's exported-graph format (``pt2``: loading it runs no pickled code). Paired
     families log each translator (``generator``; CycleGAN ``generator_ab``, ``generator_ba``)
     with an image-to-image signature at the training input size."""
-    import mlflow
+    for f in (CHECKPOINT_FILE, "samples.png", "metrics.json", "history.csv"):
+        handle.client.log_artifact(handle.run_id, str(out_dir / f), artifact_path="final")
+    log_models(handle, trainer, info)
+
+
+def log_models(handle, trainer, info: dict) -> None:
+    """The trainer's generator (or translators) as MLflow models of the run (see _log_final)."""
     import numpy as np
     import torch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    for f in (CHECKPOINT_FILE, "samples.png", "metrics.json", "history.csv"):
-        handle.client.log_artifact(handle.run_id, str(out_dir / f), artifact_path="final")
     model = trainer.model.cpu().eval()
     nets = trainer.sampling_nets()
     res, ch = info["resolution"], info["channels"]
     f32 = np.dtype(np.float32)
     images = Schema([TensorSpec(f32, (-1, ch, res, res), "images")])
     family = handle.client.get_run(handle.run_id).data.params.get("family", "")
-    meta = {"data_info": info, "family": family}
+    meta = {"data_info": info, "family": family, "conditional": bool(model.conditional)}
     g = torch.Generator().manual_seed(0)
     models = []  # (name, module, signature, input example, metadata)
     src = model.pair_source()
@@ -391,19 +410,11 @@ def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
             np.arange(n, dtype=np.int64) % max(info["num_classes"], 1),
         )
         models.append(("generator", model.generator(nets).eval(), signature, example, meta))
-    # The fluent API needs a global tracking URI, and mlflow.set_tracking_uri also exports it
-    # to os.environ (child processes inherit it): restore both afterwards.
-    previous_uri, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(handle.uri)
-    try:
+    from gm.tracking import using_uri
+
+    with using_uri(handle.uri):  # the fluent API (log_model) needs a global tracking URI
         for entry in models:
             _log_model(handle, *entry)
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def _log_model(handle, name: str, module, signature, example, metadata: dict) -> None:

@@ -277,7 +277,8 @@ def run_loop(config: dict[str, Any], host) -> None:
 
     last_progress = 0.0
 
-    fault = config.get("fault_injection")  # tests: {"step": k, "marker": path}
+    # tests: {"step": k, "marker": path[, "action": "pause"]}: SIGKILL (or pause) at step k
+    fault = config.get("fault_injection")
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     batches = _batches(config, run, info, rank, world, trainer)
@@ -310,7 +311,13 @@ def run_loop(config: dict[str, Any], host) -> None:
         if progress is not None and (now - last_progress > 0.5 or trainer.step == run.steps):
             progress.update.remote(trainer.step, metrics)  # fire and forget
             last_progress = now
-        if fault and rank == world - 1 and trainer.step == fault["step"]:
+        if fault and fault.get("action") == "pause" and rank == 0 and trainer.step == fault["step"]:
+            # tests: hold here until the test says go (it stops a server meanwhile)
+            marker = Path(fault["marker"])
+            marker.write_text("paused")
+            while marker.read_text() != "go":
+                time.sleep(0.05)
+        elif fault and rank == world - 1 and trainer.step == fault["step"]:
             marker = Path(fault["marker"])
             if not marker.exists():
                 # Wait until Ray Train has registered every report so far, so the test knows
@@ -346,8 +353,15 @@ def run_loop(config: dict[str, Any], host) -> None:
             }
             if rank == 0:
                 if logger:
-                    logger.flush()
                     logger.log_image(preview(), key="samples", step=trainer.step)
+                    last = trainer.step == run.steps
+                    # The server away: training goes on and the metrics stay buffered; the
+                    # last flush waits for it (and fails before the last report if it must).
+                    wait_s = float(tracking.get("wait_s", 600)) if last else 0.0
+                    logger.flush(wait_s=wait_s)
+                    if last and logger.offline_s:  # how long the store was away, in all
+                        logger.log(trainer.step, {"mlflow_offline_s": logger.offline_s})
+                        logger.flush(wait_s=wait_s)
                 with tempfile.TemporaryDirectory() as d:
                     save_checkpoint(
                         Path(d) / CHECKPOINT_FILE,

@@ -1,0 +1,363 @@
+"""Audit and registry: `gm runs`, `gm audit`, the champion alias and `gm sample`, against real
+MLflow stores (the default SQLite file, a loopback `mlflow server`), git and DVC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from gm import tracking
+from gm.audit import _set_value, audit_run, job_params, render_audit
+from gm.cli import main
+from gm.sample import Generator, load_generator, sample
+from gm.train.checkpoint import save_checkpoint
+
+from .conftest import BIN, git
+from .test_models_contract import INFO, TINY, make
+
+
+def checkpoint(tmp_path, name, seed=0):
+    trainer, cfg = make(name, seed=seed)
+    path = tmp_path / f"{name}-{seed}.pt"
+    save_checkpoint(path, name, cfg, INFO, trainer.state_dict())
+    return path, trainer
+
+
+def read_png(path):
+    return np.asarray(Image.open(path))
+
+
+# --- gm sample ---------------------------------------------------------------------------
+
+
+def test_sample_grid_from_a_checkpoint_is_seeded_and_labels_are_checked(tmp_path, capsys):
+    ckpt, _ = checkpoint(tmp_path, "cgan")
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    assert main(["sample", str(ckpt), "--n", "6", "--out", str(a)]) == 0
+    assert main(["sample", str(ckpt), "--n", "6", "--out", str(b)]) == 0
+    assert main(["sample", str(ckpt), "--n", "6", "--seed", "1", "--out", str(c)]) == 0
+    grid = read_png(a)
+    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3)  # 6 images of 16², 3 a row, 2 px padding
+    assert np.array_equal(grid, read_png(b)) and not np.array_equal(grid, read_png(c))
+    capsys.readouterr()
+    bad = tmp_path / "bad.png"
+    assert main(["sample", str(ckpt), "--label", "3", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--label 3: out of range" in err and "3 classes (0–2)" in err
+    assert not bad.exists()
+    g = load_generator(str(ckpt))
+    zero, one = sample(g, 4, label=0), sample(g, 4, label=1)
+    assert zero.shape == (4, 3, 16, 16) and not torch.equal(zero, one)  # the label matters
+    assert main(["sample", str(ckpt), "--out", str(tmp_path / "grid.jpg")]) == 2
+    assert "PNG" in capsys.readouterr().err
+
+
+def test_unconditional_models_refuse_a_label_and_truncation_zero_is_the_mean(tmp_path, capsys):
+    ckpt, _ = checkpoint(tmp_path, "dcgan")
+    assert main(["sample", str(ckpt), "--label", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert "is unconditional" in capsys.readouterr().err
+    g = load_generator(str(ckpt))
+    full, mean = sample(g, 8, truncation=1.0), sample(g, 8, truncation=0.0)
+    assert full.std(0).mean() > 0  # an untrained generator: small but distinct samples
+    assert torch.allclose(mean, mean[:1].expand_as(mean))  # z·0: one image, eight times
+    half = sample(g, 8, truncation=0.5)
+    assert mean.std(0).mean() < half.std(0).mean() < full.std(0).mean()
+    with pytest.raises(Exception, match="--truncation 1.5: must be in"):
+        sample(g, 2, truncation=1.5)
+
+
+def test_stylegan_checkpoint_truncates_w(tmp_path):
+    ckpt, trainer = checkpoint(tmp_path, "stylegan")
+    g = load_generator(str(ckpt), truncation=0.0)
+    assert g.truncates_w
+    at_mean = sample(g, 6, truncation=0.0)  # z is not scaled: ψ acts on w inside the network
+    spread = sample(load_generator(str(ckpt), truncation=1.0), 6)
+    assert at_mean.std(0).mean() < 0.1 * spread.std(0).mean()
+
+
+# --- the model registry --------------------------------------------------------------------
+
+
+def logged_run(root, job, trainer):
+    """A real MLflow run of ``root``'s default store holding ``trainer``'s generator."""
+    from gm.train.job import log_models
+
+    handle = tracking.RunHandle.open(root, job, None, {"family": "cgan"}, {"gm.job": job})
+    log_models(handle, trainer, {"resolution": 16, "channels": 3, "num_classes": 3})
+    handle.finish()
+    return handle.run_id
+
+
+def test_champion_alias_moves_only_when_the_metric_improves(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".git").mkdir()  # repo_root() anchors the store here
+    t1, _ = make("cgan", seed=0)
+    t2, _ = make("cgan", seed=1)
+    run1, run2 = logged_run(tmp_path, "toy", t1), logged_run(tmp_path, "toy", t2)
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
+
+    r = tracking.register_champion(tmp_path, "toy", {"mlflow_run_id": run1, "fid": 5.0, "step": 4})
+    assert (r["model"], r["version"], r["champion"], r["previous"]) == ("gm-toy", 1, True, None)
+    r = tracking.register_champion(tmp_path, "toy", {"mlflow_run_id": run2, "fid": 7.0, "step": 4})
+    assert (r["version"], r["champion"], r["previous"]) == (2, False, 1)
+    assert int(client.get_model_version_by_alias("gm-toy", "champion").version) == 1
+    # Evaluating the same run again finds its version; a better value moves the alias.
+    r = tracking.register_champion(tmp_path, "toy", {"mlflow_run_id": run2, "fid": 3.0, "step": 6})
+    assert (r["version"], r["champion"], r["previous"]) == (2, True, 1)
+    assert len(client.search_model_versions("name = 'gm-toy'")) == 2
+    champ = client.get_model_version_by_alias("gm-toy", "champion")
+    assert int(champ.version) == 2 and champ.run_id == run2 and champ.tags["eval.fid"] == "3.0"
+    # Higher is better for accuracy-like metrics.
+    acc = {"mlflow_run_id": run1, "conditional_accuracy": 0.9, "step": 4}
+    assert tracking.register_champion(tmp_path, "acc", acc, "conditional_accuracy")["champion"]
+    acc2 = {"mlflow_run_id": run2, "conditional_accuracy": 0.5, "step": 4}
+    assert not tracking.register_champion(tmp_path, "acc", acc2, "conditional_accuracy")["champion"]
+    # A run without a generator, or without the metric, registers nothing.
+    bare = tracking.RunHandle.open(tmp_path, "bare", None, {}, {}).run_id
+    assert tracking.register_champion(tmp_path, "bare", {"mlflow_run_id": bare, "fid": 1.0,
+                                                         "step": 1}) is None  # fmt: skip
+    assert tracking.register_champion(tmp_path, "toy", {"mlflow_run_id": run1, "step": 1}) is None
+
+    # `gm sample` from the registered champion: the exported graph of run 2's generator.
+    out = tmp_path / "champ.png"
+    assert main(["sample", "models:/gm-toy@champion", "--n", "4", "--out", str(out)]) == 0
+    assert "models:/gm-toy@champion (cgan)" in capsys.readouterr().out
+    assert read_png(out).shape == (2 * 18 + 2, 2 * 18 + 2, 3)
+    exported = sample(load_generator("models:/gm-toy@champion"), 4, seed=3)
+    for trainer, expect in ((t2, True), (t1, False)):
+        eager = Generator(trainer.model.generator(trainer.sampling_nets()).eval(), (8,), 3,
+                          True, "cgan", "eager")  # fmt: skip
+        assert torch.allclose(exported, sample(eager, 4, seed=3), atol=1e-5) is expect
+    assert main(["sample", "models:/gm-toy@nobody", "--out", str(tmp_path / "n.png")]) == 2
+    assert "cannot read the MLflow model" in capsys.readouterr().err
+
+
+# --- audit helpers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("500", "500"), ("0.0002", "0.0002"), ("True", "true"), ("[0.5, 0.999]", "[0.5, 0.999]"),
+     ("digits", "digits"), ("None", "null"), ("", "null")],
+)  # fmt: skip
+def test_set_values_parse_back_to_the_logged_value(text, value):
+    assert _set_value(text) == value
+
+
+PARAMS = {
+    "datasets": {"toy": {"top_resolution": 16}},
+    "train": {
+        "toy": {
+            "family": "dcgan",
+            "dataset": "toy",
+            "model": TINY["dcgan"],
+            "run": {"steps": 2, "batch_size": 4, "checkpoint_every": 2},
+        }
+    },
+}
+
+
+def test_job_params_are_what_a_run_logs(tmp_path):
+    section, flat = job_params(PARAMS, "toy", "params.yaml")
+    assert section == "train" and flat["family"] == "dcgan" and flat["run.steps"] == "2"
+    assert flat["model.z_dim"] == "8" and "model.ngf" in flat and "data.resolution" not in flat
+    with pytest.raises(Exception, match="no training job 'nope'"):
+        job_params(PARAMS, "nope", "params.yaml")
+
+
+# --- gm audit on real trainings --------------------------------------------------------------
+
+
+def audit_project(project):
+    """``project`` with real raw data under DVC, a params.yaml job `toy` and a DVC stage
+    `train` that trains it."""
+    (project / "data").mkdir()
+    (project / "data/readme.txt").write_text("raw data\n")
+    subprocess.run(["dvc", "add", "-q", "data"], cwd=project, check=True)  # a real data.dvc
+    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    stage = {
+        "cmd": "python -m pipelines.train --name toy --dataset datasets/pyramid/toy "
+        "--out models/toy",
+        "deps": ["datasets/pyramid/toy", "notes.txt"],
+        "params": ["train.toy"],
+        "outs": ["models/toy"],
+    }
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "a training stage")
+
+
+def gm(project, *args, env=None):
+    return subprocess.run(
+        [BIN / "gm", *args], cwd=project, capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def newest_run(project, uri=None):
+    client = MlflowClient(uri or f"sqlite:///{project}/mlflow.db")
+    exp = client.get_experiment_by_name("gm")
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
+
+
+@pytest.mark.slow
+def test_audit_matches_then_names_the_difference_and_its_commands_reproduce_the_run(
+    project, monkeypatch, tmp_path
+):
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    audit_project(project)
+    subprocess.run(["dvc", "repro", "-q"], cwd=project, check=True, env=env, timeout=600)
+    git(project, "add", "dvc.lock")
+    git(project, "commit", "-qm", "lock")
+    run1 = newest_run(project)
+    t = run1.data.tags
+    assert t["gm.section"] == "train" and t["gm.out"] == "models/toy"
+    assert t["gm.checkpoint.sha256"] and t["dvc.stage"] == "train"
+
+    # dvc.lock was committed after the run: HEAD moved on, but not in anything the stage reads.
+    r = gm(project, "audit", run1.info.run_id, "--check", env=env)
+    assert r.returncode == 0 and "the workspace matches this run" in r.stdout, r.stdout
+    a = audit_run(project, run1.info.run_id)
+    assert {c.what for c in a.checks if c.ok} >= {
+        "data.dvc", "dep datasets/pyramid/toy", "dep notes.txt",
+        "output models/toy/checkpoint.pt", "params.yaml job",
+    }  # fmt: skip
+    assert "nothing the stage depends on changed since" in a.checks[0].what
+    assert a.commands[-1] == "dvc repro --force --single-item train"
+    assert "final/checkpoint.pt" in a.artifacts and "params" in render_audit(a)
+
+    # A run made with `dvc exp run -S`: its params differ from its commit's params.yaml.
+    exp = ["dvc", "exp", "run", "-q", "-S", "train.toy.run.batch_size=2"]
+    r = subprocess.run(exp, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    run2 = newest_run(project)
+    assert run2.data.params["run.batch_size"] == "2" and run2.info.run_id != run1.info.run_id
+    a2 = audit_run(project, run2.info.run_id)
+    assert a2.matches, render_audit(a2)  # the workspace holds the experiment
+    assert a2.commands == [
+        f"git checkout {run2.data.tags['git.commit']}",
+        "dvc checkout",
+        "dvc exp run --force --single-item train -S train.toy.run.batch_size=2",
+    ]
+    assert any("uncommitted changes" in n for n in a2.notes)
+    (project / "notes.txt").write_text("edited\n")
+    a3 = audit_run(project, run2.info.run_id)
+    assert "dep notes.txt" in a3.differing() and not a3.matches
+
+    # Following the printed commands in the workspace (with no Ray run state to resume from)
+    # retrains the same params, and CPU training is deterministic: the same weights.
+    git(project, "checkout", "--", ".")
+    subprocess.run(["rm", "-rf", "runs", "models"], cwd=project, check=True)
+    for cmd in a2.commands:
+        done = subprocess.run(cmd, shell=True, cwd=project, env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, (cmd, done.stderr)
+    run3 = newest_run(project)
+    assert run3.info.run_id != run2.info.run_id
+    assert {k: v for k, v in run3.data.params.items() if not k.startswith("run.init")} == {
+        k: v for k, v in run2.data.params.items() if not k.startswith("run.init")
+    }
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    weights = []
+    for r in (run2, run3):  # the files differ in their timings; the weights must not
+        path = client.download_artifacts(r.info.run_id, "final/checkpoint.pt", str(tmp_path))
+        weights.append(torch.load(path, weights_only=True)["trainer"]["model"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    # `gm runs` lists all three; --compare shows what differs between run 1 and 2.
+    r = gm(project, "runs", env=env)
+    assert r.returncode == 0 and r.stdout.count("\n") == 4, r.stdout
+    assert run1.info.run_id[:12] in r.stdout and "run.batch_size" in r.stdout.splitlines()[0]
+    r = gm(project, "runs", "--compare", run1.info.run_id, run2.info.run_id, env=env)
+    assert "param run.batch_size  4  2" in r.stdout
+    r = gm(project, "runs", "--json", "--filter", "params.`run.batch_size` = '4'", env=env)
+    assert [row["run_id"] for row in json.loads(r.stdout)] == [run1.info.run_id]
+    r = gm(project, "runs", "--filter", "params.nope ==", env=env)
+    assert r.returncode == 2 and "--filter" in r.stderr
+
+
+@pytest.mark.slow
+def test_audit_and_runs_against_an_mlflow_server(ray_local, project, mlflow_server, monkeypatch):
+    from gm.train.job import TrainConfig, run_job
+    from gm.train.ray_train import RunSettings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    audit_project(project)
+    run = RunSettings(steps=2, batch_size=4, checkpoint_every=2)
+    cfg = TrainConfig(family="dcgan", dataset="toy", model=TINY["dcgan"], run=run)
+    ds = project / "datasets/pyramid/toy"
+    m = run_job("toy", cfg, ds, project / "models/toy", project, stage="train", progress=False)
+    a = audit_run(project, m["mlflow_run_id"])
+    assert a.uri == mlflow_server and a.matches, render_audit(a)
+    assert "output models/toy/checkpoint.pt" in {c.what for c in a.checks if c.ok}
+    r = gm(project, "runs")
+    assert r.returncode == 0 and m["mlflow_run_id"][:12] in r.stdout
+    assert not (project / "mlflow.db").exists()
+    r = gm(project, "audit", "0123456789abcdef")
+    assert r.returncode == 2 and "run 0123456789abcdef: not found" in r.stderr
+
+
+def chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def dump_dom(url: str, tmp_path) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium (Debian's package)."""
+    r = subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",  # CI runs as root
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium (make test installs it)")
+def test_the_mlflow_ui_shows_a_finished_run_its_metrics_and_its_sample_grid(
+    ray_local, project, mlflow_server, monkeypatch, tmp_path
+):
+    from gm.train.job import TrainConfig, run_job
+    from gm.train.ray_train import RunSettings
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    run = RunSettings(steps=2, batch_size=4, checkpoint_every=2)
+    cfg = TrainConfig(family="dcgan", dataset="toy", model=TINY["dcgan"], run=run)
+    ds = project / "datasets/pyramid/toy"
+    m = run_job("browsed", cfg, ds, project / "models/toy", project, progress=False)
+    run_id = m["mlflow_run_id"]
+    exp = MlflowClient(mlflow_server).get_run(run_id).info.experiment_id
+
+    page = dump_dom(f"{mlflow_server}/#/experiments/{exp}/runs/{run_id}", tmp_path)
+    assert "browsed" in page  # the run's name
+    assert "loss/D" in page and "loss/G" in page  # its metrics
+    assert "FINISHED" in page.upper()
+    grid = dump_dom(
+        f"{mlflow_server}/#/experiments/{exp}/runs/{run_id}/artifacts/final/samples.png", tmp_path
+    )
+    assert "samples.png" in grid
+    assert any("<img" in part and "samples.png" in part for part in grid.split(">"))

@@ -1,0 +1,197 @@
+"""Reliability and security: a full disk while a checkpoint is written, files from another gm
+version or another model, pickles that would run code, and the Ray dashboard's bind address."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gm
+from gm.errors import DataError
+from gm.train.checkpoint import load_checkpoint, save_checkpoint
+
+from .conftest import REPO
+from .test_models_contract import INFO, make
+
+SOURCES = [p for d in ("gm", "pipelines", "bench") for p in (REPO / d).rglob("*.py")]
+
+
+def saved(tmp_path, name="dcgan", steps=0):
+    trainer, cfg = make(name)
+    trainer.step = steps
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, name, cfg, INFO, trainer.state_dict())
+    return path, trainer, cfg
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    path, _, _ = saved(tmp_path, steps=7)
+    before = path.read_bytes()
+    # A child process whose file-size limit is half a checkpoint: the kernel refuses the write
+    # (EFBIG) part-way, as a full disk would (ENOSPC).
+    code = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from tests.test_models_contract import INFO, make
+from gm.train.checkpoint import save_checkpoint
+trainer, cfg = make("dcgan", seed=3)
+trainer.step = 8
+resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) // 2}, {len(before) // 2}))
+try:
+    save_checkpoint({str(path)!r}, "dcgan", cfg, INFO, trainer.state_dict())
+except OSError as e:
+    print("refused:", e.errno, e)
+    sys.exit(0)
+sys.exit("the write did not fail")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("refused: 27"), r.stdout + r.stderr  # EFBIG
+    assert f"{path}: checkpoint not written (File too large); the previous one is kept" in r.stdout
+    assert path.read_bytes() == before  # the previous checkpoint, byte for byte
+    assert load_checkpoint(path)["trainer"]["step"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left
+
+
+def test_a_checkpoint_of_another_format_names_both_gm_versions(tmp_path):
+    path, _, _ = saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    payload |= {"format_version": 99, "gm_version": "9.0.0"}
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(DataError) as e:
+        load_checkpoint(tmp_path / "future.pt")
+    assert "future.pt: checkpoint format 99 written by gm 9.0.0" in str(e.value)
+    assert f"this gm {gm.__version__} reads format 1" in str(e.value)
+    # Another gm version writing the same format is read (the format, not the release, decides).
+    payload |= {"format_version": 1, "gm_version": "0.0.1"}
+    torch.save(payload, tmp_path / "older.pt")
+    assert load_checkpoint(tmp_path / "older.pt", family="dcgan")["gm_version"] == "0.0.1"
+
+
+class RunsCode:
+    """A pickle payload that would create a file when unpickled with weights_only=False."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    from gm.metrics.classifier import load_classifier
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "payload": RunsCode(marker)}, evil)
+    with pytest.raises(DataError, match="evil.pt: truncated or corrupt checkpoint"):
+        load_checkpoint(evil)
+    with pytest.raises(DataError, match="evil.pt"):
+        load_classifier(evil)
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the same file, unpickled unsafely, does run code
+    assert marker.exists()
+
+
+def test_every_torch_load_in_gm_is_weights_only():
+    calls = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
+                kw = {k.arg: k.value for k in node.keywords}
+                safe = isinstance(kw.get("weights_only"), ast.Constant) and kw[
+                    "weights_only"
+                ].value is True  # fmt: skip
+                calls.append((f"{path.relative_to(REPO)}:{node.lineno}", safe))
+    assert len(calls) >= 4  # checkpoints, classifiers, Inception and VGG weights
+    assert [c for c, safe in calls if not safe] == []
+    assert not any("pickle.load" in p.read_text() for p in SOURCES)
+
+
+def test_a_local_ray_serves_its_dashboard_and_jobs_api_on_loopback_only():
+    code = """
+import json, os
+os.environ.pop("RAY_ADDRESS", None)
+from gm.train.job import init_ray
+from gm.train.ray_train import RunSettings
+init_ray(RunSettings())
+import ray
+from ray._private.worker import global_worker
+print(json.dumps({"url": global_worker.node.address_info["webui_url"]}))
+ray.shutdown()
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    url = json.loads(r.stdout.strip().splitlines()[-1])["url"]
+    assert url.startswith("127.0.0.1:"), url
+
+
+@pytest.mark.slow
+def test_training_outlives_an_mlflow_server_that_goes_away_and_flushes_when_it_returns(
+    ray_local, project, tmp_path, monkeypatch
+):
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    from gm.train.job import TrainConfig, run_job
+    from gm.train.ray_train import RunSettings
+
+    from .conftest import free_port, start_mlflow_server, stop_process_group
+    from .test_models_contract import TINY
+
+    store, port = tmp_path / "store", free_port()
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = [start_mlflow_server(store, port)]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    marker = tmp_path / "pause"
+
+    def outage():
+        while not (marker.exists() and marker.read_text() == "paused"):
+            time.sleep(0.05)
+        stop_process_group(server[0])  # the server goes away at step 5
+        marker.write_text("go")
+        time.sleep(8)  # steps 6-16 train meanwhile; the flushes at 8 and 12 find no server
+        server[0] = start_mlflow_server(store, port)  # the same store comes back
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    run = RunSettings(steps=16, batch_size=4, checkpoint_every=4)
+    cfg = TrainConfig(family="dcgan", dataset="toy", model=TINY["dcgan"], run=run)
+    try:
+        m = run_job(
+            "toy",
+            cfg,
+            project / "datasets/pyramid/toy",
+            project / "models/toy",
+            project,
+            progress=False,
+            fault_injection={"step": 5, "marker": str(marker), "action": "pause"},
+        )
+        thread.join(timeout=120)
+        client = MlflowClient(uri)
+        r = client.get_run(m["mlflow_run_id"])
+        assert r.info.status == "FINISHED" and m["step"] == 16
+        # Every step's metrics reached the server, including those of the outage.
+        steps = [x.step for x in client.get_metric_history(r.info.run_id, "loss/D")]
+        assert steps == list(range(1, 17))
+        assert r.data.metrics["mlflow_offline_s"] > 1.0
+        grids = [f.path for f in client.list_artifacts(r.info.run_id, "images")]
+        assert len([g for g in grids if g.endswith(".png")]) == 4  # steps 4, 8, 12, 16
+        assert [x.value for x in client.get_metric_history(r.info.run_id, "start_step")] == [0]
+    finally:
+        stop_process_group(server[0])
