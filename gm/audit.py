@@ -292,8 +292,7 @@ def audit_run(root: str | Path, run_id: str) -> Audit:
                 "-S` makes them): the commit alone does not reproduce it, the commands below do"
             )
         if now.get("git.dirty") == "true":
-            changed = _git(root, "status", "--porcelain", "--untracked-files=no").stdout
-            names = [line[3:] for line in changed.splitlines()]
+            names = tracking.uncommitted_changes(root)
             a.notes.append(f"the workspace has uncommitted changes: {', '.join(names[:8])}")
     # Raw data.
     if "dvc.data" in t:

@@ -106,12 +106,14 @@ def lineage_tags(root: str | os.PathLike, stage: str | None = None) -> dict[str,
     tags = {"gm.version": gm.__version__}
     commit = _git(root, "rev-parse", "HEAD")
     if commit:
-        status = _git(root, "status", "--porcelain", "--untracked-files=no") or ""
+        changed = uncommitted_changes(root)
         tags |= {
             "git.commit": commit,
-            "git.dirty": str(bool(status)).lower(),
+            "git.dirty": str(bool(changed)).lower(),
             "mlflow.source.git.commit": commit,  # shown by the MLflow UI
         }
+        if changed:
+            tags["git.dirty_files"] = " ".join(changed[:20])[:5000]
     data_dvc = root / "data.dvc"
     if data_dvc.is_file():
         outs = (yaml.safe_load(data_dvc.read_text()) or {}).get("outs") or [{}]
@@ -121,6 +123,24 @@ def lineage_tags(root: str | os.PathLike, stage: str | None = None) -> dict[str,
         tags["dvc.stage"] = stage
         tags |= {f"dvc.dep.{path}": h for path, h in stage_dep_hashes(root, stage).items()}
     return tags
+
+
+def uncommitted_changes(root: str | os.PathLike) -> list[str]:
+    """Tracked files that differ from HEAD, leaving out what DVC itself writes while a
+    pipeline runs: ``dvc.lock`` and the stage outputs git tracks (metrics with
+    ``cache: false``). A `dvc repro` from a clean checkout is not a dirty run."""
+    root = Path(root)
+    status = _git(root, "status", "--porcelain", "--untracked-files=no") or ""
+    paths = [line[3:].split(" -> ")[-1].strip('"') for line in status.splitlines() if line]
+    outs = {"dvc.lock"}
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        try:
+            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        except yaml.YAMLError:
+            stages = {}
+        outs |= {o["path"].rstrip("/") for e in stages.values() for o in e.get("outs", [])}
+    return [p for p in paths if not any(p == o or p.startswith(o + "/") for o in outs)]
 
 
 def stage_dep_hashes(root: str | os.PathLike, stage: str) -> dict[str, str]:
