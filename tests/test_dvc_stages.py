@@ -146,6 +146,10 @@ def test_repro_builds_everything_then_does_nothing(repo):
     # dvc metrics and the MLflow run agree
     assert run.data.metrics["eval/fid"] == pytest.approx(evaluated["fid"])
     assert run.data.tags["eval.extractor"] == "domain-classifier"
+    # The evaluate stage registered the generator and made it the champion.
+    champ = client.get_model_version_by_alias("gm-toy_gan", "champion")
+    assert champ.run_id == run.info.run_id
+    assert float(champ.tags["eval.fid"]) == pytest.approx(evaluated["fid"])
     assert (repo / "runs").is_dir()  # Ray's run storage, outside every DVC output
     t = time.perf_counter()
     r = sh(["dvc", "repro"], repo)
