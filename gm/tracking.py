@@ -130,8 +130,7 @@ def uncommitted_changes(root: str | os.PathLike) -> list[str]:
     pipeline runs: ``dvc.lock`` and the stage outputs git tracks (metrics with
     ``cache: false``). A `dvc repro` from a clean checkout is not a dirty run."""
     root = Path(root)
-    status = _git(root, "status", "--porcelain", "--untracked-files=no") or ""
-    paths = [line[3:].split(" -> ")[-1].strip('"') for line in status.splitlines() if line]
+    paths = (_git(root, "diff", "--name-only", "HEAD") or "").splitlines()
     outs = {"dvc.lock"}
     lock = root / "dvc.lock"
     if lock.is_file():

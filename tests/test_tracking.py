@@ -41,8 +41,16 @@ def test_lineage_tags_follow_git_and_dvc(project):
     assert {f"dvc.dep.{d['path']}": d["md5"] for d in lock} == {
         k: v for k, v in tags.items() if k.startswith("dvc.dep.")
     }
+    # What DVC rewrites while a pipeline runs (dvc.lock) does not make a run dirty.
+    from .conftest import git
+
+    git(project, "add", "dvc.lock")
+    git(project, "commit", "-qm", "lock")
+    (project / "dvc.lock").write_text((project / "dvc.lock").read_text() + "# rewritten\n")
+    assert tracking.lineage_tags(project)["git.dirty"] == "false"
     (project / "data.dvc").write_text((project / "data.dvc").read_text() + "# edited\n")
-    assert tracking.lineage_tags(project)["git.dirty"] == "true"
+    tags = tracking.lineage_tags(project)
+    assert tags["git.dirty"] == "true" and tags["git.dirty_files"] == "data.dvc"
     assert "dvc.dep.notes.txt" not in tracking.lineage_tags(project, "no-such-stage")
 
 
