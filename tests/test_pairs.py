@@ -93,7 +93,7 @@ def test_translation_pairs_aligned_and_unpaired(smooth_dataset, tmp_path):
     assert (gray[..., 0] == gray[..., 1]).all()
 
 
-def test_conditional_pairs_need_every_class_in_train(tmp_path, rng):
+def test_a_class_with_no_train_image_is_refused_when_prepared(tmp_path, rng):
     raw = tmp_path / "raw"
     for i in range(30):
         save(raw / "common" / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
