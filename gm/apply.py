@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gm.errors import DataError
+from gm.tracking import is_model_uri, model_info
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Translator:
 
 def load_translator(ref: str, kind: str, reverse: bool = False) -> Translator:
     """A checkpoint path or an MLflow model URI → a :class:`Translator` of pairs ``kind``."""
-    if "://" in ref or ref.startswith(("runs:/", "models:/")):
+    if is_model_uri(ref):
         return _from_mlflow(ref, kind, reverse)
     return _from_checkpoint(Path(ref), kind, reverse)
 
@@ -65,16 +66,12 @@ def _from_checkpoint(path: Path, kind: str, reverse: bool) -> Translator:
 
 
 def _from_mlflow(uri: str, kind: str, reverse: bool) -> Translator:
-    import mlflow.models
     import mlflow.pytorch
 
     if reverse:
         raise DataError(f"{uri}: --reverse picks a checkpoint's second generator; for an MLflow "
                         "model use the URI of the other direction (…/generator_ba)")  # fmt: skip
-    try:
-        meta = mlflow.models.get_model_info(uri).metadata or {}
-    except Exception as e:  # unknown run, model or store: MLflow's own message says which
-        raise DataError(f"{uri}: cannot read the MLflow model ({e})") from None
+    meta = model_info(uri).metadata or {}
     if "input_resolution" not in meta:
         raise DataError(f"{uri}: not a gm paired model (no input_resolution in its metadata)")
     scale = int(meta["scale"])

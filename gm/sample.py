@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from gm.errors import ConfigError, DataError
+from gm.tracking import is_model_uri, model_info
 
 
 @dataclass
@@ -31,12 +32,8 @@ class Generator:
     truncates_w: bool = False  # ψ is applied inside fn (StyleGAN checkpoint)
 
 
-def is_mlflow_uri(ref: str) -> bool:
-    return ref.startswith(("runs:/", "models:/")) or "://" in ref
-
-
 def load_generator(ref: str, truncation: float = 1.0) -> Generator:
-    if is_mlflow_uri(ref):
+    if is_model_uri(ref):
         return _from_mlflow(ref)
     return _from_checkpoint(Path(ref), truncation)
 
@@ -69,20 +66,16 @@ def _from_checkpoint(path: Path, truncation: float) -> Generator:
 
 
 def _from_mlflow(uri: str) -> Generator:
-    import mlflow.models
     import mlflow.pytorch
 
-    try:
-        model_info = mlflow.models.get_model_info(uri)
-    except Exception as e:  # unknown run, model, alias or store: MLflow's message says which
-        raise DataError(f"{uri}: cannot read the MLflow model ({e})") from None
-    meta = model_info.metadata or {}
+    minfo = model_info(uri)
+    meta = minfo.metadata or {}
     if "input_resolution" in meta:
         raise DataError(f"{uri}: a paired {meta.get('family')} model; use `gm upscale` or "
                         "`gm translate`")  # fmt: skip
-    if "data_info" not in meta or model_info.signature is None:
+    if "data_info" not in meta or minfo.signature is None:
         raise DataError(f"{uri}: not a gm generator (no data_info or signature)")
-    z_spec = model_info.signature.inputs.inputs[0]
+    z_spec = minfo.signature.inputs.inputs[0]
     info = meta["data_info"]
     module = mlflow.pytorch.load_model(uri)
     return Generator(

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from gm.errors import GmError
+from gm.errors import DataError, GmError
 
 EXPERIMENT = "gm"
 
@@ -387,6 +387,22 @@ def retry(fn, *args, attempts: int = 6, first_wait: float = 0.25, **kwargs):
                 raise
             time.sleep(wait)
             wait *= 2
+
+
+def is_model_uri(ref: str) -> bool:
+    """An MLflow model URI (``runs:/…``, ``models:/…``, any ``scheme://``), not a file path."""
+    return "://" in ref or ref.startswith(("runs:/", "models:/"))
+
+
+def model_info(uri: str):
+    """MLflow's ModelInfo of ``uri`` (metadata, signature) without loading the model; an
+    unknown run, model, alias or store is a DataError carrying MLflow's own message."""
+    import mlflow.models
+
+    try:
+        return mlflow.models.get_model_info(uri)
+    except Exception as e:
+        raise DataError(f"{uri}: cannot read the MLflow model ({e})") from None
 
 
 @contextlib.contextmanager
