@@ -145,11 +145,16 @@ def ddpm_sample(
 
 
 def ddim_timesteps(total: int, steps: int) -> list[int]:
-    """``steps`` evenly spaced indices of 0..total−1, ending at total−1, descending."""
+    """The DDIM sub-sequence of ``steps`` of the indices 0..total−1, descending.
+
+    Song et al. (ICLR 2021, appendix D.2), "linear" selection: τ_i = ⌊c·i⌋ for i = 1..S with c
+    chosen so that τ_S = T, i.e. c = T/S in the paper's 1-based timesteps; the 0-based indices
+    are ⌊i·T/S⌋ − 1. The sequence always starts at T−1 (pure noise, whatever S); from its last
+    index the sampler returns its x̂_0 prediction (the step to ᾱ = 1). S = T gives every index.
+    Raises ValueError unless 1 <= steps <= total."""
     if not 1 <= steps <= total:
         raise ValueError(f"sampling steps {steps} must be in 1..{total}")
-    return sorted({round(i * (total - 1) / max(steps - 1, 1)) for i in range(steps)},
-                  reverse=True)  # fmt: skip
+    return [i * total // steps - 1 for i in range(steps, 0, -1)]
 
 
 @torch.no_grad()

@@ -96,9 +96,57 @@ def test_ddim_is_deterministic_and_exact_with_exact_noise_prediction():
     a = ddim_sample(oracle(s, x0), s, (1, 3), steps=20, x=start.clone())
     b = ddim_sample(oracle(s, x0), s, (1, 3), steps=20, x=start.clone())
     assert torch.equal(a, b) and torch.allclose(a, x0, atol=1e-5)
-    assert ddim_timesteps(1000, 5) == [999, 749, 500, 250, 0]
+    assert ddim_timesteps(1000, 5) == [999, 799, 599, 399, 199]
     with pytest.raises(ValueError, match="must be in 1..1000"):
         ddim_timesteps(1000, 0)
+
+
+@pytest.mark.parametrize("total", [1000, 37])
+def test_ddim_timesteps_follow_the_papers_linear_selection_for_every_step_count(total):
+    # Song et al. 2021, D.2: tau_i = floor(c i), i = 1..S, tau_S = T (1-based) -> index - 1.
+    for steps in range(1, total + 1):
+        seq = ddim_timesteps(total, steps)
+        assert len(seq) == steps and seq[0] == total - 1, steps
+        assert seq == sorted(set(seq), reverse=True), steps  # strictly descending
+        assert seq == [math.floor(i * total / steps) - 1 for i in range(steps, 0, -1)], steps
+        gaps = {a - b for a, b in zip(seq, seq[1:])} | {seq[-1] + 1}  # incl. the step to t=0
+        assert gaps <= {total // steps, -(-total // steps)}, steps  # even spacing
+    assert ddim_timesteps(total, total) == list(range(total - 1, -1, -1))
+
+
+def gaussian_oracle(s: NoiseSchedule, sigma: float):
+    """The exact ε-predictor for data x0 ~ N(0, σ² I): E[ε | x_t] = √(1−ᾱ) x_t / (ᾱσ² + 1 − ᾱ)."""
+    abar = s.alphas_cumprod
+
+    def eps(x, t):
+        a = abar[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        return (1 - a).sqrt() * x / (a * sigma**2 + 1 - a)
+
+    return eps
+
+
+def test_one_step_ddim_starts_from_pure_noise_and_gives_the_posterior_mean():
+    # The old spacing ran one step at t = 0: the "sample" was the input noise (std 1.0 for
+    # data of std 0.5). Starting at T-1, one step returns E[x0 | x_T], in closed form.
+    s, sigma = NoiseSchedule.linear(1000), 0.5
+    start = torch.randn(8, 4096, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = ddim_sample(gaussian_oracle(s, sigma), s, (8, 4096), steps=1, x=start.clone(), clip=False)
+    a = s.alphas_cumprod[-1].item()
+    assert torch.allclose(out, start * math.sqrt(a) * sigma**2 / (a * sigma**2 + 1 - a))
+    assert out.std().item() < 0.01
+
+
+def test_ddim_with_the_exact_score_of_gaussian_data_converges_to_its_variance():
+    # The discretized probability-flow ODE: the std rises toward σ as the steps grow
+    # (0.37 at 10 steps, 0.47 at 50, 0.49 at T on this schedule).
+    s, sigma = NoiseSchedule.linear(1000), 0.5
+    start = torch.randn(8, 4096, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    stds = []
+    for steps in (1, 10, 50, 200, 1000):
+        out = ddim_sample(gaussian_oracle(s, sigma), s, (8, 4096), steps, x=start, clip=False)
+        stds.append(out.std().item())
+        assert abs(out.mean().item()) < 0.01
+    assert stds == sorted(stds) and stds[-1] == pytest.approx(sigma, rel=0.02)
 
 
 def test_classifier_free_guidance_mixes_the_two_predictions():
