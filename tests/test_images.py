@@ -181,3 +181,133 @@ def test_empty_class_folder_is_an_error_or_dropped(tmp_path, rng):
 def test_missing_raw_folder_is_named(tmp_path):
     with pytest.raises(DataError, match="nope: raw data folder does not exist"):
         prepare_dataset(tmp_path / "nope", tmp_path / "out", DatasetConfig(), progress=False)
+
+
+def png_header_only(path, width: int, height: int, bit_depth: int = 1) -> bytes:
+    """A small PNG whose IHDR declares ``width`` x ``height`` greyscale pixels, with a token
+    IDAT: what a decompression bomb looks like to a reader of its header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+    data += chunk(b"IDAT", zlib.compress(b"\x00" * 48_000, 9)) + chunk(b"IEND", b"")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def constant_png(width: int, height: int) -> bytes:
+    """A valid all-zero 8-bit greyscale PNG of any size, built row by row (no full array)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    z, row, parts = zlib.compressobj(9), b"\x00" * (width + 1), []
+    for _ in range(height):
+        parts.append(z.compress(row))
+    parts.append(z.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+            + chunk(b"IEND", b""))  # fmt: skip
+
+
+def test_an_image_over_the_documented_limit_is_refused_from_its_header(tmp_path):
+    # 20000x20000 is above twice Pillow's own limit: Pillow raised DecompressionBombError,
+    # which escaped as a traceback. The limit is gm's 16384 per side, named with the size.
+    bomb = png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    assert len(bomb) < 100_000
+    with pytest.raises(BadImage, match=r"20000x20000 pixels, above the 16384x16384 limit"):
+        decode(bomb, 1, WHITE)
+    with pytest.raises(BadImage, match="16400x8"):
+        decode(png_header_only(tmp_path / "wide.png", 16400, 8), 1, WHITE)
+    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's guard is restored for other code
+
+
+def test_an_image_between_pillows_limit_and_gms_decodes():
+    # 9500x9500 is above Pillow's ~89.5 Mpx warning threshold (reported as "corrupt or
+    # truncated" before) but within the documented 16384x16384.
+    out = decode(constant_png(9500, 9500), 1, WHITE)
+    assert out.shape == (9500, 9500, 1) and int(out.max()) == 0
+
+
+def test_any_exception_of_the_decoder_is_a_bad_image_with_its_reason(monkeypatch, rng):
+    from PIL import PngImagePlugin
+
+    def broken(self):
+        raise ZeroDivisionError("a decoder bug")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
+    with pytest.raises(BadImage, match=r"cannot be decoded \(ZeroDivisionError: a decoder bug\)"):
+        decode(encoded(Image.fromarray(random_rgb(rng, 4))), 3, WHITE)
+
+
+def test_an_unreadable_file_is_a_bad_image_naming_the_cause(tmp_path):
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(BadImage, match="cannot be read"):
+        decode(str(tmp_path / "dir.png"), 3, WHITE)
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_prepare_follows_on_invalid_for_an_oversize_image(tmp_path, rng, policy):
+    raw = tmp_path / "raw"
+    for i in range(3):
+        save(raw / "a" / f"{i}.png", random_rgb(rng, 8))
+    png_header_only(raw / "a" / "bomb.png", 20000, 20000)
+    cfg = DatasetConfig(top_resolution=8, on_invalid=policy)
+    if policy == "error":
+        with pytest.raises(DataError, match=r"a/bomb.png: too large.*20000x20000"):
+            prepare_dataset(raw, tmp_path / "out", cfg, progress=False)
+        assert not (tmp_path / "out").exists()
+        return
+    m = prepare_dataset(raw, tmp_path / "out", cfg, progress=False)
+    assert m["num_images"] == 3
+    assert [(s["path"], "20000x20000" in s["reason"]) for s in m["skipped"]] == [
+        ("a/bomb.png", True)
+    ]
+
+
+def test_the_cli_decoder_applies_the_same_rules(tmp_path):
+    from gm.apply import read_image
+
+    png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(DataError, match=r"bomb.png: too large: the header declares 20000x20000"):
+        read_image(tmp_path / "bomb.png", 3)
+
+
+@pytest.mark.parametrize(
+    "mode, array, key, channels, kept",
+    [
+        # greyscale with a tRNS grey key: 0 is transparent
+        ("L", np.array([[0, 7], [0, 200]], np.uint8), 0, 1, [7, 200]),
+        # RGB with a tRNS colour key; a pixel one level off the key stays
+        ("RGB", np.array([[[10, 20, 30], [10, 20, 31]], [[10, 20, 30], [0, 0, 0]]], np.uint8),
+         (10, 20, 30), 3, [[10, 20, 31], [0, 0, 0]]),
+        # 16-bit greyscale with a 16-bit key
+        ("I;16", np.array([[1000, 257 * 9], [1000, 65535]], np.uint16), 1000, 1, [9, 255]),
+    ],
+)  # fmt: skip
+def test_png_colour_key_transparency_becomes_the_background(mode, array, key, channels, kept):
+    im = Image.fromarray(array)
+    assert im.mode == mode
+    out = decode(encoded(im, transparency=key), channels, (255, 255, 255))
+    transparent = out[:, 0]  # the keyed pixels are the left column
+    assert (transparent == 255).all(), out
+    assert out[:, 1].reshape(2, -1).squeeze().tolist() == kept
+
+
+def test_bilevel_colour_key_and_a_coloured_background_on_grey():
+    bw = Image.new("1", (2, 1), 0)
+    bw.putpixel((1, 0), 1)
+    out = decode(encoded(bw, transparency=0), 3, (10, 20, 30))  # black is transparent
+    assert out[0].tolist() == [[10, 20, 30], [255, 255, 255]]
+    grey = Image.fromarray(np.array([[5, 6]], np.uint8), "L")
+    luma = decode(encoded(grey, transparency=5), 1, (10, 20, 30))  # 601 luma of the colour
+    assert luma[0, :, 0].tolist() == [(10 * 299 + 20 * 587 + 30 * 114 + 500) // 1000, 6]
