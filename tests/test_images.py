@@ -311,3 +311,30 @@ def test_bilevel_colour_key_and_a_coloured_background_on_grey():
     grey = Image.fromarray(np.array([[5, 6]], np.uint8), "L")
     luma = decode(encoded(grey, transparency=5), 1, (10, 20, 30))  # 601 luma of the colour
     assert luma[0, :, 0].tolist() == [(10 * 299 + 20 * 587 + 30 * 114 + 500) // 1000, 6]
+
+
+def test_an_empty_dataset_folder_is_named_as_such(tmp_path):
+    # It was taken for one class named after itself: "data/empty/empty: class folder has no
+    # usable image; ... remove the folder, or set empty_class: drop", a path that does not exist.
+    raw = tmp_path / "empty"
+    raw.mkdir()
+    (raw / ".hidden").write_bytes(b"")
+    for empty_class in ("error", "drop"):
+        cfg = DatasetConfig(top_resolution=8, empty_class=empty_class)
+        with pytest.raises(DataError) as e:
+            prepare_dataset(raw, tmp_path / "out", cfg, progress=False)
+        assert str(e.value).startswith(f"{raw}: the dataset folder is empty")
+        assert "empty/empty" not in str(e.value) and "empty_class" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_flat_folder_without_a_usable_image_names_the_folder(tmp_path):
+    raw = tmp_path / "flat"
+    raw.mkdir()
+    (raw / "notes.txt").write_text("x")
+    (raw / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError) as e:
+        prepare_dataset(raw, tmp_path / "out", DatasetConfig(top_resolution=8), progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{raw}: the dataset folder has no usable image (2 skipped")
+    assert "flat/flat" not in msg and "class folder" not in msg

@@ -79,8 +79,13 @@ def _scan_folder(raw: Path) -> tuple[list[RawItem], list[str], list[dict[str, st
             if p.is_file():
                 skipped.append({"path": p.name, "reason": "file outside a class folder"})
     else:
-        classes = [raw.name]
         files = [(raw.name, p) for p in entries if p.is_file()]
+        if not files:
+            raise DataError(
+                f"{raw}: the dataset folder is empty (no class folders and no image files); "
+                "put images in it, one sub-folder per class for a conditional dataset"
+            )
+        classes = [raw.name]
     items = []
     for cls, f in files:
         if not _visible(f, raw):
@@ -190,6 +195,10 @@ def prepare_dataset(
 
     present = set(dec.class_names)
     empty = [c for c in class_names if c not in present]
+    flat = class_names == [raw.name] and not (raw / raw.name).is_dir()  # one unnamed class
+    if empty and flat:
+        detail = f" ({len(skipped)} skipped, e.g. {skipped[0]['path']}: {skipped[0]['reason']})"
+        raise DataError(f"{raw}: the dataset folder has no usable image{detail if skipped else ''}")
     if empty and cfg.empty_class == "error":
         why = [s for s in skipped if s["path"].split("/")[0] == empty[0]]
         detail = f" ({len(why)} skipped, e.g. {why[0]['path']}: {why[0]['reason']})" if why else ""
