@@ -13,6 +13,8 @@ Works against any tracking store: the default ``sqlite:///<root>/mlflow.db`` or 
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -75,7 +77,7 @@ def list_runs(
         raise ConfigError(f"--filter {filter_string!r}: {e.message}") from None
     rows = []
     for r in runs:
-        t, p, m = r.data.tags, r.data.params, r.data.metrics
+        t, p, m = r.data.tags, effective_params(r), r.data.metrics
         data = t.get("dvc.data") or ""
         dataset = next((v for k, v in t.items() if k.startswith("dvc.dep.datasets/")), "")
         rows.append(
@@ -125,10 +127,12 @@ def compare_runs(root: str | Path, run_ids: list[str]) -> str:
     client, _ = _client(Path(root))
     runs = [_get_run(client, rid) for rid in run_ids]
     out = ["  ".join(["key", *(r.info.run_id[:12] for r in runs)])]
-    for kind in ("params", "metrics"):
-        keys = sorted(set().union(*(getattr(r.data, kind) for r in runs)))
+    tables = {"params": [effective_params(r) for r in runs],
+              "metrics": [r.data.metrics for r in runs]}  # fmt: skip
+    for kind, table in tables.items():
+        keys = sorted(set().union(*table))
         for k in keys:
-            values = [getattr(r.data, kind).get(k) for r in runs]
+            values = [row.get(k) for row in table]
             if len({str(v) for v in values}) > 1:
                 shown = [_fmt(v) if isinstance(v, float) else str(v or "-") for v in values]
                 out.append("  ".join([f"{kind[:-1]} {k}", *shown]))
@@ -142,12 +146,40 @@ def _fmt(v: float) -> str:
 
 
 def _get_run(client, run_id: str):
+    """The run whose id is ``run_id`` or starts with it (the 12 characters `gm runs` prints,
+    or fewer). Raises GmError when no run matches, or when a prefix matches several."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise GmError(f"run {run_id}: not found in {client.tracking_uri}") from None
+        pass
+    ref = run_id.strip().lower()
+    if ref and all(c in "0123456789abcdef" for c in ref):
+        matches = [r for r in _all_runs(client) if r.info.run_id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            shown = ", ".join(f"{r.info.run_id[:12]} ({r.info.run_name})" for r in matches[:6])
+            more = " …" if len(matches) > 6 else ""
+            raise GmError(f"run {run_id}: ambiguous, {len(matches)} runs start with it: "
+                          f"{shown}{more}; give more characters")  # fmt: skip
+    raise GmError(f"run {run_id}: not found in {client.tracking_uri}")
+
+
+def _all_runs(client):
+    """Every run of every experiment (active or deleted), page by page."""
+    from mlflow.entities import ViewType
+
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    token = None
+    while ids:
+        page = client.search_runs(ids, run_view_type=ViewType.ALL, max_results=1000,
+                                  page_token=token)  # fmt: skip
+        yield from page
+        token = page.token
+        if not token:
+            break
 
 
 @dataclass
@@ -255,11 +287,48 @@ def _code_check(root: Path, commit: str, head: str, deps: dict[str, str]) -> Che
 
 
 def _set_value(text: str) -> str:
-    """A run param's string as the YAML value `dvc exp run -S` parses back to the same value."""
+    """A run param's string as the value `dvc exp run -S` (Hydra's override grammar) parses
+    back to the same value."""
     value = yaml.safe_load(text) if text not in ("None", "") else None
     if text in ("True", "False"):
         value = text == "True"
+    return _flow(value)
+
+
+def _flow(value: Any) -> str:
+    """A YAML value in Hydra's override grammar: flow style, strings quoted unless plain
+    (an unquoted comma would make a sweep of them, a space or a colon another value)."""
+    plain = isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_./-]*", value)
+    if isinstance(value, str) and not (plain and yaml.safe_load(value) == value):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+
+
+def dvc_override(params: Any, key: str, value: str | None) -> str:
+    """One ``dvc exp run -S`` override that DVC accepts for ``params`` (the commit's
+    params.yaml): ``key=value`` for a key it has, ``++key=value`` for one it lacks (DVC
+    refuses a plain ``key=`` there), ``~key`` for a key to remove (``value`` None)."""
+    if value is None:
+        return f"~{key}"
+    try:
+        tracking.subtree(params, key)
+        return f"{key}={value}"
+    except KeyError:
+        return f"++{key}={value}"
+
+
+def effective_params(run) -> dict[str, str]:
+    """A run's params as its latest launch ran them: MLflow params are immutable, so a launch
+    that continued the run with another budget (``run.steps``) records the new value as the tag
+    ``gm.param.<key>`` (see gm.tracking.RunHandle.open)."""
+    p = dict(run.data.params)
+    p |= {k.removeprefix("gm.param."): v for k, v in run.data.tags.items()
+          if k.startswith("gm.param.")}  # fmt: skip
+    return p
 
 
 def audit_run(root: str | Path, run_id: str) -> Audit:
@@ -267,7 +336,7 @@ def audit_run(root: str | Path, run_id: str) -> Audit:
     root = Path(root).resolve()
     client, uri = _client(root)
     run = _get_run(client, run_id)
-    t, p = dict(run.data.tags), dict(run.data.params)
+    t, p = dict(run.data.tags), effective_params(run)
     a = Audit(
         run.info.run_id,
         run.info.run_name,
@@ -317,7 +386,8 @@ def audit_run(root: str | Path, run_id: str) -> Audit:
     if job and not section and stage and "@" in stage:
         section = stage.split("@")[0]
     # Params: the job's entry in the workspace's params.yaml, then at the run's commit.
-    overrides: list[str] = []
+    overrides: list[tuple[str, str]] = []  # (the job's own key, its value) for -S / --set
+    upstream: list[str] = []  # -S overrides of params upstream stages read
     commit = t.get("git.commit")
     if job:
         logged = _job_keys(p)
@@ -325,26 +395,34 @@ def audit_run(root: str | Path, run_id: str) -> Audit:
             raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
             section, here = job_params(raw, job, "params.yaml")
             diff = sorted(k for k in logged if here.get(k) != logged[k])
-            a.checks.append(Check("params.yaml " + (f"({', '.join(diff)})" if diff else "job"),
-                                  "run", "workspace", not diff))  # fmt: skip
+            for k in diff:
+                a.checks.append(Check(f"params.yaml {section}.{job}.{k}", logged[k],
+                                      here.get(k, "(absent)"), False))  # fmt: skip
+            if not diff:
+                a.checks.append(Check(f"params.yaml {section}.{job}", "", "", True))
         except (GmError, OSError) as e:
             a.notes.append(f"params.yaml: cannot compare with the run ({e})")
-        if commit:
-            shown = _git(root, "show", f"{commit}:params.yaml")
-            if shown.returncode == 0:
-                try:
-                    section, then = job_params(
-                        yaml.safe_load(shown.stdout) or {}, job, f"{commit[:8]}:params.yaml"
-                    )
-                    overrides = [
-                        f"{section}.{job}.{k}={_set_value(v)}"
-                        for k, v in sorted(logged.items())
-                        if then.get(k) != v
-                    ]
-                except GmError as e:
-                    a.notes.append(f"the commit's params.yaml cannot be read by this gm ({e})")
-            else:
-                a.notes.append(f"commit {commit[:8]} is not in this repository (git fetch it)")
+    commit_params: Any = None
+    if commit and (job or "dvc.upstream_params" in t):
+        shown = _git(root, "show", f"{commit}:params.yaml")
+        if shown.returncode == 0:
+            commit_params = yaml.safe_load(shown.stdout) or {}
+        else:
+            a.notes.append(f"commit {commit[:8]} is not in this repository (git fetch it)")
+    if job and commit_params is not None:
+        try:
+            section, then = job_params(commit_params, job, f"{commit[:8]}:params.yaml")
+            overrides = [(k, _set_value(v)) for k, v in sorted(logged.items())
+                         if then.get(k) != v]  # fmt: skip
+        except GmError as e:
+            a.notes.append(f"the commit's params.yaml cannot be read by this gm ({e})")
+    if commit_params is not None and "dvc.upstream_params" in t:
+        changed = json.loads(t["dvc.upstream_params"])
+        upstream = [dvc_override(commit_params, k, _flow(v))
+                    for k, v in sorted(changed.get("set", {}).items())]  # fmt: skip
+        upstream += [dvc_override(commit_params, k, None) for k in changed.get("removed", [])]
+        a.notes.append("the run was made with upstream params changed (" + ", ".join(upstream)
+                       + "): the command reruns the stages upstream of it too")  # fmt: skip
 
     # The commands: `dvc checkout` restores the inputs at that commit; --force retrains even
     # where DVC's run-cache holds the outputs, --single-item reruns only this stage.
@@ -353,15 +431,26 @@ def audit_run(root: str | Path, run_id: str) -> Audit:
         a.commands.append("dvc checkout")
         a.notes.append("on a fresh clone, `dvc pull` instead of `dvc checkout` fetches the "
                        "data and outputs from the DVC remote")  # fmt: skip
-    if stage and overrides:
-        sets = " ".join(f"-S {shlex.quote(s)}" for s in overrides)
-        a.commands.append(f"dvc exp run --force --single-item {shlex.quote(stage)} {sets}")
+    sets = [dvc_override(commit_params, f"{section}.{job}.{k}", v) for k, v in overrides]
+    sets += upstream
+    flags = " ".join(f"-S {shlex.quote(x)}" for x in sets)
+    if stage and upstream:  # no --single-item: the changed upstream stages must rerun too
+        a.commands.append(f"dvc exp run --force {shlex.quote(stage)} {flags}")
+    elif stage and sets:
+        a.commands.append(f"dvc exp run --force --single-item {shlex.quote(stage)} {flags}")
     elif stage:
         a.commands.append(f"dvc repro --force --single-item {shlex.quote(stage)}")
     elif job:
-        sets = " ".join(f"--set {shlex.quote(s.split('.', 2)[2])}" for s in overrides)
-        a.commands.append(f"gm train {job} {sets}".rstrip())
+        flags = " ".join(f"--set {shlex.quote(f'{k}={v}')}" for k, v in overrides)
+        a.commands.append(f"gm train {job} {flags}".rstrip())
     return a
+
+
+def _short(value: str) -> str:
+    """A hash (git commit, DVC md5, SHA-256) cut to 16 characters; any other value whole."""
+    if len(value) > 16 and all(c in "0123456789abcdef" for c in value):
+        return value[:16]
+    return value
 
 
 def render_audit(a: Audit) -> str:
@@ -389,7 +478,7 @@ def render_audit(a: Audit) -> str:
     lines.append("workspace")
     for c in a.checks:
         mark = {True: "ok  ", False: "DIFF", None: "?   "}[c.ok]
-        extra = "" if c.ok else f"  run {c.run[:16]}  workspace {c.workspace[:16]}"
+        extra = "" if c.ok else f"  run {_short(c.run)}  workspace {_short(c.workspace)}"
         lines.append(f"  {mark} {c.what}{extra}")
     verdict = "matches this run" if a.matches else (
         "differs: " + ", ".join(a.differing()) if a.differing() else "nothing recorded to check"

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from gm.errors import DataError, GmError
+from gm.errors import ConfigError, DataError, GmError
 
 EXPERIMENT = "gm"
 
@@ -122,7 +122,75 @@ def lineage_tags(root: str | os.PathLike, stage: str | None = None) -> dict[str,
     if stage:
         tags["dvc.stage"] = stage
         tags |= {f"dvc.dep.{path}": h for path, h in stage_dep_hashes(root, stage).items()}
+        upstream = upstream_param_changes(root, stage)
+        if upstream:
+            tags["dvc.upstream_params"] = json.dumps(upstream, sort_keys=True)[:5000]
     return tags
+
+
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A YAML tree's leaves by dotted key (lists are leaves, as DVC's -S replaces them whole)."""
+    if not isinstance(tree, Mapping):
+        return {prefix.removesuffix("."): tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out |= leaves(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else {f"{prefix}{k}": v}
+    return out
+
+
+def subtree(tree: Any, dotted: str) -> Any:
+    """The value at a dotted key of a YAML tree, or ``KeyError``."""
+    for part in dotted.split(".") if dotted else []:
+        if not isinstance(tree, Mapping) or part not in tree:
+            raise KeyError(dotted)
+        tree = tree[part]
+    return tree
+
+
+def upstream_param_changes(root: str | os.PathLike, stage: str) -> dict[str, Any]:
+    """The params.yaml values that the stages upstream of ``stage`` depend on (DVC's graph:
+    e.g. the classifier a training reads) and that differ from HEAD's params.yaml, as made by
+    ``dvc exp run -S``: ``{"set": {key: value}, "removed": [key]}``, empty when none differ.
+    ``gm audit`` turns them into the overrides that reproduce the upstream outputs too."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    head_text, path = _git(root, "show", "HEAD:params.yaml"), root / "params.yaml"
+    if head_text is None or not path.is_file():
+        return {}
+    try:
+        with Repo(str(root)) as repo:
+            target = f"{root / 'dvc.yaml'}:{stage}"
+            keys = {
+                key
+                for st in repo.stage.collect(target, with_deps=True)
+                if st.name != stage
+                for d in st.deps
+                if isinstance(d, ParamsDependency) and Path(d.fs_path) == path
+                for key in (d.params or [""])  # no keys: the whole file
+            }
+    except (DvcException, OSError):
+        return {}
+    try:
+        now, then = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(head_text) or {}
+    except yaml.YAMLError:
+        return {}
+
+    def at(tree: Any, key: str) -> dict[str, Any]:
+        try:
+            return leaves(subtree(tree, key), f"{key}." if key else "")
+        except KeyError:
+            return {}
+
+    changed: dict[str, Any] = {"set": {}, "removed": []}
+    for key in sorted(keys):
+        a, b = at(now, key), at(then, key)
+        changed["set"] |= {k: v for k, v in a.items() if k not in b or b[k] != v}
+        changed["removed"] += [k for k in b if k not in a]
+    changed["removed"] = sorted(set(changed["removed"]))
+    return changed if changed["set"] or changed["removed"] else {}
 
 
 def uncommitted_changes(root: str | os.PathLike) -> list[str]:
@@ -200,6 +268,14 @@ def dataset_digest(root: str | os.PathLike, dataset_dir: str | os.PathLike) -> t
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), "content"
 
 
+def _launch_record(tags: Mapping[str, str], changed: Mapping[str, str]) -> str:
+    """One launch of a run, as JSON for its ``gm.launch.<n>`` tag."""
+    keep = ("git.commit", "git.dirty", "gm.version", "dvc.data")
+    record = {k: tags[k] for k in keep if k in tags}
+    record |= {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "params": dict(changed)}
+    return json.dumps(record, sort_keys=True)
+
+
 class RunHandle:
     """The driver's side of a training's single MLflow run."""
 
@@ -218,8 +294,20 @@ class RunHandle:
         params: Mapping[str, str],
         tags: Mapping[str, str],
         experiment: str | None = None,
+        may_change: tuple[str, ...] = (),
+        where: str = "",
     ) -> RunHandle:
-        """Continue ``run_id`` if given (a relaunched driver), else create a new run."""
+        """Continue ``run_id`` if given (a relaunched driver, or a larger budget), else create
+        a new run.
+
+        Every launch is recorded: the tag ``gm.launch.<n>`` holds its time, git commit, dirty
+        flag, data hash and the params it changed, and ``gm.launches`` counts them. A launch
+        that continues a run sets the run's lineage tags (``tags``) to its own, and records a
+        param that differs from the run's logged one as the tag ``gm.param.<key>`` (MLflow
+        params are immutable), so ``gm audit`` reproduces the final state. Only params
+        starting with one of ``may_change`` (the budget) may differ; any other difference is a
+        ConfigError naming the keys (``where``: the job's params section), before the run
+        changes."""
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -228,9 +316,39 @@ class RunHandle:
         client = MlflowClient(uri)
         if run_id:
             try:
-                client.get_run(run_id)
+                run = client.get_run(run_id)
             except MlflowException as e:
                 raise TrackingError(f"{uri}: run {run_id} to continue not found ({e})") from None
+            before = {**run.data.params, **{
+                k.removeprefix("gm.param."): v for k, v in run.data.tags.items()
+                if k.startswith("gm.param.")
+            }}  # fmt: skip
+            changed = {k: v for k, v in params.items() if before.get(k) != v}
+            fixed = sorted(k for k in changed if not k.startswith(may_change))
+            if fixed:
+                shown = ", ".join(f"{k} {before.get(k)!r} -> {params[k]!r}" for k in fixed[:6])
+                raise ConfigError(
+                    f"{where or run_name}: the run {run_id} this launch would continue was made "
+                    f"with other values of {shown}; only {', '.join(may_change)} may change "
+                    "when a run continues (delete its folder under runs/ to train anew)"
+                )
+            n = int(run.data.tags.get("gm.launches", "0"))
+            new = {k: v for k, v in tags.items() if run.data.tags.get(k) != v}
+            if n == 0:  # a run from before launches were recorded: its tags are launch 1
+                new["gm.launch.1"] = _launch_record(run.data.tags, {})
+                n = 1
+            logged = run.data.params
+            new |= {f"gm.param.{k}": v for k, v in params.items()
+                    if k in logged and logged[k] != v}  # fmt: skip
+            new |= {"gm.launches": str(n + 1), f"gm.launch.{n + 1}": _launch_record(tags, changed)}
+            from mlflow.entities import RunTag
+
+            client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in new.items()])
+            stale = [f"gm.param.{k}" for k in params if logged.get(k) == params[k]]  # set back
+            stale += [k for k in ("dvc.upstream_params", "git.dirty_files") if k not in tags]
+            for k in stale:
+                if k in run.data.tags:
+                    client.delete_tag(run_id, k)
             client.update_run(run_id, status="RUNNING")
             return cls(uri, run_id)
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
@@ -242,7 +360,8 @@ class RunHandle:
             exp_id = client.create_experiment(name, artifact_location=location)
         else:
             exp_id = exp.experiment_id
-        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+        launch = {"gm.launches": "1", "gm.launch.1": _launch_record(tags, {})}
+        run = client.create_run(exp_id, run_name=run_name, tags=dict(tags) | launch)
         from mlflow.entities import Param
 
         items = [Param(k, v[:6000]) for k, v in sorted(params.items())]

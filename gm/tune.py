@@ -534,7 +534,8 @@ def run_search(
     params |= {f"search.space.{k}": json.dumps(v) for k, v in search.space.items()}
     tags = tracking.lineage_tags(root, stage) | {"gm.tune": name, "gm.tune.key": key}
     run_id = state.get("parent_run_id") if state.get("uri") == uri else None
-    parent = tracking.RunHandle.open(root, f"tune-{name}", run_id, params, tags)
+    # The search key is its identity: a resumed search records what changed, refusing nothing.
+    parent = tracking.RunHandle.open(root, f"tune-{name}", run_id, params, tags, may_change=("",))
     _write_state(storage, key, {"uri": uri, "parent_run_id": parent.run_id})
     parent.log_dataset(job.data_name, str(dataset_dir), digest)
 

@@ -230,7 +230,7 @@ def test_audit_matches_then_names_the_difference_and_its_commands_reproduce_the_
     a = audit_run(project, run1.info.run_id)
     assert {c.what for c in a.checks if c.ok} >= {
         "data.dvc", "dep datasets/pyramid/toy", "dep notes.txt",
-        "output models/toy/checkpoint.pt", "params.yaml job",
+        "output models/toy/checkpoint.pt", "params.yaml train.toy",
     }  # fmt: skip
     assert "nothing the stage depends on changed since" in a.checks[0].what
     assert a.commands[-1] == "dvc repro --force --single-item train"
@@ -308,6 +308,33 @@ def test_audit_and_runs_against_an_mlflow_server(ray_local, project, mlflow_serv
     assert r.returncode == 2 and "run 0123456789abcdef: not found" in r.stderr
 
 
+@pytest.mark.slow
+def test_a_run_continued_with_more_steps_is_audited_as_its_final_state(
+    ray_local, project, monkeypatch
+):
+    # `gm train toy --set run.steps=2`, then 3: one run, holding the 3-step checkpoint; its
+    # record says 3 and audit reproduces 3 (it said 2, the first launch's value).
+    from gm.train.job import TrainConfig, run_job
+    from gm.train.ray_train import RunSettings
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    audit_project(project)  # params.yaml's job has run.steps 2
+    ds, out = project / "datasets/pyramid/toy", project / "models/toy"
+    ids = []
+    for steps in (2, 3):
+        run = RunSettings(steps=steps, batch_size=4, checkpoint_every=1)
+        cfg = TrainConfig(family="dcgan", dataset="toy", model=TINY["dcgan"], run=run)
+        m = run_job("toy", cfg, ds, out, project, progress=False)
+        ids.append(m["mlflow_run_id"])
+    assert ids[0] == ids[1] and m["step"] == 3
+    a = audit_run(project, ids[1][:12])
+    assert a.params["run.steps"] == "3" and a.tags["gm.launches"] == "2"
+    assert a.commands[-1] == "gm train toy --set run.steps=3", a.commands
+    assert "output models/toy/checkpoint.pt" in {c.what for c in a.checks if c.ok}
+    r = gm(project, "runs", "--json")
+    assert json.loads(r.stdout)[0]["params"]["run.steps"] == "3"
+
+
 def chromium() -> str | None:
     import shutil
 
@@ -361,3 +388,176 @@ def test_the_mlflow_ui_shows_a_finished_run_its_metrics_and_its_sample_grid(
     )
     assert "samples.png" in grid
     assert any("<img" in part and "samples.png" in part for part in grid.split(">"))
+
+
+# --- issue 19: continued runs, DVC overrides, short ids, DIFF values ---------------------------
+
+
+def committed_params_project(tmp_path, params=PARAMS):
+    """A git repository whose committed params.yaml is ``params``; returns (root, commit)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "params")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                            text=True, check=True).stdout.strip()  # fmt: skip
+    return root, commit
+
+
+def job_run(root, job_entry, tags):
+    """A run in the project's SQLite store whose params are what run_job logs for
+    ``job_entry`` (a `train.toy` params.yaml entry)."""
+    _, flat = job_params({"datasets": PARAMS["datasets"], "train": {"toy": job_entry}}, "toy",
+                         "run")  # fmt: skip
+    handle = tracking.RunHandle.open(root, "toy", None, flat, tags)
+    return handle.run_id
+
+
+def test_audit_prints_overrides_dvc_accepts_and_shows_the_values_that_differ(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    base = json.loads(json.dumps(PARAMS))
+    base["evaluate"] = {"classifier": {"steps": 5, "weight_decay": 0.001}}
+    root, commit = committed_params_project(tmp_path, base)
+    entry = json.loads(json.dumps(base["train"]["toy"]))
+    entry["run"]["batch_size"] = 2  # changed: in the commit's params.yaml
+    entry["model"]["optim_g"] = {"lr": 0.0005}  # added: absent from it (DVC wants ++)
+    upstream = {"set": {"evaluate.classifier.steps": 3, "evaluate.classifier.lr": 0.01},
+                "removed": ["evaluate.classifier.weight_decay"]}  # fmt: skip
+    tags = {"gm.job": "toy", "gm.section": "train", "git.commit": commit,
+            "dvc.stage": "train@toy", "dvc.upstream_params": json.dumps(upstream)}  # fmt: skip
+    run_id = job_run(root, entry, tags)
+    a = audit_run(root, run_id)
+    cmd = a.commands[-1]
+    assert cmd.startswith("dvc exp run --force train@toy -S ")  # upstream: no --single-item
+    sets = [x.split(" ", 1)[1] for x in shlex_split_pairs(cmd)]
+    assert "train.toy.run.batch_size=2" in sets
+    assert "++train.toy.model.optim_g.lr=0.0005" in sets
+    assert "~evaluate.classifier.weight_decay" in sets and "evaluate.classifier.steps=3" in sets
+    assert "++evaluate.classifier.lr=0.01" in sets
+    # DVC's own code applies them to the commit's params.yaml and gets the run's values.
+    target = tmp_path / "params.yaml"
+    target.write_text(yaml.safe_dump(base, sort_keys=False))
+    apply_overrides(target, sets)
+    applied = yaml.safe_load(target.read_text())
+    _, want = job_params({"datasets": base["datasets"], "train": {"toy": entry}}, "toy", "run")
+    assert job_params(applied, "toy", "applied")[1] == want
+    assert applied["evaluate"]["classifier"] == {"steps": 3, "lr": 0.01}
+
+    # The workspace still holds the commit's params: the DIFF lines name key and both values.
+    text = render_audit(a)
+    assert "DIFF params.yaml train.toy.run.batch_size  run 2  workspace 4" in text, text
+    assert "run run" not in text and "workspace workspace" not in text
+    assert "DIFF params.yaml train.toy.model.optim_g.lr  run 0.0005  workspace 0.0002" in text
+
+
+def shlex_split_pairs(cmd: str) -> list[str]:
+    """`-S X` pairs of a printed command, unquoted as a shell would."""
+    import shlex
+
+    words = shlex.split(cmd)
+    return [f"{w} {v}" for w, v in zip(words, words[1:], strict=False) if w == "-S"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [5, 0.0002, True, None, "digits", "a,b c", "true", "1e-3", "it's", [0.5, 0.999], ["x", "y,z"]],
+)
+def test_every_override_value_round_trips_through_dvcs_parser(tmp_path, value):
+    from dvc.utils.hydra import apply_overrides
+
+    from gm.audit import _flow, dvc_override
+
+    path = tmp_path / "params.yaml"
+    for params in ({"a": {"b": "old"}}, {"a": {}}):  # changed, then added
+        path.write_text(yaml.safe_dump(params))
+        apply_overrides(path, [dvc_override(params, "a.b", _flow(value))])
+        assert yaml.safe_load(path.read_text()) == {"a": {"b": value}}
+
+
+def test_a_continued_run_records_each_launch_and_audit_reproduces_the_final_state(tmp_path):
+    from gm.audit import effective_params
+    from gm.errors import ConfigError
+    from gm.train.job import BUDGET_PARAMS
+
+    root, commit = committed_params_project(tmp_path)
+    params = {"run.steps": "30", "model.ngf": "8"}
+    first = tracking.RunHandle.open(root, "toy", None, params, {"git.commit": "a" * 40})
+    rid = first.run_id
+    again = tracking.RunHandle.open(root, "toy", rid, params | {"run.steps": "31"},
+                                    {"git.commit": commit}, may_change=BUDGET_PARAMS)  # fmt: skip
+    assert again.run_id == rid
+    client = MlflowClient(tracking.tracking_uri(root))
+    run = client.get_run(rid)
+    t = run.data.tags
+    assert run.data.params["run.steps"] == "30" and t["gm.param.run.steps"] == "31"
+    assert effective_params(run)["run.steps"] == "31" and t["git.commit"] == commit
+    assert t["gm.launches"] == "2"
+    l1, l2 = json.loads(t["gm.launch.1"]), json.loads(t["gm.launch.2"])
+    assert l1["git.commit"] == "a" * 40 and l1["params"] == {}
+    assert l2["git.commit"] == commit and l2["params"] == {"run.steps": "31"}
+    # A param outside the budget: refused, naming it, and the run is left as it was.
+    client.set_terminated(rid, "FINISHED")
+    with pytest.raises(ConfigError, match=r"train.toy: .*model.ngf '8' -> '16'"):
+        tracking.RunHandle.open(root, "toy", rid, params | {"model.ngf": "16"}, {},
+                                may_change=BUDGET_PARAMS, where="train.toy")  # fmt: skip
+    run = client.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.tags["gm.launches"] == "2"
+    # Back to the logged budget: the override tag goes.
+    tracking.RunHandle.open(root, "toy", rid, params, {}, may_change=BUDGET_PARAMS)
+    assert "gm.param.run.steps" not in client.get_run(rid).data.tags
+
+
+def test_short_run_ids_are_unique_prefixes(tmp_path, monkeypatch, capsys):
+    from gm.audit import compare_runs
+
+    root, commit = committed_params_project(tmp_path)
+    ids = [job_run(root, PARAMS["train"]["toy"] | {"run": {"steps": i}}, {"gm.job": "toy"})
+           for i in range(2, 20)]  # fmt: skip
+    a = audit_run(root, ids[0][:12])
+    assert a.run_id == ids[0]
+    assert audit_run(root, ids[1][:6].upper()).run_id == ids[1]
+    out = compare_runs(root, [ids[0][:12], ids[1][:12]])
+    assert "param run.steps  2  3" in out
+    firsts = [i[0] for i in ids]
+    shared = next(c for c in firsts if firsts.count(c) > 1)  # 18 ids over 16 hex digits
+    with pytest.raises(Exception, match=rf"run {shared}: ambiguous, {firsts.count(shared)} runs"):
+        audit_run(root, shared)
+    monkeypatch.chdir(root)
+    assert main(["audit", ids[0][:12]]) == 0
+    assert ids[0] in capsys.readouterr().out
+    assert main(["audit", "fffffffffffffff0"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_upstream_param_changes_come_from_dvcs_graph(tmp_path):
+    root = tmp_path / "dvcrepo"
+    root.mkdir()
+    git(root, "init", "-q")
+    subprocess.run(["dvc", "init", "-q"], cwd=root, check=True)
+    params = {"evaluate": {"classifier": {"epochs": 5, "lr": 0.1}}, "other": {"x": 1},
+              "train": {"toy": {"run": {"steps": 2}}}}  # fmt: skip
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    stages = {
+        "classifier": {"cmd": "echo c > clf.txt", "params": ["evaluate.classifier"],
+                       "outs": ["clf.txt"]},
+        "unrelated": {"cmd": "echo u > u.txt", "params": ["other"], "outs": ["u.txt"]},
+        "train": {"cmd": "echo t", "deps": ["clf.txt"], "params": ["train.toy"]},
+    }  # fmt: skip
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "pipeline")
+    assert tracking.upstream_param_changes(root, "train") == {}
+    changed = json.loads(json.dumps(params))
+    changed["evaluate"]["classifier"]["epochs"] = 3  # upstream of train
+    del changed["evaluate"]["classifier"]["lr"]  # removed upstream
+    changed["other"]["x"] = 2  # not upstream of train
+    changed["train"]["toy"]["run"]["steps"] = 9  # the job's own: audited as job params
+    (root / "params.yaml").write_text(yaml.safe_dump(changed))
+    assert tracking.upstream_param_changes(root, "train") == {
+        "set": {"evaluate.classifier.epochs": 3}, "removed": ["evaluate.classifier.lr"]
+    }  # fmt: skip
+    tags = tracking.lineage_tags(root, "train")
+    assert json.loads(tags["dvc.upstream_params"])["set"] == {"evaluate.classifier.epochs": 3}

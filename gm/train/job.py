@@ -116,6 +116,11 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
+# The params a continued run may change (the budget; run_key leaves them out of its identity).
+# A phase schedule's last phase runs until run.steps, so its description changes with it.
+BUDGET_PARAMS = ("run.steps", "run.max_failures", "run.init_from", "schedule.")
+
+
 def run_key(
     name: str, cfg: TrainConfig, info: dict, dataset_digest: str, files: dict[str, str]
 ) -> str:
@@ -300,7 +305,8 @@ def run_job(
     if out_dir.is_relative_to(root):  # where the checkpoint goes (`gm audit` checks it)
         tags["gm.out"] = out_dir.relative_to(root).as_posix()
     tags |= {f"file.{k}.sha256": sha for k, sha in files.items()}
-    handle = tracking.RunHandle.open(root, name, run_id, params, tags)
+    handle = tracking.RunHandle.open(root, name, run_id, params, tags, may_change=BUDGET_PARAMS,
+                                     where=where)  # fmt: skip
     state_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(state_file, {"uri": uri, "run_id": handle.run_id})
     handle.log_dataset(cfg.data_name, str(dataset_dir), digest)
