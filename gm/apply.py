@@ -2,21 +2,25 @@
 
 A model is a gm checkpoint (``models/srgan/checkpoint.pt``) or an MLflow model URI
 (``runs:/<run id>/generator``, ``models:/<name>/<version>``). Images of any size are processed
-in overlapping tiles of the model's training input size (an exported MLflow model has that
-input shape; a checkpoint's network would take any size, and tiles bound its memory): each tile
-contributes only its centre, so tile borders leave no seams. A file that cannot be read or
-processed is reported and the rest are still processed.
+in overlapping windows that bound memory, and the result equals one pass over the whole image
+(to float rounding): each window keeps only the output pixels whose whole receptive field lies
+inside it or at a real image border. The receptive field is computed from the network itself
+(:func:`receptive_radius`, by autograd), as is its alignment (:func:`alignment`, the product of
+its strides), never hand-kept. A network whose every output depends on the whole image
+(CycleGAN's instance normalization) is run on the whole image at once. An exported MLflow model
+takes only its training input size; its receptive field is stored in its metadata when it is
+logged. A file that cannot be read or processed is reported and the rest are still processed.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gm.errors import DataError
 from gm.tracking import is_model_uri, model_info
@@ -24,12 +28,81 @@ from gm.tracking import is_model_uri, model_info
 
 @dataclass
 class Translator:
-    fn: Callable[[torch.Tensor], torch.Tensor]  # (B, C, t, t) in [-1, 1] → (B, C, t·s, t·s)
+    fn: Callable[[torch.Tensor], torch.Tensor]  # (B, C, h, w) in [-1, 1] → (B, C, h·s, w·s)
     scale: int  # output side / input side
-    tile: int  # input tile side the model takes
+    tile: int  # the model's training input side
     channels: int  # 1 (grey) or 3 (RGB)
     kind: str  # super_resolution | translation
     name: str  # what was loaded, for messages
+    radius: int | None = None  # input pixels an output pixel sees on each side; None: all
+    align: int = 1  # window offsets and sides are multiples of this (the network's stride)
+    fixed: bool = False  # takes only tile x tile inputs (an exported graph)
+    note: str = ""  # said once to the user (e.g. why tiles cannot be exact)
+
+
+def alignment(module: nn.Module) -> int:
+    """The input alignment a network needs to be shift-equivariant: the product of the strides
+    of its strided convolutions and poolings (2^depth for a U-Net, 4 for CycleGAN's ResNet
+    generator, 1 for SRResNet). Transposed convolutions and pixel shuffles upsample: they add
+    no constraint."""
+    out = 1
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+            stride = m.stride if isinstance(m.stride, tuple) else (m.stride, m.stride)
+            out *= max(stride)
+    return out
+
+
+def receptive_radius(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    channels: int,
+    scale: int,
+    align: int = 1,
+    start: int = 32,
+    limit: int = 512,
+) -> int | None:
+    """How many input pixels on each side of an input pixel influence the output pixels it
+    maps to, measured with autograd: the gradient of an output block at the centre of a
+    random (2, channels, n, n) input is nonzero exactly over its receptive field. The probe
+    grows (``start`` to ``limit`` pixels, multiples of ``align``) until the field stops short
+    of the probe's border; None when it still reaches the border at ``limit`` (the output
+    depends on the whole image, as with instance normalization). ``fn`` must be
+    differentiable (a module in eval mode; a final clamp would hide gradients)."""
+    g = torch.Generator().manual_seed(0)
+    n = -(-start // align) * align
+    while n <= limit:
+        x = torch.randn(2, channels, n, n, generator=g)
+        param = next(iter(getattr(fn, "parameters", list)()), None)
+        x = x.to(param.device if param is not None else "cpu").requires_grad_(True)
+        c = n // 2 // align * align  # the centre, on the alignment grid
+        with torch.enable_grad():
+            y = fn(x)
+            y[:, :, c * scale : (c + 1) * scale, c * scale : (c + 1) * scale].sum().backward()
+        seen = (x.grad.abs().sum((0, 1)) > 0).cpu()
+        rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
+        lo, hi = min(rows.min(), cols.min()).item(), max(rows.max(), cols.max()).item()
+        if lo > 0 and hi < n - 1:
+            return max(c - lo, hi - c)
+        n *= 2
+    return None
+
+
+def _windows(length: int, window: int, margin: int) -> list[tuple[int, int, int]]:
+    """(start, keep from, keep to) along one axis of ``length`` pixels: windows of ``window``
+    pixels whose kept parts lie at least ``margin`` pixels from any window edge that is not an
+    image edge, and together cover the axis. Starts are multiples of the alignment when
+    ``window``, ``margin`` and ``length`` are (the last window ends at the image edge)."""
+    if length <= window:
+        return [(0, 0, length)]
+    starts = [0]
+    while starts[-1] + window < length:
+        starts.append(min(starts[-1] + window - 2 * margin, length - window))
+    out = []
+    for p in starts:
+        keep_from = p + margin if p > 0 else 0
+        keep_to = p + window - margin if p + window < length else length
+        out.append((p, keep_from, keep_to))
+    return out
 
 
 def load_translator(ref: str, kind: str, reverse: bool = False) -> Translator:
@@ -54,15 +127,27 @@ def _from_checkpoint(path: Path, kind: str, reverse: bool) -> Translator:
     if reverse and not model.two_way:
         raise DataError(f"{path}: {family} translates one way only (no --reverse)")
     src = model.pair_source()
-    nets = trainer.sampling_nets()
+    module = list(model.translators(trainer.sampling_nets()).values())[int(reverse)].eval()
+    tile = info.resolution // src.scale
+    align, radius = tiling(module, info.channels, src.scale, tile)
     return Translator(
-        fn=lambda x: model.translate(x, nets, reverse),
+        fn=module,
         scale=src.scale,
-        tile=info.resolution // src.scale,
+        tile=tile,
         channels=info.channels,
         kind=kind,
         name=f"{path} ({family}, step {payload['trainer']['step']})",
+        radius=radius,
+        align=align,
     )
+
+
+def tiling(module: nn.Module, channels: int, scale: int, tile: int) -> tuple[int, int | None]:
+    """(alignment, receptive radius in input pixels or None) of a translator module (gm's
+    ``Clamped`` wrapper is looked through: its clamp would zero gradients)."""
+    net = getattr(module, "net", module)
+    align = alignment(net)
+    return align, receptive_radius(net, channels, scale, align, start=max(32, tile))
 
 
 def _from_mlflow(uri: str, kind: str, reverse: bool) -> Translator:
@@ -78,41 +163,77 @@ def _from_mlflow(uri: str, kind: str, reverse: bool) -> Translator:
     if (kind == "super_resolution") != (scale > 1):
         raise DataError(f"{uri}: a ×{scale} {meta.get('family')} model, not a {kind} model")
     module = mlflow.pytorch.load_model(uri)
+    tile = int(meta["input_resolution"])
+    note = ""
+    if "receptive_radius" in meta:  # logged by gm.train.job.log_models
+        radius = int(meta["receptive_radius"])
+        radius, align = (radius if radius >= 0 else None), int(meta["alignment"])
+    else:
+        radius, align = tile // 4, 1
+        note = (
+            f"{uri}: logged without its receptive field (an older gm): tiles overlap by "
+            f"{radius} pixels and may differ from a whole-image pass at their borders"
+        )
+    if radius is None or 2 * radius + align > tile:
+        what = "depends on the whole image" if radius is None else f"sees {radius} pixels"
+        note = (f"{uri}: the exported graph takes only {tile}x{tile} inputs and each output "
+                f"pixel {what}: tiled output can differ from one whole-image pass; a checkpoint "
+                "(models/<job>/checkpoint.pt) gives the exact result")  # fmt: skip
+        radius = max(0, (tile - align) // 2 // align * align)
     return Translator(
         fn=lambda x: module(x),
         scale=scale,
-        tile=int(meta["input_resolution"]),
+        tile=tile,
         channels=int(meta["data_info"]["channels"]),
         kind=kind,
         name=f"{uri} ({meta.get('family')})",
+        radius=radius,
+        align=align,
+        fixed=True,
+        note=note,
     )
 
 
 @torch.no_grad()
-def apply_tiled(t: Translator, image: torch.Tensor, overlap: int = 0, batch: int = 16):
-    """(C, H, W) in [-1, 1] → (C, H·s, W·s): tiles of ``t.tile`` input pixels whose centres
-    (all but ``overlap`` pixels on each side; default a quarter of the tile) tile the image."""
+def apply_tiled(t: Translator, image: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """(C, H, W) in [-1, 1] → (C, H·s, W·s), equal to ``t.fn`` on the whole image (padded at its
+    right and bottom to the alignment by replication) to float rounding.
+
+    Windows are ``t.tile`` pixels for a fixed-size model, else the larger of the tile and four
+    receptive radii; each keeps the output pixels at least a radius (rounded up to the
+    alignment) from every window edge inside the image. With ``t.radius`` None the whole image
+    is one window."""
     c, h, w = image.shape
-    tile = t.tile
-    m = overlap if overlap else tile // 4
-    step = tile - 2 * m
-    if step <= 0:
-        raise ValueError(f"overlap {m} leaves nothing of a {tile}-pixel tile")
-    rows, cols = math.ceil(h / step), math.ceil(w / step)
-    pad = (m, cols * step - w + m, m, rows * step - h + m)  # left, right, top, bottom
-    padded = F.pad(image[None], pad, mode="replicate")[0]
-    s = t.scale
-    out = torch.empty(c, rows * step * s, cols * step * s)
-    spots = [(i, j) for i in range(rows) for j in range(cols)]
+    a, s = t.align, t.scale
+    hp, wp = -(-h // a) * a, -(-w // a) * a
+    if t.fixed:
+        hp, wp = max(hp, t.tile), max(wp, t.tile)
+    padded = F.pad(image[None], (0, wp - w, 0, hp - h), mode="replicate")[0]
+    if t.radius is None and not t.fixed:
+        return _run(t, padded[None])[0][:, : h * s, : w * s].clamp(-1, 1)
+    margin = -(-(t.radius or 0) // a) * a
+    window = t.tile if t.fixed else -(-max(t.tile, 4 * margin, 2 * margin + a) // a) * a
+    if not t.fixed and hp <= window and wp <= window:
+        return _run(t, padded[None])[0][:, : h * s, : w * s].clamp(-1, 1)
+    rows, cols = _windows(hp, window, margin), _windows(wp, window, margin)
+    wh, ww = min(window, hp), min(window, wp)
+    out = torch.empty(c, hp * s, wp * s)
+    spots = [(r, q) for r in rows for q in cols]
     for k in range(0, len(spots), batch):
         chunk = spots[k : k + batch]
-        x = torch.stack([padded[:, i * step : i * step + tile, j * step : j * step + tile]
-                         for i, j in chunk])  # fmt: skip
-        y = t.fn(x).float().cpu()  # (b, C, tile·s, tile·s)
-        core = y[:, :, m * s : (m + step) * s, m * s : (m + step) * s]
-        for (i, j), patch in zip(chunk, core, strict=True):
-            out[:, i * step * s : (i + 1) * step * s, j * step * s : (j + 1) * step * s] = patch
+        x = torch.stack([padded[:, r[0] : r[0] + wh, q[0] : q[0] + ww] for r, q in chunk])
+        y = _run(t, x)  # (b, C, wh·s, ww·s)
+        for ((r0, r1, r2), (q0, q1, q2)), patch in zip(chunk, y, strict=True):
+            keep = patch[:, (r1 - r0) * s : (r2 - r0) * s, (q1 - q0) * s : (q2 - q0) * s]
+            out[:, r1 * s : r2 * s, q1 * s : q2 * s] = keep
     return out[:, : h * s, : w * s].clamp(-1, 1)
+
+
+def _run(t: Translator, x: torch.Tensor) -> torch.Tensor:
+    param = next(iter(getattr(t.fn, "parameters", list)()), None)
+    if param is not None:
+        x = x.to(param.device)
+    return t.fn(x).float().cpu()
 
 
 def read_image(path: Path, channels: int) -> torch.Tensor:
@@ -190,6 +311,8 @@ def main_for(kind: str, args) -> int:
     src, out = Path(args.input), Path(args.out)
     if src.is_dir() and out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder (the input is a folder)")
+    if t.note:
+        print(f"note: {t.note}", file=sys.stderr)
     written, failed, skipped = run(t, src, out, progress=not args.quiet)
     print(f"{t.name}: {len(written)} image(s) written to {out}")
     for p in skipped:

@@ -269,8 +269,9 @@ def _apply_parser(sub, name: str, help_: str, description: str, example: str):
     cmd = sub.add_parser(
         name,
         help=help_,
-        description=description + " Images of any size are processed in overlapping tiles of "
-        "the model's training input size. A file that cannot be read is listed (exit status 2) "
+        description=description + " Images of any size are processed in overlapping windows "
+        "whose margin is the network's receptive field (computed from it), so the output "
+        "equals one whole-image pass. A file that cannot be read is listed (exit status 2) "
         "and the others are still processed; outputs are PNG, written atomically.",
         epilog=example,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -476,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--filter", help='an MLflow search filter, e.g. "metrics.`eval/fid` < 50"')
     runs.add_argument("--max", type=int, default=50, help="rows (default: %(default)s)")
     runs.add_argument("--json", action="store_true", help="rows as JSON")
-    runs.add_argument("--compare", nargs="+", metavar="RUN_ID", help="runs to compare")
+    runs.add_argument("--compare", nargs="+", metavar="RUN_ID",
+                      help="runs to compare (ids, or unique prefixes of them)")  # fmt: skip
     runs.set_defaults(func=_cmd_runs)
 
     aud = sub.add_parser(
@@ -485,11 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show a run's git commit, DVC data and dependency hashes, params, metrics "
         "and artifacts; check each recorded hash against the workspace (which differ), and "
         "print the commands that reproduce the run (git checkout, dvc checkout, dvc repro or "
-        "dvc exp run -S with the params that differ from the commit's params.yaml).",
-        epilog="example: gm audit 3f2a9c0d5e8b4a1f9c7d6e5b4a3f2e1d --check",
+        "dvc exp run -S with the params that differ from the commit's params.yaml, upstream "
+        "stages' params included). A run continued with a larger budget is shown and "
+        "reproduced as its latest launch ran it.",
+        epilog="examples: gm audit 3f2a9c0d5e8b4a1f9c7d6e5b4a3f2e1d --check\n"
+        "          gm audit 3f2a9c0d5e8b     (any unique prefix, as gm runs prints)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    aud.add_argument("run_id", help="an MLflow run id (gm runs lists them)")
+    aud.add_argument("run_id", help="an MLflow run id or a unique prefix (gm runs lists them)")
     aud.add_argument("--check", action="store_true",
                      help="exit 1 when the workspace does not match the run")  # fmt: skip
     aud.set_defaults(func=_cmd_audit)

@@ -397,8 +397,12 @@ def log_models(handle, trainer, info: dict) -> None:
         )
         example = (torch.rand(2, ch, side, side, generator=g) * 2 - 1).numpy()
         extra = {"scale": src.scale, "input_resolution": side}
+        from gm.apply import tiling
+
         for name, module in model.translators(nets).items():
-            models.append((name, module.eval(), signature, example, meta | extra))
+            align, radius = tiling(module.eval(), ch, src.scale, side)  # for exact tiles
+            field = {"alignment": align, "receptive_radius": -1 if radius is None else radius}
+            models.append((name, module, signature, example, meta | extra | field))
     else:
         latent = model.latent_shape()
         signature = ModelSignature(
