@@ -8,8 +8,9 @@ inside it or at a real image border. The receptive field is computed from the ne
 (:func:`receptive_radius`, by autograd), as is its alignment (:func:`alignment`, the product of
 its strides), never hand-kept. A network whose every output depends on the whole image
 (CycleGAN's instance normalization) is run on the whole image at once. An exported MLflow model
-takes only its training input size; its receptive field is stored in its metadata when it is
-logged. A file that cannot be read or processed is reported and the rest are still processed.
+carries its receptive field in its metadata; one whose graph was specialized to its training
+input size (pix2pix's U-Net) is tiled at that size, exactly where its field allows. A file that
+cannot be read or processed is reported and the rest are still processed.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def _from_mlflow(uri: str, kind: str, reverse: bool) -> Translator:
             f"{uri}: logged without its receptive field (an older gm): tiles overlap by "
             f"{radius} pixels and may differ from a whole-image pass at their borders"
         )
-    if radius is None or 2 * radius + align > tile:
+    fixed = not _takes_other_sizes(module, int(meta["data_info"]["channels"]), tile, align)
+    if fixed and (radius is None or 2 * radius + align > tile):
         what = "depends on the whole image" if radius is None else f"sees {radius} pixels"
         note = (f"{uri}: the exported graph takes only {tile}x{tile} inputs and each output "
                 f"pixel {what}: tiled output can differ from one whole-image pass; a checkpoint "
@@ -189,9 +191,21 @@ def _from_mlflow(uri: str, kind: str, reverse: bool) -> Translator:
         name=f"{uri} ({meta.get('family')})",
         radius=radius,
         align=align,
-        fixed=True,
+        fixed=fixed,
         note=note,
     )
+
+
+def _takes_other_sizes(module, channels: int, tile: int, align: int) -> bool:
+    """Whether an exported graph runs on an input other than its training size (its height
+    and width were exported as dynamic), tried once on a small zero input."""
+    side = -(-(tile + 1) // align) * align
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, channels, side, side + align))
+    except Exception:  # noqa: BLE001 - a shape guard of the exported graph, whatever its type
+        return False
+    return True
 
 
 @torch.no_grad()

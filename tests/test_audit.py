@@ -322,7 +322,7 @@ def test_a_run_continued_with_more_steps_is_audited_as_its_final_state(
     ds, out = project / "datasets/pyramid/toy", project / "models/toy"
     ids = []
     for steps in (2, 3):
-        run = RunSettings(steps=steps, batch_size=4, checkpoint_every=1)
+        run = RunSettings(steps=steps, batch_size=4, checkpoint_every=2)
         cfg = TrainConfig(family="dcgan", dataset="toy", model=TINY["dcgan"], run=run)
         m = run_job("toy", cfg, ds, out, project, progress=False)
         ids.append(m["mlflow_run_id"])

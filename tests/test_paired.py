@@ -520,6 +520,8 @@ def test_paired_jobs_train_evaluate_and_log_their_generators(
     for direction in ("generator_ab", "generator_ba"):  # both CycleGAN generators are models
         info = mlflow.models.get_model_info(f"runs:/{m2['mlflow_run_id']}/{direction}")
         assert info.metadata["family"] == "cyclegan" and info.metadata["input_resolution"] == 16
+        # instance norm: each output pixel sees the whole image; two stride-2 convolutions
+        assert info.metadata["receptive_radius"] == -1 and info.metadata["alignment"] == 4
     image = tmp_path / "in.png"
     save(image, np.random.default_rng(1).integers(0, 256, (10, 7, 3), dtype=np.uint8))
     out = tmp_path / "up.png"

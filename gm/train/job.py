@@ -367,7 +367,7 @@ def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
     """Final checkpoint, sample grid and metrics as artifacts; the generator as an MLflow
     model in PyTorch's exported-graph format (``pt2``: loading it runs no pickled code). Paired
     families log each translator (``generator``; CycleGAN ``generator_ab``, ``generator_ba``)
-    with an image-to-image signature at the training input size."""
+    with an image-to-image signature of any size, and its receptive field in the metadata."""
     for f in (CHECKPOINT_FILE, "samples.png", "metrics.json", "history.csv"):
         handle.client.log_artifact(handle.run_id, str(out_dir / f), artifact_path="final")
     log_models(handle, trainer, info)
@@ -392,9 +392,10 @@ def log_models(handle, trainer, info: dict) -> None:
     src = model.pair_source()
     if src is not None:
         side = res // src.scale
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(f32, (-1, ch, side, side), "images")]), outputs=images
-        )
+        # Height and width are dynamic where torch.export can keep them so (SRGAN, CycleGAN);
+        # a network that specializes to its size (pix2pix's U-Net to 1x1) still runs at it.
+        any_size = Schema([TensorSpec(f32, (-1, ch, -1, -1), "images")])
+        signature = ModelSignature(inputs=any_size, outputs=any_size)
         example = (torch.rand(2, ch, side, side, generator=g) * 2 - 1).numpy()
         extra = {"scale": src.scale, "input_resolution": side}
         from gm.apply import tiling
