@@ -78,8 +78,10 @@ def list_runs(
     rows = []
     for r in runs:
         t, p, m = r.data.tags, effective_params(r), r.data.metrics
-        data = t.get("dvc.data") or ""
-        dataset = next((v for k, v in t.items() if k.startswith("dvc.dep.datasets/")), "")
+        prepared = next((v for k, v in t.items() if k.startswith("dvc.dep.datasets/")), "")
+        inputs = getattr(r.inputs, "dataset_inputs", None) or []
+        if not prepared and inputs:  # a `gm train` run: the digest it logged with its input
+            prepared = inputs[0].dataset.digest
         rows.append(
             {
                 "run_id": r.info.run_id,
@@ -87,8 +89,8 @@ def list_runs(
                 "status": r.info.status,
                 "commit": t.get("git.commit", "")[:8]
                 + ("+dirty" if t.get("git.dirty") == "true" else ""),  # fmt: skip
-                "data": data[:8],
-                "dataset": dataset[:8],
+                "data": (t.get("dvc.data") or "")[:8],  # data.dvc: the raw data
+                "prepared": prepared[:8],  # the prepared dataset it trained on
                 "params": {k: p[k] for k in KEY_PARAMS if k in p},
                 "metrics": {k: m[k] for k in KEY_METRICS if k in m},
             }
@@ -102,7 +104,7 @@ def render_runs(rows: list[dict[str, Any]]) -> str:
         return "no runs"
     params = [k for k in KEY_PARAMS if any(k in r["params"] for r in rows)]
     metrics = [k for k in KEY_METRICS if any(k in r["metrics"] for r in rows)]
-    head = ["run", "name", "status", "commit", "dataset", *params, *metrics]
+    head = ["run", "name", "status", "commit", "data.dvc", "prepared", *params, *metrics]
     body = []
     for r in rows:
         body.append(
@@ -111,7 +113,8 @@ def render_runs(rows: list[dict[str, Any]]) -> str:
                 r["name"],
                 r["status"].lower(),
                 r["commit"],
-                r["dataset"] or r["data"],
+                r["data"] or "-",
+                r["prepared"] or "-",
                 *(r["params"].get(k, "") for k in params),
                 *(_fmt(r["metrics"][k]) if k in r["metrics"] else "" for k in metrics),
             ]

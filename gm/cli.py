@@ -259,6 +259,46 @@ def _cmd_audit(args) -> int:
     return 0 if a.matches or not args.check else 1
 
 
+def _cmd_evaluate(args) -> int:
+    import json
+    import tempfile
+
+    from gm import params
+    from gm.errors import ConfigError, DataError
+    from gm.io import write_json
+    from gm.metrics.evaluate import (
+        EvalConfig,
+        evaluate_checkpoint,
+        log_to_mlflow,
+        render_results,
+        resolve_model,
+    )
+    from gm.tracking import repo_root
+
+    root = repo_root()
+    cfg = params.load(args.params).evaluate if Path(args.params).is_file() else EvalConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, run = resolve_model(args.model, root, tmp)
+        name = run.data.params.get("dataset") if run is not None else None
+        if args.dataset is None and name is None:
+            raise ConfigError(f"{args.model}: which dataset? (--dataset datasets/pyramid/NAME)")
+        dataset = Path(args.dataset or root / "datasets/pyramid" / name)
+        classifier = Path(args.classifier or root / "models/classifiers" / dataset.name /
+                          "classifier.pt")  # fmt: skip
+        if not (dataset / "manifest.json").is_file():
+            raise DataError(f"{dataset}: not a prepared dataset (dvc repro prepare@NAME)")
+        if not classifier.is_file():
+            raise DataError(f"{classifier}: no classifier (dvc repro classifier@{dataset.name}, "
+                            "or --classifier PATH)")  # fmt: skip
+        results = evaluate_checkpoint(checkpoint, classifier, dataset, cfg)
+    results = {"name": args.model, "dataset": dataset.name, **results}
+    if args.out:
+        write_json(args.out, results)
+    log_to_mlflow(root, results)  # on the model's own run, as evaluate@ does
+    print(json.dumps(results, indent=2) if args.json else render_results(results))
+    return 0
+
+
 def _cmd_sample(args) -> int:
     from gm.sample import main_sample
 
@@ -524,6 +564,29 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--nrow", type=int, help="images per row (default: √n)")
     smp.add_argument("--out", required=True, help="the PNG grid to write")
     smp.set_defaults(func=_cmd_sample)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="score a trained model: FID, KID, precision/recall ... beside real-data baselines",
+        description="Score a model trained by `gm train` or the pipeline with the metrics, "
+        "baselines and settings of the evaluate@ stage (params.yaml's evaluate section), print "
+        "the table and log eval/* metrics to the model's own MLflow run. MODEL is a "
+        "checkpoint, a run id (or unique prefix), runs:/RUN_ID/..., or models:/NAME/VERSION "
+        "or models:/NAME@ALIAS (the run's final/checkpoint.pt is used). The dataset and its "
+        "domain classifier default to the run's dataset under datasets/pyramid/ and "
+        "models/classifiers/.",
+        epilog="examples: gm evaluate models:/gm-cgan@champion\n"
+        "          gm evaluate models/cli/cgan/checkpoint.pt --dataset datasets/pyramid/digits\n"
+        "          gm evaluate 3f2a9c0d5e8b --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("model", help="checkpoint.pt, run id, runs:/… or models:/…")
+    ev.add_argument("--dataset", help="prepared dataset folder (default: the run's dataset)")
+    ev.add_argument("--classifier", help="domain classifier.pt (default: the dataset's)")
+    ev.add_argument("--params", default="params.yaml", help="evaluate settings from here")
+    ev.add_argument("--out", help="also write the results as JSON here (atomically)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.set_defaults(func=_cmd_evaluate)
 
     models = sub.add_parser(
         "models",

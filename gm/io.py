@@ -72,6 +72,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``folder``; on success each file written there
+    replaces (atomically, one ``os.replace`` each) the file of the same name in ``folder``,
+    which is created if missing. Other files in ``folder`` are left as they are: a DVC stage
+    whose outputs are files inside a folder must not delete the ``.gitignore`` DVC keeps
+    beside them (:func:`atomic_dir` replaces the whole folder). On error nothing in
+    ``folder`` changes and the temporary is removed."""
+    folder = Path(folder)
+    remove_stale_temporaries(folder)
+    tmp = _tmp_sibling(folder, "dir")
+    try:
+        yield tmp
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.chmod(f, 0o644 if f.is_file() else 0o755)
+            os.replace(f, folder / f.name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -268,6 +268,11 @@ def dataset_digest(root: str | os.PathLike, dataset_dir: str | os.PathLike) -> t
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), "content"
 
 
+# The MLflow UI (3.x) opens an experiment on its GenAI "Traces" page unless this tag says the
+# experiment trains models; gm's open on their runs.
+KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _launch_record(tags: Mapping[str, str], changed: Mapping[str, str]) -> str:
     """One launch of a run, as JSON for its ``gm.launch.<n>`` tag."""
     keep = ("git.commit", "git.dirty", "gm.version", "dvc.data")
@@ -357,9 +362,11 @@ class RunHandle:
             location = None
             if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
                 location = (Path(root).resolve() / "mlartifacts").as_uri()
-            exp_id = client.create_experiment(name, artifact_location=location)
+            exp_id = client.create_experiment(name, artifact_location=location, tags=KIND)
         else:
             exp_id = exp.experiment_id
+            if KIND.keys() - exp.tags.keys():  # made by an older gm or by MLflow itself
+                client.set_experiment_tag(exp_id, *next(iter(KIND.items())))
         launch = {"gm.launches": "1", "gm.launch.1": _launch_record(tags, {})}
         run = client.create_run(exp_id, run_name=run_name, tags=dict(tags) | launch)
         from mlflow.entities import Param

@@ -12,14 +12,14 @@ from gm.errors import ConfigError
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    from gm.io import atomic_dir, write_json
+    from gm.io import atomic_files, write_json
     from gm.metrics.classifier import save_classifier, train_classifier
 
     ap = argparse.ArgumentParser(prog="pipelines.classifier", description=__doc__)
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     ap.add_argument("--name", required=True, help="key under `datasets` in the params file")
     ap.add_argument("--pyramid", required=True, help="prepared dataset folder")
-    ap.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    ap.add_argument("--out", required=True, help="output folder (its files replaced atomically)")
     args = ap.parse_args(argv)
     p = params.load(args.params)
     if args.name not in p.datasets:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     resolution = min(p.datasets[args.name].top_resolution, p.evaluate.max_resolution)
     cfg = p.evaluate.classifier
     net, report = train_classifier(args.pyramid, resolution, cfg)
-    with atomic_dir(Path(args.out)) as tmp:
+    with atomic_files(Path(args.out)) as tmp:  # DVC's .gitignore there stays
         save_classifier(tmp / "classifier.pt", net, cfg, report)
         write_json(tmp / "metrics.json", report)
     print(

@@ -561,3 +561,33 @@ def test_upstream_param_changes_come_from_dvcs_graph(tmp_path):
     }  # fmt: skip
     tags = tracking.lineage_tags(root, "train")
     assert json.loads(tags["dvc.upstream_params"])["set"] == {"evaluate.classifier.epochs": 3}
+
+
+# --- issue 24: what `gm runs` and the MLflow UI show -------------------------------------------
+
+
+def test_runs_table_names_its_hash_columns_and_the_experiment_opens_on_runs(tmp_path):
+    from gm.audit import list_runs, render_runs
+
+    root, _ = committed_params_project(tmp_path)
+    params = {"family": "dcgan", "dataset": "toy"}
+    tags = {"dvc.data": "aaaa1111aaaa.dir", "dvc.dep.datasets/pyramid/toy": "bbbb2222bbbb.dir"}
+    dvc_run = tracking.RunHandle.open(root, "a", None, params, tags)
+    cli_run = tracking.RunHandle.open(root, "b", None, params, {"dvc.data": "aaaa1111aaaa.dir"})
+    cli_run.log_dataset("toy", str(root), "cccc3333cccc")
+    rows = {r["name"]: r for r in list_runs(root)}
+    assert (rows["a"]["data"], rows["a"]["prepared"]) == ("aaaa1111", "bbbb2222")
+    assert (rows["b"]["data"], rows["b"]["prepared"]) == ("aaaa1111", "cccc3333")
+    head = render_runs(list(rows.values())).splitlines()[0].split()
+    # was: two columns called "dataset", the first mixing the two kinds of hash
+    assert head[:7] == ["run", "name", "status", "commit", "data.dvc", "prepared", "family"]
+    assert head.count("dataset") == 1  # the dataset's name (the param)
+    client = MlflowClient(tracking.tracking_uri(root))
+    exp = client.get_experiment_by_name("gm")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert dvc_run.run_id != cli_run.run_id
+    # an experiment made by an older gm gets the tag when a run is next opened in it
+    client.delete_experiment_tag(exp.experiment_id, "mlflow.experimentKind")
+    tracking.RunHandle.open(root, "c", None, params, {})
+    exp = client.get_experiment_by_name("gm")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

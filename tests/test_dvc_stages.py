@@ -131,6 +131,9 @@ def test_repro_builds_everything_then_does_nothing(repo):
         "reports/summary.md",
     ):
         assert (repo / f).is_file(), f
+    # DVC's .gitignore beside each file output survives the stages: no output shows in git
+    status = sh(["git", "status", "--porcelain", "--untracked-files=all"], repo).stdout
+    assert not [x for x in status.splitlines() if x.endswith((".pt", ".png", ".parquet"))]
     metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert metrics[""]["data"]["models/toy_gan/metrics.json"]["data"]["step"] == 4
     evaluated = metrics[""]["data"]["reports/eval/toy_gan.json"]["data"]

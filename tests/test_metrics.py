@@ -3,6 +3,8 @@ classifier, and a whole evaluation of a trained checkpoint."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -245,3 +247,66 @@ def test_evaluation_with_inception_features_logs_their_hash(digits, inception_we
     assert r["extractor"]["sha256"] == sha256_file(path)
     assert r["extractor"]["resize"] == "bilinear-antialias ->299"
     assert r["fid"] >= 0 and r["fid_baseline"] >= 0 and r["inception_score"] >= 1.0
+
+
+def test_gm_evaluate_scores_a_checkpoint_a_run_and_a_registered_model(digits, tmp_path, capsys,
+                                                                      monkeypatch):  # fmt: skip
+    # A model trained with `gm train` outside DVC could not be scored but by editing the
+    # pipeline: `gm evaluate MODEL` takes a checkpoint, a run id or runs:/, or models:/.
+    from mlflow import MlflowClient
+
+    from gm import tracking
+    from gm.cli import main
+    from gm.config import from_dict
+    from gm.registry import families
+    from gm.train.checkpoint import save_checkpoint
+    from gm.train.loop import Trainer
+    from gm.train.protocol import DataInfo
+
+    root = tmp_path / "proj"
+    (root / "models/classifiers/digits").mkdir(parents=True)
+    (root / "datasets/pyramid").mkdir(parents=True)
+    (root / "datasets/pyramid/digits").symlink_to(digits, target_is_directory=True)
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (root / "params.yaml").write_text("evaluate: {num_samples: 100, champion_metric: fid}\n")
+    cfg = ClassifierConfig(width=8, features=32, steps=60, batch_size=64)
+    net, report = train_classifier(digits, 16, cfg, progress=False)
+    save_classifier(root / "models/classifiers/digits/classifier.pt", net, cfg, report)
+    run = tracking.RunHandle.open(root, "cvae", None, {"family": "cvae", "dataset": "digits"}, {})
+    fam = families()["cvae"]
+    mcfg = from_dict(fam.config, {"z_dim": 4, "width": 8, "embed_dim": 4}, "cvae")
+    info = DataInfo(16, 1, 10)
+    ckpt = tmp_path / "checkpoint.pt"
+    save_checkpoint(ckpt, "cvae", mcfg, info, Trainer(fam.build(mcfg, info)).state_dict(),
+                    extra={"mlflow_run_id": run.run_id})  # fmt: skip
+    client = MlflowClient(tracking.tracking_uri(root))
+    client.log_artifact(run.run_id, str(ckpt), artifact_path="final")
+
+    ds = "datasets/pyramid/digits"
+    assert main(["evaluate", str(ckpt), "--dataset", ds, "--out", "r.json"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["metric", "model", "real", "data"]
+    assert any(line.split()[0] == "fid" and len(line.split()) == 3 for line in table.splitlines())
+    first = json.loads((root / "r.json").read_text())
+    assert first["fid"] > first["fid_baseline"] and first["num_samples"] == 100
+    history = client.get_metric_history(run.run_id, "eval/fid")
+    assert [round(m.value, 6) for m in history] == [round(first["fid"], 6)]  # on its own run
+    # the run, by a 12-character prefix and as runs:/: its dataset and classifier by default
+    for ref in (run.run_id[:12], f"runs:/{run.run_id}/generator"):
+        assert main(["evaluate", ref, "--json"]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["fid"] == pytest.approx(first["fid"]) and again["dataset"] == "digits"
+    # a registered version, by alias
+    client.create_registered_model("gm-cvae")
+    v = client.create_model_version("gm-cvae", f"runs:/{run.run_id}/generator", run.run_id)
+    client.set_registered_model_alias("gm-cvae", "champion", v.version)
+    assert main(["evaluate", "models:/gm-cvae@champion", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(first["fid"])
+    # bad references are named, exit 2
+    assert main(["evaluate", "nope.pt"]) == 2
+    assert "nope.pt: no such checkpoint file" in capsys.readouterr().err
+    assert main(["evaluate", "models:/gm-cvae@nobody"]) == 2
+    assert "models:/gm-cvae@nobody: not found" in capsys.readouterr().err
+    assert main(["evaluate", str(ckpt), "--dataset", str(tmp_path)]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().err

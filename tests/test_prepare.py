@@ -17,7 +17,7 @@ from gm.data.pyramid import box_down, build_pyramid, nearest_up
 from gm.data.readers import load_level, read_table
 from gm.data.splits import assign_split, unit_hash
 from gm.errors import DataError
-from gm.io import atomic_dir
+from gm.io import atomic_dir, atomic_files
 
 from .conftest import random_rgb, save
 
@@ -172,3 +172,26 @@ def test_atomic_dir_keeps_the_previous_output_on_failure(tmp_path):
         (tmp / "a.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (out / "a.txt").read_text() == "new"
+
+
+def test_atomic_files_replace_outputs_but_keep_what_dvc_keeps_beside_them(tmp_path):
+    # The classifier and training stages wrote their folder with atomic_dir, which deleted
+    # the .gitignore DVC keeps beside file outputs (git status: deleted .gitignore, untracked
+    # classifier.pt after a failed `dvc exp run`).
+    out = tmp_path / "models" / "clf"
+    out.mkdir(parents=True)
+    (out / ".gitignore").write_text("/classifier.pt\n")
+    (out / "classifier.pt").write_text("old")
+    with atomic_files(out) as tmp:
+        (tmp / "classifier.pt").write_text("new")
+        (tmp / "metrics.json").write_text("{}")
+    assert (out / ".gitignore").read_text() == "/classifier.pt\n"
+    assert (out / "classifier.pt").read_text() == "new" and (out / "metrics.json").exists()
+    with pytest.raises(RuntimeError), atomic_files(out) as tmp:
+        (tmp / "classifier.pt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert (out / "classifier.pt").read_text() == "new"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["clf"]  # no temporary left
+    with atomic_files(tmp_path / "fresh") as tmp:  # a missing folder is created
+        (tmp / "a.txt").write_text("x")
+    assert (tmp_path / "fresh" / "a.txt").read_text() == "x"

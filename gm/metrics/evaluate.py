@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -221,3 +222,61 @@ class KidProbe:
         fake = trainer.sample(self.n, labels, seed=self.seed + 1)
         feats, _ = _embed(self.clf, fake, self.size)
         return kid(self.real, feats, subsets=20, seed=self.seed)[0]
+
+
+def resolve_model(ref: str, root: str | os.PathLike, dest: str | os.PathLike):
+    """``gm evaluate``'s MODEL → (checkpoint path, its MLflow run or None). ``ref`` is a
+    checkpoint file; a run id (or a unique prefix of one); ``runs:/<run id>/…``; or a
+    registered model ``models:/<name>/<version>`` or ``models:/<name>@<alias>``. A run's
+    checkpoint is the ``final/checkpoint.pt`` artifact every training logs, downloaded into
+    ``dest``. Raises GmError naming ``ref`` when it is none of these."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from gm.audit import _get_run
+    from gm.errors import DataError, GmError
+    from gm.tracking import check_store, tracking_uri
+
+    path = Path(ref)
+    if path.is_file():
+        return path, None
+    if path.suffix == ".pt" or "/" in ref and not ref.startswith(("runs:/", "models:/")):
+        raise DataError(f"{ref}: no such checkpoint file")
+    uri = tracking_uri(root)
+    check_store(uri)
+    client = MlflowClient(uri)
+    try:
+        if ref.startswith("models:/"):
+            name = ref.removeprefix("models:/")
+            if "@" in name:
+                model, alias = name.split("@", 1)
+                version = client.get_model_version_by_alias(model, alias)
+            else:
+                model, _, number = name.partition("/")
+                version = client.get_model_version(model, number)
+            run_id = version.run_id
+        else:
+            run_id = ref.removeprefix("runs:/").split("/")[0]
+    except MlflowException as e:
+        raise GmError(f"{ref}: not found in {uri} ({e.message})") from None
+    run = _get_run(client, run_id)
+    try:
+        local = client.download_artifacts(run.info.run_id, "final/checkpoint.pt", str(dest))
+    except (MlflowException, OSError) as e:
+        raise GmError(f"{ref}: run {run.info.run_id} has no final/checkpoint.pt ({e})") from None
+    return Path(local), run
+
+
+def render_results(results: dict[str, Any]) -> str:
+    """The metrics of :func:`evaluate_checkpoint` as a table, each beside its real baseline."""
+    rows = [("metric", "model", "real data")]
+    for k, v in results.items():
+        if isinstance(v, float) and not k.endswith("_baseline"):
+            base = results.get(f"{k}_baseline")
+            rows.append((k, f"{v:.4g}", f"{base:.4g}" if isinstance(base, float) else "-"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip() for r in rows]
+    ex = results["extractor"]
+    lines.append(f"({results['num_samples']} samples, {results['num_real']} real test images; "
+                 f"features: {ex['kind']}, resize {ex['resize']})")  # fmt: skip
+    return "\n".join(lines)

@@ -26,7 +26,7 @@ from typing import Any
 
 from gm.config import check, from_dict, to_dict
 from gm.errors import ConfigError, DataError
-from gm.io import atomic_dir, sha256_file, write_json
+from gm.io import atomic_files, sha256_file, write_json
 from gm.train.ray_train import CHECKPOINT_FILE, RunSettings
 
 RUN_STATE = "gm_run.json"
@@ -182,7 +182,7 @@ def _write_outputs(
     trainer, info = trainer_from_checkpoint(payload)
     grid = preview_grid(trainer, info.num_classes, dataset_dir, seed=0)
     history = payload["extra"].get("history", [])
-    with atomic_dir(out_dir) as tmp:
+    with atomic_files(out_dir) as tmp:  # not the folder: DVC keeps a .gitignore there
         shutil.copyfile(payload_path, tmp / CHECKPOINT_FILE)
         Image.fromarray(np.ascontiguousarray(grid)).save(tmp / "samples.png")
         write_json(tmp / "metrics.json", metrics)
