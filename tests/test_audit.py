@@ -591,3 +591,76 @@ def test_runs_table_names_its_hash_columns_and_the_experiment_opens_on_runs(tmp_
     tracking.RunHandle.open(root, "c", None, params, {})
     exp = client.get_experiment_by_name("gm")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+# --- issue 24: generators served through MLflow's python_function flavor ----------------------
+
+
+def test_logged_generators_and_translators_load_as_pyfunc(tmp_path, monkeypatch):
+    # `mlflow models serve -m models:/gm-cgan@champion` failed: "No suitable flavor backend".
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, trainer = checkpoint(tmp_path, "cgan")
+    run_id = logged_run(tmp_path, "toy", trainer)
+    with tracking.using_uri(tracking.tracking_uri(tmp_path)):
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/generator")
+        z = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+        labels = torch.tensor([0, 1, 2, 1])
+        out = model.predict({"z": z.numpy(), "labels": labels.numpy()})
+    with torch.no_grad():
+        eager = trainer.model.generator(trainer.sampling_nets()).eval()(z, labels)
+    assert out.shape == (4, 3, 16, 16) and np.allclose(out, eager.numpy(), atol=1e-5)
+    # a translator (SRGAN x4): images in, images out, at any size its graph takes
+    sr, _ = make("srgan")
+    handle = tracking.RunHandle.open(tmp_path, "sr", None, {"family": "srgan"}, {})
+    from gm.train.job import log_models
+
+    log_models(handle, sr, {"resolution": 16, "channels": 3, "num_classes": 1})
+    with tracking.using_uri(tracking.tracking_uri(tmp_path)):
+        up = mlflow.pyfunc.load_model(f"runs:/{handle.run_id}/generator")
+        x = torch.rand(2, 3, 4, 4) * 2 - 1
+        assert up.predict({"images": x.numpy()}).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.slow
+def test_a_registered_generator_is_served_over_http(tmp_path, monkeypatch):
+    import os
+    import urllib.request
+
+    from .conftest import free_port, stop_process_group, wait_until_serving
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, trainer = checkpoint(tmp_path, "cgan")
+    run_id = logged_run(tmp_path, "toy", trainer)
+    result = {"mlflow_run_id": run_id, "fid": 5.0, "step": 4}
+    r = tracking.register_champion(tmp_path, "toy", result)  # as evaluate@ registers it
+    assert r["champion"]
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(tmp_path),
+               PATH=f"{BIN}:{os.environ['PATH']}")  # it execs uvicorn by name  # fmt: skip
+    proc = subprocess.Popen(
+        [BIN / "mlflow", "models", "serve", "-m", "models:/gm-toy@champion", "--env-manager",
+         "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+        env=env, cwd=tmp_path, start_new_session=True,
+        stdout=(tmp_path / "serve.log").open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        try:
+            wait_until_serving(proc, f"http://127.0.0.1:{port}/ping", "models serve", 120)
+        except BaseException:
+            print((tmp_path / "serve.log").read_text()[-3000:])
+            raise
+        z = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+        body = {"inputs": {"z": z.tolist(), "labels": [0, 2, 1]}}
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=60) as r:
+            images = np.asarray(json.loads(r.read())["predictions"], dtype=np.float32)
+    finally:
+        stop_process_group(proc)
+    with torch.no_grad():
+        eager = trainer.model.generator(trainer.sampling_nets()).eval()(z, torch.tensor([0, 2, 1]))
+    assert images.shape == (3, 3, 16, 16) and np.allclose(images, eager.numpy(), atol=1e-5)

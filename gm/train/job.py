@@ -374,7 +374,8 @@ def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
 
 
 def log_models(handle, trainer, info: dict) -> None:
-    """The trainer's generator (or translators) as MLflow models of the run (see _log_final)."""
+    """The trainer's generator (or translators) as MLflow models of the run (see _log_final):
+    the exported graph gm loads, and a python_function flavor (gm.serving) to serve."""
     import numpy as np
     import torch
     from mlflow.models import ModelSignature
@@ -430,13 +431,19 @@ def log_models(handle, trainer, info: dict) -> None:
 
 def _log_model(handle, name: str, module, signature, example, metadata: dict) -> None:
     import mlflow
-    import mlflow.pytorch
     import torch
+    from mlflow.models import Model
+
+    from gm import serving
 
     with mlflow.start_run(run_id=handle.run_id):
-        mlflow.pytorch.log_model(
-            module,
+        # mlflow.pytorch's exported graph plus a python_function flavor (gm.serving), so that
+        # `mlflow models serve` and mlflow.pyfunc.load_model run it too.
+        Model.log(
+            artifact_path=None,
             name=name,
+            flavor=serving,
+            pytorch_model=module,
             signature=signature,
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
