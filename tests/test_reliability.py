@@ -129,13 +129,76 @@ from gm.train.ray_train import RunSettings
 init_ray(RunSettings())
 import ray
 from ray._private.worker import global_worker
-print(json.dumps({"url": global_worker.node.address_info["webui_url"]}))
+print(json.dumps({"url": global_worker.node.address_info["webui_url"],
+                  "api": os.environ.get("RAY_API_SERVER_ADDRESS")}))
 ray.shutdown()
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    url = json.loads(r.stdout.strip().splitlines()[-1])["url"]
-    assert url.startswith("127.0.0.1:"), url
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["url"].startswith("127.0.0.1:"), out
+    # the State API of this process and of every Ray worker goes to this instance
+    assert out["api"] == f"http://{out['url']}"
+
+
+def test_a_ray_that_cannot_start_is_a_gm_error_not_a_traceback(tmp_path):
+    import os
+
+    from .conftest import BIN
+
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "RAY_TMPDIR": str(not_a_dir)
+    }
+    code = "from gm.cli import guarded\nfrom gm.train.job import init_ray\n" \
+        "from gm.train.ray_train import RunSettings\n" \
+        "raise SystemExit(guarded(init_ray)(RunSettings()) or 0)"  # fmt: skip
+    r = subprocess.run([BIN / "python", "-c", code], capture_output=True, text=True,
+                       timeout=300, env=env)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: a local Ray did not start (NotADirectoryError"), last
+    assert "Traceback" not in r.stderr and "ray stop --force" in last
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_exits_130_and_a_second_local_ray_stays_quiet(ray_local, project):
+    # Ctrl-C ended `gm train` with exit 1; and with a second local Ray on the host (here the
+    # test session's), Ray Train's placement-group cleaner printed "Found multiple active Ray
+    # instances" at every poll.
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    from .conftest import BIN
+
+    params = {"datasets": {"toy": {"top_resolution": 16}}, "train": {"toy": {
+        "family": "dcgan", "dataset": "toy", "model": {"z_dim": 8, "ngf": 8, "ndf": 8},
+        "run": {"steps": 100000, "batch_size": 4, "checkpoint_every": 20}}}}  # fmt: skip
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    log = (project / "train.log").open("w")
+    proc = subprocess.Popen([BIN / "gm", "train", "toy"], cwd=project, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list((project / "runs").glob("*/checkpoint_*")):  # training is under way
+        alive = proc.poll() is None and time.monotonic() < deadline
+        assert alive, (project / "train.log").read_text()[-3000:]
+        time.sleep(1)
+    time.sleep(8)  # several of the cleaner's polls
+    os.kill(proc.pid, signal.SIGINT)
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = (project / "train.log").read_text()
+    assert code == 130, out[-3000:]
+    assert out.rstrip().endswith("interrupted")
+    assert "Found multiple active Ray instances" not in out
 
 
 @pytest.mark.slow

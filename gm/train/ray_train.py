@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -419,6 +420,48 @@ def _show_progress(board, total: int, desc: str, stop) -> None:
                 return
 
 
+@contextlib.contextmanager
+def interrupt_as_keyboard_interrupt():
+    """Ctrl-C during ``TorchTrainer.fit`` ends in KeyboardInterrupt (gm exits 130).
+
+    Ray Train installs its own SIGINT handler inside ``fit`` (it aborts the run gracefully,
+    then surfaces as an actor error or ``sys.exit(0)``, and the process exited 1). Any SIGINT
+    handler installed meanwhile is chained with a flag; when it was set, whatever ``fit``
+    returned or raised becomes KeyboardInterrupt. Python's own handler is restored after."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Ray installs no handler there either (a Tune trial's thread)
+        return
+    interrupted = threading.Event()
+    install = signal.signal
+
+    def chained(signum, handler):
+        if signum != signal.SIGINT or not callable(handler):
+            return install(signum, handler)
+
+        def flagged(sig, frame):
+            interrupted.set()
+            handler(sig, frame)
+
+        return install(signum, flagged)
+
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal = chained
+    try:
+        yield
+    except (Exception, SystemExit):
+        if interrupted.is_set():
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal = install
+        install(signal.SIGINT, before)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+
+
 def fit(
     family: str,
     model_config: dict[str, Any],
@@ -500,7 +543,8 @@ def fit(
         datasets=datasets,
     )
     if board is None:
-        return trainer.fit()
+        with interrupt_as_keyboard_interrupt():
+            return trainer.fit()
     import threading
 
     stop = threading.Event()
@@ -509,7 +553,8 @@ def fit(
     )
     thread.start()
     try:
-        return trainer.fit()
+        with interrupt_as_keyboard_interrupt():
+            return trainer.fit()
     finally:
         stop.set()
         thread.join(timeout=15)
