@@ -129,12 +129,15 @@ def lineage_tags(root: str | os.PathLike, stage: str | None = None) -> dict[str,
 
 
 def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A YAML tree's leaves by dotted key (lists are leaves, as DVC's -S replaces them whole)."""
+    """A YAML tree's leaves by dotted key. Lists are leaves (DVC's -S replaces them whole), and
+    so is a mapping with a dotted key of its own (a search space's ``model.lmbda``), which a
+    dotted path could not address."""
     if not isinstance(tree, Mapping):
         return {prefix.removesuffix("."): tree} if prefix else {}
     out: dict[str, Any] = {}
     for k, v in tree.items():
-        out |= leaves(v, f"{prefix}{k}.") if isinstance(v, Mapping) and v else {f"{prefix}{k}": v}
+        nested = isinstance(v, Mapping) and v and not any("." in str(c) for c in v)
+        out |= leaves(v, f"{prefix}{k}.") if nested else {f"{prefix}{k}": v}
     return out
 
 

@@ -154,17 +154,40 @@ def test_rd_and_codec_params_are_checked_naming_the_key(edit, match):
         params.parse(p)
 
 
-def test_the_long_preset_warm_starts_the_default_sweep_with_the_same_codec():
-    """presets/long: its codec job must be the default's (warm start loads those weights) and
-    its sweep must cover the default sweep's λ values."""
-    default = params.load(REPO / "params.yaml")
-    long = params.load(REPO / "presets/long/params.yaml")
-    d_job, l_job = default.train_codec["codec"], long.train_codec["codec"]
-    assert l_job.family_config() == d_job.family_config()  # same architecture and λ default
+def test_the_long_preset_warm_starts_the_default_sweep_with_the_same_codec(tmp_path, capsys):
+    """presets/long is one DVC experiment of the root pipeline: its overrides, applied by DVC's
+    own code to params.yaml, add the stages tune@codec_rd_long and rd@photos_long and change
+    nothing else (the codec job whose weights the warm start loads is params.yaml's own)."""
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    from gm.preset import main, merge, overrides
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    preset = yaml.safe_load((REPO / "presets/long/params.yaml").read_text())
+    assert set(preset) == {"tune", "rd"}  # adds entries only; main declares no preset stage
+    target = tmp_path / "params.yaml"
+    target.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(target, overrides(base, preset))
+    applied = yaml.safe_load(target.read_text())
+    assert applied == merge(base, preset)
+    assert {k: v for k, v in applied.items() if k not in ("tune", "rd")} == {
+        k: v for k, v in base.items() if k not in ("tune", "rd")
+    }
+    default, long = params.parse(base), params.parse(applied)
     sweep = long.tune[long.rd["photos_long"].sweep]
     assert sweep.warm_start == "tune/codec_rd" and sweep.keep_checkpoints
     assert sweep.space == default.tune["codec_rd"].space
     assert sweep.steps > 10 * default.tune["codec_rd"].steps
+    assert long.tune["codec_rd"] == default.tune["codec_rd"]  # the default sweep is untouched
+    # `make repro-long` prints and runs one `dvc exp run --name long`
+    assert main([str(REPO / "presets/long/params.yaml"), "--params",
+                 str(REPO / "params.yaml"), "--dry"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("dvc exp run --name long -S ")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tune: {codec_rd_long: {job: nope}}\n")
+    assert main([str(bad), "--params", str(REPO / "params.yaml"), "--dry"]) == 2
+    assert "tune.codec_rd_long" in capsys.readouterr().err
 
 
 def test_warm_start_loads_weights_but_not_optimizer_or_step():
