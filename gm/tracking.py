@@ -169,7 +169,7 @@ def upstream_param_changes(root: str | os.PathLike, stage: str) -> dict[str, Any
             keys = {
                 key
                 for st in repo.stage.collect(target, with_deps=True)
-                if st.name != stage
+                if getattr(st, "name", None) != stage  # a .dvc file's stage has no name
                 for d in st.deps
                 if isinstance(d, ParamsDependency) and Path(d.fs_path) == path
                 for key in (d.params or [""])  # no keys: the whole file

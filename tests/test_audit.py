@@ -546,6 +546,10 @@ def test_upstream_param_changes_come_from_dvcs_graph(tmp_path):
         "unrelated": {"cmd": "echo u > u.txt", "params": ["other"], "outs": ["u.txt"]},
         "train": {"cmd": "echo t", "deps": ["clf.txt"], "params": ["train.toy"]},
     }  # fmt: skip
+    stages["classifier"]["deps"] = ["raw"]  # raw data tracked by a .dvc file, as data.dvc
+    (root / "raw").mkdir()
+    (root / "raw/a.txt").write_text("a")
+    subprocess.run(["dvc", "add", "-q", "raw"], cwd=root, check=True)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     git(root, "add", "-A")
     git(root, "commit", "-qm", "pipeline")
