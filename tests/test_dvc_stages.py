@@ -133,7 +133,9 @@ def test_repro_builds_everything_then_does_nothing(repo):
         assert (repo / f).is_file(), f
     # DVC's .gitignore beside each file output survives the stages: no output shows in git
     status = sh(["git", "status", "--porcelain", "--untracked-files=all"], repo).stdout
-    assert not [x for x in status.splitlines() if x.endswith((".pt", ".png", ".parquet"))]
+    outputs = [x for x in status.splitlines() if x[3:].startswith(("models/", "datasets/"))]
+    assert not [x for x in outputs if x.endswith((".pt", ".png", ".parquet"))], outputs
+    assert not [x for x in outputs if x.startswith(" D")], outputs  # no .gitignore deleted
     metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert metrics[""]["data"]["models/toy_gan/metrics.json"]["data"]["step"] == 4
     evaluated = metrics[""]["data"]["reports/eval/toy_gan.json"]["data"]
@@ -286,3 +288,34 @@ def test_repro_interrupted_by_sigint_then_sigkill_resumes_from_its_checkpoint(re
     assert cache_is_sound(repo) > 0
     sh(["dvc", "checkout", "--force", "train@toy_gan"], repo)  # the cache restores them
     assert json.loads((repo / "models/toy_gan/metrics.json").read_text())["step"] == 400
+
+
+@pytest.mark.slow
+def test_your_own_data_walkthrough_builds_just_that_chain(repo, rng):
+    # The README's "Your own data", followed literally on a small generated folder: a folder
+    # with a subfolder per class, a datasets entry, a training job, `dvc add data`, then
+    # `dvc repro evaluate@<job>`, which builds that chain and nothing else.
+    for cls in ("circles", "squares"):
+        for i in range(15):
+            save(repo / "data" / "mine" / cls / f"{i:03d}.png", random_rgb(rng, 24))
+    r = sh(["gm", "data", "inspect", "data/mine"], repo, check=False)
+    assert r.returncode == 0 and "circles" in r.stdout, r.stdout + r.stderr
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["datasets"]["mine"] = {"top_resolution": 16, "channels": 3, "fit": "center_crop"}
+    params["train"]["mine_gan"] = {
+        "family": "cgan", "dataset": "mine",
+        "model": {"z_dim": 8, "ngf": 8, "ndf": 8, "embed_dim": 4},
+        "run": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
+    }  # fmt: skip
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(["dvc", "add", "-q", "data"], repo)
+    r = sh(["dvc", "repro", "evaluate@mine_gan"], repo)
+    assert ran(r.stdout) == {"prepare@mine", "classifier@mine", "train@mine_gan",
+                             "evaluate@mine_gan"}, r.stdout  # fmt: skip
+    for f in ("models/mine_gan/checkpoint.pt", "models/mine_gan/samples.png",
+              "reports/eval/mine_gan.json", "models/classifiers/mine/classifier.pt"):  # fmt: skip
+        assert (repo / f).is_file(), f
+    report = json.loads((repo / "reports/eval/mine_gan.json").read_text())
+    assert report["dataset"] == "mine" and "fid" in report
+    status = sh(["dvc", "status", "evaluate@mine_gan"], repo).stdout
+    assert "up to date" in status, status
