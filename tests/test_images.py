@@ -183,9 +183,8 @@ def test_missing_raw_folder_is_named(tmp_path):
         prepare_dataset(tmp_path / "nope", tmp_path / "out", DatasetConfig(), progress=False)
 
 
-def png_header_only(path, width: int, height: int, bit_depth: int = 1) -> bytes:
-    """A small PNG whose IHDR declares ``width`` x ``height`` greyscale pixels, with a token
-    IDAT: what a decompression bomb looks like to a reader of its header."""
+def png(width: int, height: int, bit_depth: int, idat: bytes) -> bytes:
+    """A greyscale PNG file's bytes from its IHDR fields and compressed IDAT data."""
     import struct
     import zlib
 
@@ -194,8 +193,16 @@ def png_header_only(path, width: int, height: int, bit_depth: int = 1) -> bytes:
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-    data += chunk(b"IDAT", zlib.compress(b"\x00" * 48_000, 9)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))  # fmt: skip
+
+
+def png_header_only(path, width: int, height: int, bit_depth: int = 1) -> bytes:
+    """A small PNG whose IHDR declares ``width`` x ``height`` greyscale pixels, with a token
+    IDAT: what a decompression bomb looks like to a reader of its header."""
+    import zlib
+
+    data = png(width, height, bit_depth, zlib.compress(b"\x00" * 48_000, 9))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
@@ -203,20 +210,11 @@ def png_header_only(path, width: int, height: int, bit_depth: int = 1) -> bytes:
 
 def constant_png(width: int, height: int) -> bytes:
     """A valid all-zero 8-bit greyscale PNG of any size, built row by row (no full array)."""
-    import struct
     import zlib
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    z, row, parts = zlib.compressobj(9), b"\x00" * (width + 1), []
-    for _ in range(height):
-        parts.append(z.compress(row))
-    parts.append(z.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
-            + chunk(b"IEND", b""))  # fmt: skip
+    z, row = zlib.compressobj(9), b"\x00" * (width + 1)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return png(width, height, 8, idat)
 
 
 def test_an_image_over_the_documented_limit_is_refused_from_its_header(tmp_path):
