@@ -62,30 +62,71 @@ def receptive_radius(
     start: int = 32,
     limit: int = 512,
 ) -> int | None:
-    """How many input pixels on each side of an input pixel influence the output pixels it
+    """How many input pixels on each side of an input pixel can influence the output pixels it
     maps to, measured with autograd: the gradient of an output block at the centre of a
-    random (2, channels, n, n) input is nonzero exactly over its receptive field. The probe
-    grows (``start`` to ``limit`` pixels, multiples of ``align``) until the field stops short
-    of the probe's border; None when it still reaches the border at ``limit`` (the output
-    depends on the whole image, as with instance normalization). ``fn`` must be
-    differentiable (a module in eval mode; a final clamp would hide gradients)."""
+    (1, channels, n, n) input is nonzero over its receptive field. A module is measured on a
+    copy whose every path is open (:func:`_every_path_open`), so the result is the
+    architecture's field, valid for any weights (a zero-initialized layer or a ReLU closed for
+    one input would otherwise hide pixels that trained weights use). The probe grows
+    (``start`` to ``limit`` pixels, multiples of ``align``) until the field stops short of its
+    border; None when it still reaches the border at ``limit`` (the output depends on the
+    whole image, as with instance normalization). ``fn`` must be differentiable (a final
+    clamp would hide gradients)."""
+    if isinstance(fn, nn.Module):
+        if _normalizes_over_the_image(fn):
+            return None
+        fn = _every_path_open(fn)
     g = torch.Generator().manual_seed(0)
     n = -(-start // align) * align
     while n <= limit:
-        x = torch.randn(2, channels, n, n, generator=g)
-        param = next(iter(getattr(fn, "parameters", list)()), None)
-        x = x.to(param.device if param is not None else "cpu").requires_grad_(True)
+        x = torch.rand(1, channels, n, n, generator=g, dtype=torch.float64)
+        if not isinstance(fn, nn.Module):
+            x = x.float()
+        x.requires_grad_(True)
         c = n // 2 // align * align  # the centre, on the alignment grid
         with torch.enable_grad():
             y = fn(x)
             y[:, :, c * scale : (c + 1) * scale, c * scale : (c + 1) * scale].sum().backward()
         seen = (x.grad.abs().sum((0, 1)) > 0).cpu()
+        if not seen.any():  # nothing measurable: the whole image, which is always exact
+            return None
         rows, cols = seen.any(1).nonzero().flatten(), seen.any(0).nonzero().flatten()
         lo, hi = min(rows.min(), cols.min()).item(), max(rows.max(), cols.max()).item()
         if lo > 0 and hi < n - 1:
             return max(c - lo, hi - c)
         n *= 2
     return None
+
+
+def _normalizes_over_the_image(net: nn.Module) -> bool:
+    """Whether some layer mixes statistics of the whole image into every output pixel:
+    instance normalization without running statistics (CycleGAN), group normalization,
+    attention."""
+    glob = (nn.GroupNorm, nn.MultiheadAttention)
+    return any(
+        isinstance(m, glob)
+        or isinstance(m, nn.modules.instancenorm._InstanceNorm)
+        and not m.track_running_stats
+        for m in net.modules()
+    )
+
+
+def _every_path_open(net: nn.Module) -> nn.Module:
+    """A float64 CPU copy of ``net`` in eval mode whose weights are positive and average their
+    inputs (1 / fan-in), biases small and positive, batch-norm statistics neutral: fed a
+    positive input, no ReLU closes, no weight is zero and nothing saturates, so every
+    connection of the architecture carries gradient."""
+    import copy
+
+    probe = copy.deepcopy(net).double().cpu().eval()
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.fill_(1.0 / p[0].numel() if p.dim() > 1 else 0.01)
+        for m in probe.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+    return probe
 
 
 def _windows(length: int, window: int, margin: int) -> list[tuple[int, int, int]]:

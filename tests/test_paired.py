@@ -363,6 +363,30 @@ def test_tiles_stitch_to_the_whole_image_result():
     assert torch.allclose(out, bicubic(image[None], 4)[0], atol=1e-5)
 
 
+def test_receptive_radius_is_the_architectures_whatever_the_weights():
+    # A gradient through the actual weights missed what a zero-initialized trunk (the default
+    # SRGAN with its bicubic skip) or a closed ReLU hides: 2 pixels instead of 24.
+    from torch import nn
+
+    from gm.apply import receptive_radius, tiling
+
+    stack = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(4, 3, 5, padding=2))  # fmt: skip
+    for p in stack.parameters():
+        torch.nn.init.zeros_(p)
+    assert receptive_radius(stack, 3, 1) == 1 + 1 + 2
+    assert receptive_radius(nn.Sequential(nn.Conv2d(3, 3, 3), nn.InstanceNorm2d(3)), 3, 1) is None
+    fam = families()["srgan"]
+    cfg = from_dict(fam.config, TINY["srgan"] | {"bicubic_skip": True}, "srgan")
+    fresh = Trainer(fam.build(cfg, INFO))
+    with torch.no_grad():
+        for p in fresh.model.G.body.parameters():
+            p.zero_()
+    trained = trained_looking(Trainer(fam.build(cfg, INFO)))
+    radii = [tiling(t.model.translators()["generator"], 3, 4, 4)[1] for t in (fresh, trained)]
+    assert radii[0] == radii[1] and radii[0] > 8, radii
+
+
 def trained_looking(trainer, seed=0):
     """Perturb every weight and batch-norm statistic of a freshly built model, so no layer is
     at its initial (often symmetric or zero) values."""
