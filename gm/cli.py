@@ -198,6 +198,9 @@ def _cmd_train(args) -> int:
         classifier=classifier if cfg.dataset and classifier.is_file() else None,
     )
     print(json.dumps(m, indent=2))
+    from gm.tracking import run_url
+
+    print(f"MLflow: {run_url(root, m['mlflow_run_id'])}", file=sys.stderr)
     return 0
 
 

@@ -518,6 +518,23 @@ def retry(fn, *args, attempts: int = 6, first_wait: float = 0.25, **kwargs):
             wait *= 2
 
 
+# The MLflow UI (3.17) opens every experiment on its GenAI pages (traces, token usage) unless
+# the link asks for model training, whatever the experiment's kind tag says (seen in headless
+# Chromium: the runs of an experiment appear only with this parameter).
+UI_WORKFLOW = "workflowType=machine_learning"
+
+
+def run_url(root: str | os.PathLike, run_id: str) -> str:
+    """The MLflow UI page of a run, opened on model training: on the tracking server, or on
+    ``mlflow ui``'s default address for the SQLite store (README: MLflow section)."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(root)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    exp = MlflowClient(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{exp}/runs/{run_id}?{UI_WORKFLOW}"
+
+
 def is_model_uri(ref: str) -> bool:
     """An MLflow model URI (``runs:/…``, ``models:/…``, any ``scheme://``), not a file path."""
     return "://" in ref or ref.startswith(("runs:/", "models:/"))

@@ -13,7 +13,7 @@ from gm.errors import ConfigError
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
-    from gm.tracking import repo_root
+    from gm.tracking import repo_root, run_url
     from gm.train.job import run_job
 
     ap = argparse.ArgumentParser(prog="pipelines.train", description=__doc__)
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{args.name}: {m['step']} steps, {m['images_seen']} images, "
-        f"MLflow run {m['mlflow_run_id']} → {args.out}"
+        f"MLflow run {m['mlflow_run_id']} → {args.out}\n"
+        f"  {run_url(repo_root(), m['mlflow_run_id'])}"
     )
     return 0
 

@@ -388,6 +388,12 @@ def test_the_mlflow_ui_shows_a_finished_run_its_metrics_and_its_sample_grid(
     )
     assert "samples.png" in grid
     assert any("<img" in part and "samples.png" in part for part in grid.split(">"))
+    # MLflow 3.17 opens an experiment on its GenAI overview (traces, token usage); the links gm
+    # prints ask for model training, where the experiment's runs are listed.
+    url = tracking.run_url(project, run_id)
+    assert url == f"{mlflow_server}/#/experiments/{exp}/runs/{run_id}?{tracking.UI_WORKFLOW}"
+    runs = dump_dom(f"{mlflow_server}/#/experiments/{exp}?{tracking.UI_WORKFLOW}", tmp_path)
+    assert "browsed" in runs and "Token Usage" not in runs
 
 
 # --- issue 19: continued runs, DVC overrides, short ids, DIFF values ---------------------------
