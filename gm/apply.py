@@ -264,11 +264,9 @@ def apply_tiled(t: Translator, image: torch.Tensor, batch: int = 16) -> torch.Te
     if t.fixed:
         hp, wp = max(hp, t.tile), max(wp, t.tile)
     padded = F.pad(image[None], (0, wp - w, 0, hp - h), mode="replicate")[0]
-    if t.radius is None and not t.fixed:
-        return _run(t, padded[None])[0][:, : h * s, : w * s].clamp(-1, 1)
     margin = -(-(t.radius or 0) // a) * a
     window = t.tile if t.fixed else -(-max(t.tile, 4 * margin, 2 * margin + a) // a) * a
-    if not t.fixed and hp <= window and wp <= window:
+    if not t.fixed and (t.radius is None or max(hp, wp) <= window):  # one whole-image pass
         return _run(t, padded[None])[0][:, : h * s, : w * s].clamp(-1, 1)
     rows, cols = _windows(hp, window, margin), _windows(wp, window, margin)
     wh, ww = min(window, hp), min(window, wp)

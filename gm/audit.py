@@ -77,7 +77,7 @@ def list_runs(
         raise ConfigError(f"--filter {filter_string!r}: {e.message}") from None
     rows = []
     for r in runs:
-        t, p, m = r.data.tags, effective_params(r), r.data.metrics
+        t, p, m = r.data.tags, tracking.effective_params(r), r.data.metrics
         prepared = next((v for k, v in t.items() if k.startswith("dvc.dep.datasets/")), "")
         inputs = getattr(r.inputs, "dataset_inputs", None) or []
         if not prepared and inputs:  # a `gm train` run: the digest it logged with its input
@@ -130,7 +130,7 @@ def compare_runs(root: str | Path, run_ids: list[str]) -> str:
     client, _ = _client(Path(root))
     runs = [_get_run(client, rid) for rid in run_ids]
     out = ["  ".join(["key", *(r.info.run_id[:12] for r in runs)])]
-    tables = {"params": [effective_params(r) for r in runs],
+    tables = {"params": [tracking.effective_params(r) for r in runs],
               "metrics": [r.data.metrics for r in runs]}  # fmt: skip
     for kind, table in tables.items():
         keys = sorted(set().union(*table))
@@ -324,22 +324,12 @@ def dvc_override(params: Any, key: str, value: str | None) -> str:
         return f"++{key}={value}"
 
 
-def effective_params(run) -> dict[str, str]:
-    """A run's params as its latest launch ran them: MLflow params are immutable, so a launch
-    that continued the run with another budget (``run.steps``) records the new value as the tag
-    ``gm.param.<key>`` (see gm.tracking.RunHandle.open)."""
-    p = dict(run.data.params)
-    p |= {k.removeprefix("gm.param."): v for k, v in run.data.tags.items()
-          if k.startswith("gm.param.")}  # fmt: skip
-    return p
-
-
 def audit_run(root: str | Path, run_id: str) -> Audit:
     """Lineage of ``run_id``, its checks against the workspace and the commands reproducing it."""
     root = Path(root).resolve()
     client, uri = _client(root)
     run = _get_run(client, run_id)
-    t, p = dict(run.data.tags), effective_params(run)
+    t, p = dict(run.data.tags), tracking.effective_params(run)
     a = Audit(
         run.info.run_id,
         run.info.run_name,

@@ -276,6 +276,16 @@ def dataset_digest(root: str | os.PathLike, dataset_dir: str | os.PathLike) -> t
 KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+def effective_params(run) -> dict[str, str]:
+    """A run's params as its latest launch ran them: MLflow params are immutable, so a launch
+    that continued the run with another budget (``run.steps``) records the new value as the tag
+    ``gm.param.<key>`` (see :meth:`RunHandle.open`)."""
+    p = dict(run.data.params)
+    p |= {k.removeprefix("gm.param."): v for k, v in run.data.tags.items()
+          if k.startswith("gm.param.")}  # fmt: skip
+    return p
+
+
 def _launch_record(tags: Mapping[str, str], changed: Mapping[str, str]) -> str:
     """One launch of a run, as JSON for its ``gm.launch.<n>`` tag."""
     keep = ("git.commit", "git.dirty", "gm.version", "dvc.data")
@@ -327,10 +337,7 @@ class RunHandle:
                 run = client.get_run(run_id)
             except MlflowException as e:
                 raise TrackingError(f"{uri}: run {run_id} to continue not found ({e})") from None
-            before = {**run.data.params, **{
-                k.removeprefix("gm.param."): v for k, v in run.data.tags.items()
-                if k.startswith("gm.param.")
-            }}  # fmt: skip
+            before = effective_params(run)
             changed = {k: v for k, v in params.items() if before.get(k) != v}
             fixed = sorted(k for k in changed if not k.startswith(may_change))
             if fixed:
