@@ -484,8 +484,8 @@ def test_every_override_value_round_trips_through_dvcs_parser(tmp_path, value):
 
 
 def test_a_continued_run_records_each_launch_and_audit_reproduces_the_final_state(tmp_path):
-    from gm.tracking import effective_params
     from gm.errors import ConfigError
+    from gm.tracking import effective_params
     from gm.train.job import BUDGET_PARAMS
 
     root, commit = committed_params_project(tmp_path)

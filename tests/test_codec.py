@@ -173,3 +173,27 @@ def test_gm_compress_and_decompress_round_trip_a_file(codec, tmp_path, capsys):
                  "--model", str(ckpt)]) == 2  # fmt: skip
     assert "bad.gmc: truncated" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_rates_stay_finite_and_float32_under_float16_autocast():
+    """`run.amp` trains the codec in float16 autocast; the entropy model runs in float32, so a
+    latent far in its density's tail costs its ~30 bits (the 1e-9 floor), not infinity (1e-9
+    is 0 in float16), and ordinary rates match the float32 ones."""
+    model, image = trained(hyperprior=True, steps=2)
+    x = image[None] * 2 - 1
+    batch = Batch(x, torch.zeros(1, dtype=torch.long))
+    nets = {"codec": model.codec}
+    with torch.no_grad():
+        torch.manual_seed(5)  # the same training noise U(-1/2, 1/2) on the latents
+        _, ref = model.loss("rd", batch, nets)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss, amp = model.loss("rd", batch, nets)
+        assert torch.isfinite(loss) and amp["bpp"] == pytest.approx(ref["bpp"], rel=0.02)
+        model.codec.g_a[-1].weight.mul_(1000)  # latents far out in the tails
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, bits_y, bits_z = model.codec(x01 := (x + 1) / 2)
+        _, bits_y32, _ = model.codec(x01)
+    assert bits_y.dtype == torch.float32 and torch.isfinite(bits_y).all()
+    assert torch.isfinite(bits_z).all()
+    assert bits_y.item() == pytest.approx(bits_y32.item(), rel=0.02)

@@ -227,3 +227,30 @@ def test_trainer_from_checkpoint_restores_weights_and_leaves_the_rng(tmp_path):
     assert torch.equal(torch.get_rng_state(), before) and info == INFO
     assert restored.step == 1 and set(restored.ema) == {"G"}
     assert torch.equal(trainer.sample(3, seed=4), restored.sample(3, seed=4))  # EMA weights too
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_phase_trains_under_float16_autocast(name):
+    """What `run.amp` does on CUDA, here on CPU: every loss and gradient stays finite in mixed
+    float16/float32 (no dtype clash where a float32 buffer meets a float16 activation, no
+    likelihood underflowing to 0), through every growth phase of a growing family."""
+    trainer, _ = make(name, ema_beta=0.9)
+    with torch.autocast("cpu", dtype=torch.float16):
+        for i in range(8):  # growing families: 4 -> 8 (fade) -> 8 -> 16 (fade) ...
+            metrics = trainer.train_step(batch(seed=i, trainer=trainer))
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if "loss" in k)
+    for p in trainer.model.parameters():
+        assert torch.isfinite(p).all()
+    if trainer.model.growth(trainer.images_seen) is not None:
+        assert trainer.model.growth(trainer.images_seen).resolution == INFO.resolution
+
+
+def test_fade_mixes_float16_and_float32_as_cuda_autocast_hands_them():
+    """CUDA autocast upsamples in float32 while convolutions give float16 (CPU autocast does
+    not, so the test above cannot see it): the fade-in of growing models takes both."""
+    from gm.models.progan import fade
+
+    low, high = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4, dtype=torch.float16)
+    mixed = fade(low, high, 0.25)
+    assert mixed.dtype == torch.float32 and torch.allclose(mixed, torch.full_like(mixed, 0.25))
+    assert fade(high, low, 0.5).dtype == torch.float32

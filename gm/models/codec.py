@@ -101,17 +101,21 @@ class CodecNet(nn.Module):
                 return v + torch.empty_like(v).uniform_(-0.5, 0.5)
             return coding.quantize(v, self.cfg.support)
 
-        y = self.g_a(x01)
+        y = self.g_a(x01).float()
         y_hat = q(y)
-        if self.cfg.hyperprior:
-            z = self.h_a(y.abs())
-            z_hat = q(z)
-            bits_z = -torch.log2(self.density.likelihood(z_hat)).flatten(1).sum(1)
-            scales = self.h_s(z_hat)
-            bits_y = -torch.log2(coding.gaussian_likelihood(y_hat, scales)).flatten(1).sum(1)
-        else:
-            bits_y = -torch.log2(self.density.likelihood(y_hat)).flatten(1).sum(1)
-            bits_z = torch.zeros_like(bits_y)
+        # The entropy model runs in float32 under AMP too: float16 would floor likelihoods at
+        # 0 (infinite rates), coarsen them, and make the rate the decoder uses differ.
+        with torch.autocast(x01.device.type, enabled=False):
+            if self.cfg.hyperprior:
+                z = self.h_a(y.abs())
+                z_hat = q(z)
+                bits_z = -torch.log2(self.density.likelihood(z_hat)).flatten(1).sum(1)
+                scales = self.h_s(z_hat)
+                bits_y = -torch.log2(coding.gaussian_likelihood(y_hat, scales)).flatten(1)
+                bits_y = bits_y.sum(1)
+            else:
+                bits_y = -torch.log2(self.density.likelihood(y_hat)).flatten(1).sum(1)
+                bits_z = torch.zeros_like(bits_y)
         return self.g_s(y_hat), bits_y, bits_z
 
 

@@ -52,7 +52,8 @@ def fade(low: torch.Tensor, high: torch.Tensor, alpha: float) -> torch.Tensor:
     """(1 − α)·low + α·high; exactly ``low`` at α = 0 and ``high`` at α = 1."""
     if alpha >= 1.0:
         return high
-    return torch.lerp(low, high, alpha)
+    dtype = torch.promote_types(low.dtype, high.dtype)  # CUDA autocast upsamples in float32
+    return torch.lerp(low.to(dtype), high.to(dtype), alpha)
 
 
 class ProGenerator(nn.Module):
@@ -137,7 +138,8 @@ def blend_reals(images: torch.Tensor, alpha: float) -> torch.Tensor:
 def gradient_penalty(D, real, fake, level, alpha) -> torch.Tensor:
     """WGAN-GP: E[(‖∇D(x̂)‖ − 1)²] on random interpolates x̂ of real and fake images."""
     eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
-    x = torch.lerp(real, fake, eps).requires_grad_(True)
+    # under AMP, G's output is float16 and the real images float32: mix in float32
+    x = torch.lerp(real.float(), fake.float(), eps).requires_grad_(True)
     (grad,) = torch.autograd.grad(D(x, level, alpha).sum(), x, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 

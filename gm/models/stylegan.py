@@ -101,7 +101,7 @@ def truncate(ws: torch.Tensor, w_avg: torch.Tensor, psi: float, cutoff: int) -> 
     if psi == 1.0:
         return ws
     layer = torch.arange(ws.shape[1], device=ws.device)[None, :, None]
-    return torch.where(layer < cutoff, torch.lerp(w_avg, ws, psi), ws)
+    return torch.where(layer < cutoff, torch.lerp(w_avg.to(ws.dtype), ws, psi), ws)
 
 
 class StyleSynthesis(nn.Module):
@@ -231,7 +231,8 @@ class StyleGAN(GrowingModel, GANPair):
             return loss, {"r1": r1.item()}
         with torch.no_grad():  # track the mean w for truncation
             w = self.G.mapping(torch.randn(b, self.cfg.z_dim, device=device))
-            self.G.w_avg.lerp_(w.mean(0), 1 - self.cfg.w_avg_beta)
+            # the float32 buffer tracks the mapping's output, float16 under AMP
+            self.G.w_avg.lerp_(w.mean(0).to(self.G.w_avg.dtype), 1 - self.cfg.w_avg_beta)
         return F.softplus(-D(self._fake(G, b, device, level, alpha), level, alpha)).mean(), {}
 
     def latent_shape(self):

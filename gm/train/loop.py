@@ -8,6 +8,7 @@ waits for gradients that never come. Nothing outside this file reaches for ``.mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from collections.abc import Mapping
@@ -133,7 +134,8 @@ class Trainer:
             opt = self.optimizers[phase.module]
             nets = self._nets_for(phase.module)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, enabled=self.amp):
+            # Not a disabled autocast when amp is off: a caller's own autocast still applies
+            with torch.autocast(self.device.type) if self.amp else contextlib.nullcontext():
                 loss, extra = self.model.loss(phase.name, batch, nets)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
