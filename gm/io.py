@@ -75,7 +75,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``folder``; on success each file written there
-    replaces (atomically, one ``os.replace`` each) the file of the same name in ``folder``,
+    replaces (atomically, one ``os.replace`` each) the file (or folder) of the same name in
+    ``folder``,
     which is created if missing. Other files in ``folder`` are left as they are: a DVC stage
     whose outputs are files inside a folder must not delete the ``.gitignore`` DVC keeps
     beside them (:func:`atomic_dir` replaces the whole folder). On error nothing in
@@ -88,7 +89,14 @@ def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         for f in sorted(tmp.iterdir()):
             os.chmod(f, 0o644 if f.is_file() else 0o755)
-            os.replace(f, folder / f.name)
+            target = folder / f.name
+            if f.is_dir() and target.is_dir():  # a folder replaces a folder: old one aside
+                old = _tmp_sibling(target, "dir")  # empty: rename(2) replaces it
+                os.replace(target, old)
+                os.replace(f, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(f, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

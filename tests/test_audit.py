@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from gm.cli import main
 from gm.sample import Generator, load_generator, sample
 from gm.train.checkpoint import save_checkpoint
 
-from .conftest import BIN, git
+from .conftest import BIN, free_port, git
 from .test_models_contract import INFO, TINY, make
 
 
@@ -363,6 +364,61 @@ def dump_dom(url: str, tmp_path) -> str:
     return r.stdout
 
 
+def browse_until(url: str, tmp_path, until: str, timeout: float = 90.0) -> dict:
+    """Open ``url`` in headless Chromium and poll the JavaScript expression ``until`` (it
+    returns a JSON-able object with a truthy ``done``) in real time, through the DevTools
+    protocol. ``--dump-dom`` runs on virtual time, under which MLflow's metric charts never ask
+    for their data (no get-history request reaches the server: they stay spinners)."""
+    import asyncio
+
+    import aiohttp
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={tmp_path / 'chromium-cdp'}", f"--remote-debugging-port={port}",
+         "--window-size=1400,1200", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    async def run() -> dict:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(150):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/json") as r:
+                        tabs = await r.json()
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.2)
+            page = next(t for t in tabs if t["type"] == "page")
+            async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                ids = iter(range(1, 10**6))
+
+                async def call(method: str, **params):
+                    i = next(ids)
+                    await ws.send_json({"id": i, "method": method, "params": params})
+                    async for msg in ws:
+                        data = json.loads(msg.data)
+                        if data.get("id") == i:
+                            return data.get("result", {})
+                    raise RuntimeError("the browser closed the connection")
+
+                await call("Page.navigate", url=url)
+                deadline = time.monotonic() + timeout
+                while True:
+                    r = await call("Runtime.evaluate", expression=f"JSON.stringify({until})")
+                    found = json.loads(r.get("result", {}).get("value") or "{}")
+                    if found.get("done") or time.monotonic() > deadline:
+                        return found
+                    await asyncio.sleep(0.5)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium (make test installs it)")
 def test_the_mlflow_ui_shows_a_finished_run_its_metrics_and_its_sample_grid(
@@ -394,6 +450,18 @@ def test_the_mlflow_ui_shows_a_finished_run_its_metrics_and_its_sample_grid(
     assert url == f"{mlflow_server}/#/experiments/{exp}/runs/{run_id}?{tracking.UI_WORKFLOW}"
     runs = dump_dom(f"{mlflow_server}/#/experiments/{exp}?{tracking.UI_WORKFLOW}", tmp_path)
     assert "browsed" in runs and "Token Usage" not in runs
+    # The run's metric charts draw their curves (plotly), none left a loading spinner.
+    charts = browse_until(
+        f"{mlflow_server}/#/experiments/{exp}/runs/{run_id}/model-metrics?{tracking.UI_WORKFLOW}",
+        tmp_path,
+        # charts below the fold load when scrolled to: count the spinners on screen
+        "((spin, plots) => ({spinners: spin, plots: plots, text: document.body.innerText,"
+        " done: plots >= 2 && spin === 0}))([...document.querySelectorAll("
+        "'.du-bois-light-spin-spinning')].filter(e => e.getBoundingClientRect().top <"
+        " window.innerHeight).length, document.querySelectorAll('.js-plotly-plot').length)",
+    )
+    assert charts.get("done"), {k: v for k, v in charts.items() if k != "text"}
+    assert "loss/D" in charts["text"] and "loss/G" in charts["text"]
 
 
 # --- issue 19: continued runs, DVC overrides, short ids, DIFF values ---------------------------

@@ -91,6 +91,8 @@ def repo(tmp_path, rng):
     sh(["git", "init", "-q"], root)
     sh(["dvc", "init", "-q"], root)
     sh(["dvc", "config", "core.analytics", "false"], root)
+    shutil.copytree(REPO / ".dvc/html", root / ".dvc/html")  # the offline plots page
+    sh(["dvc", "config", "plots.html_template", "html/offline.html"], root)
     sh(["dvc", "add", "-q", "data"], root)
     sh(["git", "add", "-A"], root)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
@@ -141,6 +143,16 @@ def test_repro_builds_everything_then_does_nothing(repo):
     evaluated = metrics[""]["data"]["reports/eval/toy_gan.json"]["data"]
     assert evaluated["fid"] > 0 and "fid_baseline" in evaluated
     assert "| toy | 1 | toy_gan | cgan | 4 |" in (repo / "reports/summary.md").read_text()
+    # dvc plots: a chart per curve of each training, a point per logged step, and no warning
+    r = sh(["dvc", "plots", "show", "--json"], repo)
+    assert "failed to load" not in r.stdout + r.stderr
+    shown = json.loads(r.stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    shown = shown["data"]
+    for f in ("models/toy_gan/plots/loss_G.csv", "models/toy_gan/plots/kid.csv",
+              "models/toy_sr_gan/plots/psnr.csv"):  # fmt: skip
+        assert f in shown, sorted(shown)
+    assert len((repo / "models/toy_gan/plots/loss_D.csv").read_text().splitlines()) == 1 + 4
     sr = metrics[""]["data"]["models/toy_sr_gan/metrics.json"]["data"]  # scored on test pairs
     assert sr["step"] == 4 and sr["psnr"] > 0 and sr["psnr_bicubic"] > 0
     client = MlflowClient(f"sqlite:///{repo}/mlflow.db")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -115,7 +116,18 @@ def test_one_run_per_training_with_metrics_images_model_and_lineage(
         assert [x.step for x in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4]
     kid = client.get_metric_history(run.info.run_id, "kid")  # in-training KID per checkpoint
     assert [x.step for x in kid] == [2, 4] and all(x.value == x.value for x in kid)
-    assert "kid" in (out / "history.csv").read_text().splitlines()[0].split(",")
+    # history.csv: a row per run.log_every steps (auto: steps / 50, here 1), KID on the
+    # checkpoint rows only; plots/: one curve per file for `dvc plots show`
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["kid"] != "" for r in rows] == [False, True, False, True]
+    plots = {f.name: f.read_text().splitlines() for f in (out / "plots").iterdir()}
+    assert {"loss_D.csv", "loss_G.csv", "kid.csv", "lr_D.csv", "images_per_s.csv"} <= set(plots)
+    assert plots["loss_G.csv"][0] == "step,loss/G" and len(plots["loss_G.csv"]) == 5
+    assert [line.split(",")[0] for line in plots["kid.csv"][1:]] == ["2", "4"]
+    assert float(plots["kid.csv"][2].split(",")[1]) == pytest.approx(kid[1].value, rel=1e-5)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "final/plots")}
+    assert "final/plots/loss_G.csv" in logged
     t = run.data.tags
     content = json.loads((ds / "manifest.json").read_text())["content_hash"]
     assert t["dvc.data"] == "abc123.dir" and t["dvc.stage"] == "train"

@@ -27,6 +27,7 @@ from typing import Any
 from gm.config import check, from_dict, to_dict
 from gm.errors import ConfigError, DataError, GmError
 from gm.io import atomic_files, sha256_file, write_json
+from gm.plots import write_curves
 from gm.train.ray_train import CHECKPOINT_FILE, RunSettings
 
 RUN_STATE = "gm_run.json"
@@ -118,7 +119,7 @@ def source_hash() -> str:
 
 # The params a continued run may change (the budget; run_key leaves them out of its identity).
 # A phase schedule's last phase runs until run.steps, so its description changes with it.
-BUDGET_PARAMS = ("run.steps", "run.max_failures", "run.init_from", "schedule.")
+BUDGET_PARAMS = ("run.steps", "run.max_failures", "run.init_from", "run.log_every", "schedule.")
 
 
 def run_key(
@@ -127,7 +128,7 @@ def run_key(
     """``files``: SHA-256 of the local files the job reads (VGG weights, ``run.init_from``):
     their content, not their path, is part of the identity."""
     run = to_dict(cfg.run)
-    for not_identity in ("steps", "max_failures", "init_from"):
+    for not_identity in ("steps", "max_failures", "init_from", "log_every"):
         run.pop(not_identity)
     ident = {
         "files": files,
@@ -214,17 +215,18 @@ def _write_outputs(
 
     trainer, info = trainer_from_checkpoint(payload)
     grid = preview_grid(trainer, info.num_classes, dataset_dir, seed=0)
-    history = payload["extra"].get("history", [])
+    curve = payload["extra"].get("curve") or payload["extra"].get("history", [])
     with atomic_files(out_dir) as tmp:  # not the folder: DVC keeps a .gitignore there
         shutil.copyfile(payload_path, tmp / CHECKPOINT_FILE)
         Image.fromarray(np.ascontiguousarray(grid)).save(tmp / "samples.png")
         write_json(tmp / "metrics.json", metrics)
-        columns = sorted({k for row in history for k in row} - {"step"})
+        columns = sorted({k for row in curve for k in row} - {"step"})
         with open(tmp / "history.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["step", *columns])
-            for row in history:
+            for row in curve:
                 w.writerow([row["step"], *(f"{row[c]:.6g}" if c in row else "" for c in columns)])
+        write_curves(curve, tmp / "plots")
     return trainer
 
 
@@ -403,6 +405,7 @@ def _log_final(handle, out_dir: Path, trainer, info: dict) -> None:
     with an image-to-image signature of any size, and its receptive field in the metadata."""
     for f in (CHECKPOINT_FILE, "samples.png", "metrics.json", "history.csv"):
         handle.client.log_artifact(handle.run_id, str(out_dir / f), artifact_path="final")
+    handle.client.log_artifacts(handle.run_id, str(out_dir / "plots"), artifact_path="final/plots")
     log_models(handle, trainer, info)
 
 

@@ -50,12 +50,20 @@ class RunSettings:
     # warm start: a checkpoint.pt of the same family and config whose weights (and EMA) a new
     # run starts from; optimizers, step and schedules start fresh ('' = random init)
     init_from: str = ""
+    # steps between rows of history.csv (the loss curves of `dvc plots`: interval means, with
+    # the checkpoint's KID / test-pair metrics on checkpoint rows); 0: steps / 50
+    log_every: int = 0
+
+    @property
+    def curve_every(self) -> int:
+        return self.log_every or max(1, self.steps // 50)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "num_workers"):
             check(getattr(self, name) >= 1, name, "must be >= 1")
         check(0.0 <= self.ema_beta < 1.0, "ema_beta", "must be in [0, 1)")
         check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: unlimited)")
+        check(self.log_every >= 0, "log_every", "must be >= 0 (0: steps / 50)")
 
 
 def shard_indices(n: int, step: int, batch_size: int, rank: int, world: int, seed: int):
@@ -234,7 +242,7 @@ def run_loop(config: dict[str, Any], host) -> None:
         total_steps=run.steps,
     )
     tracking = dict(config.get("tracking") or {})
-    resumed_from, history = 0, []
+    resumed_from, history, curve = 0, [], []
     checkpoint = host.checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -242,6 +250,7 @@ def run_loop(config: dict[str, Any], host) -> None:
         trainer.load_state_dict(payload["trainer"])  # RNG: rank 0's saved state
         resumed_from = trainer.step
         history = list(payload["extra"].get("history", []))
+        curve = list(payload["extra"].get("curve", []))
         if payload["extra"].get("mlflow_run_id") and not config.get("own_run"):
             tracking["run_id"] = payload["extra"]["mlflow_run_id"]
         if config.get("optim_from_config"):
@@ -280,8 +289,10 @@ def run_loop(config: dict[str, Any], host) -> None:
 
     # tests: {"step": k, "marker": path[, "action": "pause"]}: SIGKILL (or pause) at step k
     fault = config.get("fault_injection")
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, float] = defaultdict(float)  # since the last checkpoint
     counts: dict[str, int] = defaultdict(int)
+    curve_sums: dict[str, float] = defaultdict(float)  # since the last history.csv row
+    curve_counts: dict[str, int] = defaultdict(int)
     batches = _batches(config, run, info, rank, world, trainer)
     tick = time.perf_counter()
     while trainer.step < run.steps:
@@ -307,6 +318,14 @@ def run_loop(config: dict[str, Any], host) -> None:
         for k, v in metrics.items():
             sums[k] += v
             counts[k] += 1
+            curve_sums[k] += v
+            curve_counts[k] += 1
+        at_checkpoint = trainer.step % run.checkpoint_every == 0 or trainer.step == run.steps
+        if rank == 0 and (trainer.step % run.curve_every == 0 or at_checkpoint):
+            curve.append({"step": trainer.step,
+                          **{k: curve_sums[k] / curve_counts[k] for k in curve_sums}})  # fmt: skip
+            curve_sums.clear()
+            curve_counts.clear()
         if logger:
             logger.log(trainer.step, metrics)
         if progress is not None and (now - last_progress > 0.5 or trainer.step == run.steps):
@@ -326,7 +345,7 @@ def run_loop(config: dict[str, Any], host) -> None:
                 host.wait_reported()
                 marker.write_text("killed once")
                 os.kill(os.getpid(), 9)
-        if trainer.step % run.checkpoint_every == 0 or trainer.step == run.steps:
+        if at_checkpoint:
             report_start = time.perf_counter()
             means = {k: sums[k] / counts[k] for k in sums}
             sums.clear()
@@ -336,6 +355,7 @@ def run_loop(config: dict[str, Any], host) -> None:
                     t = time.perf_counter()
                     means["kid"] = kid_probe(trainer)
                     means["kid_s"] = time.perf_counter() - t
+                    curve[-1] |= {"kid": means["kid"]}
                     if logger:
                         logger.log(trainer.step, {"kid": means["kid"], "kid_s": means["kid_s"]})
                 if paired_probe is not None:  # test-pair metrics beside their baseline
@@ -343,6 +363,7 @@ def run_loop(config: dict[str, Any], host) -> None:
                     found = paired_probe(trainer)
                     found["eval_s"] = time.perf_counter() - t
                     means |= found
+                    curve[-1] |= {k: v for k, v in found.items() if k != "eval_s"}
                     if logger:
                         logger.log(trainer.step, found)
                 history.append({"step": trainer.step, **means})
@@ -374,7 +395,8 @@ def run_loop(config: dict[str, Any], host) -> None:
                             "resumed_from": resumed_from,
                             "mlflow_run_id": tracking.get("run_id", ""),
                             "images_seen_total": trainer.images_seen,
-                            "history": history,
+                            "history": history,  # a row per checkpoint (metrics.json)
+                            "curve": curve,  # a row per log_every steps (history.csv)
                         },
                     )
                     host.report(report, d)
