@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
@@ -125,7 +126,7 @@ class DCGANDiscriminator(nn.Module):
 
 
 @dataclass(frozen=True)
-class DCGANConfig:
+class DCGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     z_dim: int = 100  # the paper's latent size
     ngf: int = 128  # 64x64 → the paper's 1024-512-256-128 generator
     ndf: int = 128  # D mirrors G
@@ -135,6 +136,7 @@ class DCGANConfig:
     def __post_init__(self):
         for name in ("z_dim", "ngf", "ndf"):
             check(getattr(self, name) > 0, name, "must be > 0")
+        check_augment(self)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class DCGAN(GANPair):
         self.G = DCGANGenerator(cfg.z_dim, info.resolution, info.channels, cfg.ngf)
         self.D = DCGANDiscriminator(info.resolution, info.channels, cfg.ndf)
         dcgan_init(self)
+        self.augment = build_augment(cfg)  # None, or buffers only: p is in the state dict
 
     def phases(self) -> list[Phase]:
         return [Phase("D", "D"), Phase("G", "G")]
@@ -164,12 +167,14 @@ class DCGAN(GANPair):
         if phase == "D":
             with torch.no_grad():
                 fake = nets["G"](z, batch.labels)
-            real_logit = nets["D"](batch.images, batch.labels)
-            fake_logit = nets["D"](fake, batch.labels)
+            real_logit = nets["D"](self.augmented(batch.images), batch.labels)
+            fake_logit = nets["D"](self.augmented(fake), batch.labels)
             loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
-            return loss, {"D_real": real_logit.mean().item(), "D_fake": fake_logit.mean().item()}
+            extra = {"D_real": real_logit.mean().item(), "D_fake": fake_logit.mean().item()}
+            self.observe_real(real_logit, extra)
+            return loss, extra
         fake = nets["G"](z, batch.labels)
-        loss = F.softplus(-nets["D"](fake, batch.labels)).mean()
+        loss = F.softplus(-nets["D"](self.augmented(fake), batch.labels)).mean()
         return loss, {}
 
     def latent_shape(self):
@@ -216,6 +221,7 @@ class ConditionalGAN(DCGAN):
             embed_dim=cfg.embed_dim,
         )
         dcgan_init(self)
+        self.augment = build_augment(cfg)
 
 
 @register("dcgan", DCGANConfig, "Radford, Metz & Chintala, ICLR 2016 (DCGAN)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
 from gm.models.growth import (
     AtResolution,
@@ -110,7 +111,7 @@ class ProDiscriminator(nn.Module):
 
 
 @dataclass(frozen=True)
-class ProGANConfig:
+class ProGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     latent: int = 512
     fmap_base: int = 16384  # channels at a resolution: min(fmap_base / res, fmap_max)
     fmap_max: int = 512
@@ -125,6 +126,7 @@ class ProGANConfig:
         for name in ("latent", "fmap_base", "fmap_max", "mbstd_group"):
             check(getattr(self, name) > 0, name, "must be > 0")
         check(self.gp_lambda >= 0 and self.drift >= 0, "gp_lambda", "penalties must be >= 0")
+        check_augment(self)
 
 
 def blend_reals(images: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -154,6 +156,7 @@ class ProGAN(GrowingModel, GANPair):
         self.G = ProGenerator(cfg.latent, info.resolution, info.channels, nf)
         self.D = ProDiscriminator(info.resolution, info.channels, nf, cfg.mbstd_group)
         self._init_growth(cfg.growth, info.resolution)
+        self.augment = build_augment(cfg)
 
     def phases(self) -> list[Phase]:
         return [Phase("D", "D"), Phase("G", "G")]
@@ -169,19 +172,24 @@ class ProGAN(GrowingModel, GANPair):
         z = torch.randn(b, self.cfg.latent, device=batch.images.device)
         G, D = nets["G"], nets["D"]
         if phase == "D":
-            real = blend_reals(batch.images, alpha)
+            real = self.augmented(blend_reals(batch.images, alpha))
             with torch.no_grad():
                 fake = G(z, level, alpha)
+            fake = self.augmented(fake)
             d_real, d_fake = D(real, level, alpha), D(fake, level, alpha)
-            gp = gradient_penalty(D, real, fake, level, alpha)
+            gp = gradient_penalty(D, real, fake, level, alpha)  # between what D was shown
             loss = (
                 d_fake.mean()
                 - d_real.mean()
                 + self.cfg.gp_lambda * gp
                 + self.cfg.drift * d_real.pow(2).mean()
             )
-            return loss, {"wdist": (d_real.mean() - d_fake.mean()).item(), "gp": gp.item()}
-        return -D(G(z, level, alpha), level, alpha).mean(), {}
+            extra = {"wdist": (d_real.mean() - d_fake.mean()).item(), "gp": gp.item()}
+            # ADA's sign(D(real)) for a critic, whose outputs have no fixed origin: measured
+            # from the mean fake score (r_t = 1: every real image scored above it)
+            self.observe_real(d_real - d_fake.mean().detach(), extra)
+            return loss, extra
+        return -D(self.augmented(G(z, level, alpha)), level, alpha).mean(), {}
 
     def latent_shape(self):
         return (self.cfg.latent,)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
 from gm.models.growth import (
     AtResolution,
@@ -160,7 +161,7 @@ class StyleGenerator(nn.Module):
 
 
 @dataclass(frozen=True)
-class StyleGANConfig:
+class StyleGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     z_dim: int = 512
     w_dim: int = 512
     mapping_layers: int = 8
@@ -184,6 +185,7 @@ class StyleGANConfig:
         check(0 <= self.mixing_prob <= 1, "mixing_prob", "must be in [0, 1]")
         check(0 <= self.truncation_psi <= 1, "truncation_psi", "must be in [0, 1]")
         check(self.r1_gamma >= 0, "r1_gamma", "must be >= 0")
+        check_augment(self)
 
 
 class StyleGAN(GrowingModel, GANPair):
@@ -197,6 +199,7 @@ class StyleGAN(GrowingModel, GANPair):
         nf = widths(cfg.fmap_base, cfg.fmap_max)
         self.D = ProDiscriminator(info.resolution, info.channels, nf, cfg.mbstd_group)
         self._init_growth(cfg.growth, info.resolution)
+        self.augment = build_augment(cfg)
 
     def phases(self) -> list[Phase]:
         return [Phase("D", "D"), Phase("Dreg", "D", every=self.cfg.r1_every), Phase("G", "G")]
@@ -217,12 +220,15 @@ class StyleGAN(GrowingModel, GANPair):
         if phase == "D":
             with torch.no_grad():
                 fake = self._fake(G, b, device, level, alpha)
-            d_real, d_fake = D(real, level, alpha), D(fake, level, alpha)
+            d_real = D(self.augmented(real), level, alpha)
+            d_fake = D(self.augmented(fake), level, alpha)
             loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-            return loss, {"D_real": d_real.mean().item(), "D_fake": d_fake.mean().item()}
-        if phase == "Dreg":
+            extra = {"D_real": d_real.mean().item(), "D_fake": d_fake.mean().item()}
+            self.observe_real(d_real, extra)
+            return loss, extra
+        if phase == "Dreg":  # R1 on the real images, through the augmentation (as ADA)
             x = real.detach().requires_grad_(True)
-            logits = D(x, level, alpha)
+            logits = D(self.augmented(x), level, alpha)
             (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
             r1 = grad.pow(2).flatten(1).sum(1).mean()
             # + 0·logits: every parameter DDP saw in the forward gets a (zero) gradient; the
@@ -233,7 +239,8 @@ class StyleGAN(GrowingModel, GANPair):
             w = self.G.mapping(torch.randn(b, self.cfg.z_dim, device=device))
             # the float32 buffer tracks the mapping's output, float16 under AMP
             self.G.w_avg.lerp_(w.mean(0).to(self.G.w_avg.dtype), 1 - self.cfg.w_avg_beta)
-        return F.softplus(-D(self._fake(G, b, device, level, alpha), level, alpha)).mean(), {}
+        fake = self.augmented(self._fake(G, b, device, level, alpha))
+        return F.softplus(-D(fake, level, alpha)).mean(), {}
 
     def latent_shape(self):
         return (self.cfg.z_dim,)

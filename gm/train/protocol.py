@@ -107,6 +107,23 @@ class GenerativeModel(nn.Module):
     unused_parameters: bool = False  # some parameters get no gradient in a step (growing nets)
     ema_modules: tuple[str, ...] = ()  # modules with an EMA copy used by `sample`
     sampler: str = "G"  # the trainable module that generates (its EMA copy where kept)
+    # Adversarial families set ``self.augment`` (gm.augment.Augment or None) from model.augment
+    # (a submodule: its p is in the state dict). Not a class attribute: nn.Module keeps
+    # submodules apart, and a class attribute would hide them.
+
+    def augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """What the discriminator is shown of ``x`` (real or generated): the family's
+        ``model.augment`` pipeline, or ``x`` itself."""
+        augment = getattr(self, "augment", None)
+        return x if augment is None else augment(x)
+
+    def observe_real(self, d_real: torch.Tensor, extra: dict[str, float]) -> None:
+        """ADA's statistic from D's logits of the real images of a step; adds ``ada_p`` and
+        ``ada_r_t`` to the phase's ``extra`` metrics."""
+        augment = getattr(self, "augment", None)
+        if augment is not None:
+            augment.observe(d_real)
+            extra |= {f"ada_{k}": v for k, v in augment.stats().items()}
 
     def trainable(self) -> dict[str, nn.Module]:
         raise NotImplementedError

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from gm.augment import mirror
 from gm.config import check
 from gm.errors import ConfigError, DataError
 
@@ -53,6 +54,9 @@ class RunSettings:
     # steps between rows of history.csv (the loss curves of `dvc plots`: interval means, with
     # the checkpoint's KID / test-pair metrics on checkpoint rows); 0: steps / 50
     log_every: int = 0
+    # dataset x-flip (Progressive GAN, StyleGAN): half of each batch flipped left-right, chosen
+    # from (seed, rank, step), so a resumed run sees the same batches (gm.augment.mirror)
+    mirror: bool = False
 
     @property
     def curve_every(self) -> int:
@@ -297,6 +301,8 @@ def run_loop(config: dict[str, Any], host) -> None:
     tick = time.perf_counter()
     while trainer.step < run.steps:
         batch = next(batches)
+        if run.mirror:
+            batch = mirror(batch, run.seed, trainer.step, rank)
         grow = trainer.model.growth(trainer.images_seen)  # the phase this step trains in
         metrics = trainer.train_step(batch)
         now = time.perf_counter()
