@@ -93,7 +93,7 @@ def make_ada(name="cgan", kind="ada", target=0.6):
     return Trainer(fam.build(cfg, INFO), ema_beta=0.9), cfg
 
 
-@pytest.mark.parametrize("name", ["dcgan", "cgan", "progan", "stylegan"])
+@pytest.mark.parametrize("name", ["dcgan", "cgan", "progan", "stylegan", "srgan"])
 def test_ada_training_logs_p_and_a_checkpoint_resumes_with_the_same_p(name, tmp_path):
     # the tiny growing models change resolution every few steps: a lower target for them
     trainer, cfg = make_ada(name, target=0.6 if name in ("dcgan", "cgan") else 0.2)
@@ -130,7 +130,7 @@ def test_mirror_flips_half_the_batch_the_same_way_at_the_same_step():
     assert not torch.equal(mirror(b, seed=0, step=6).images, one.images)
 
 
-@pytest.mark.parametrize("name", ["dcgan", "progan", "stylegan"])
+@pytest.mark.parametrize("name", ["dcgan", "progan", "stylegan", "srgan"])
 def test_diffaugment_trains_every_phase(name):
     trainer, _ = make_ada(name, "diffaug")
     first = trainer.train_step(batch(seed=0, trainer=trainer))

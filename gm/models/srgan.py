@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
 from gm.errors import DataError
 from gm.models.paired import PairedGAN
@@ -209,7 +210,7 @@ class VGGContent(nn.Module):
 
 
 @dataclass(frozen=True)
-class SRGANConfig:
+class SRGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     scale: int = 4  # upscaling factor (2, 4, 8); the paired dataset needs x<scale>.parquet
     width: int = 64  # G's trunk feature maps
     blocks: int = 16  # G's residual blocks
@@ -241,6 +242,7 @@ class SRGANConfig:
         check(self.pretrain_steps >= 0, "pretrain_steps", "must be >= 0")
         check(self.lr_drop_steps >= 0, "lr_drop_steps", "must be >= 0")
         check(self.adversarial_weight >= 0, "adversarial_weight", "must be >= 0")
+        check_augment(self)
         try:
             vgg19_cut(self.vgg_layer)
         except ValueError as e:
@@ -268,6 +270,7 @@ class SRGAN(PairedGAN):
             cfg.padding,
         )  # fmt: skip
         self.D = SRDiscriminator(info.channels, info.resolution, cfg.ndf, cfg.d_dense)
+        self.augment = build_augment(cfg)  # what D sees of HR and SR images
         self.current_step = 0  # set by on_progress: which phases are due
         self.__dict__["_content"] = None  # VGG loss net: loaded on first use, never checkpointed
 
@@ -304,12 +307,15 @@ class SRGAN(PairedGAN):
         if phase == "D":
             with torch.no_grad():
                 fake = nets["G"](lr)
-            real_logit, fake_logit = nets["D"](hr), nets["D"](fake)
+            real_logit = nets["D"](self.augmented(hr))
+            fake_logit = nets["D"](self.augmented(fake))
             loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
-            return loss, {"D_real": real_logit.mean().item(), "D_fake": fake_logit.mean().item()}
+            extra = {"D_real": real_logit.mean().item(), "D_fake": fake_logit.mean().item()}
+            self.observe_real(real_logit, extra)
+            return loss, extra
         fake = nets["G"](lr)
-        content = self.content(fake, hr)
-        adversarial = F.softplus(-nets["D"](fake)).mean()
+        content = self.content(fake, hr)  # on the images themselves, never augmented
+        adversarial = F.softplus(-nets["D"](self.augmented(fake))).mean()
         loss = content + self.cfg.adversarial_weight * adversarial
         return loss, {"content": content.item(), "adversarial": adversarial.item()}
 
