@@ -109,6 +109,11 @@ class Augment(nn.Module):
         return {"p": float(self.p), "r_t": float(self.r_t)} if self.kind == "ada" else {}
 
 
+def _coin(b: int, p: float, device):
+    """A fresh (B,) draw per call: which images a transform is applied to, each with prob p."""
+    return lambda: torch.rand(b, device=device) < p
+
+
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per image (B,) mask: a where set, else b (any trailing shape)."""
     return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
@@ -125,9 +130,7 @@ def ada_geometric(x: torch.Tensor, p: float) -> torch.Tensor:
     b, c, h, w = x.shape
     dev = x.device
     dtype = torch.float32
-
-    def chosen():
-        return torch.rand(b, device=dev) < p
+    chosen = _coin(b, p, dev)
 
     eye = torch.eye(3, device=dev, dtype=dtype).expand(b, 3, 3)
     # a sampling matrix in normalized coordinates, output → input
@@ -154,9 +157,7 @@ def ada_colour_and_cutout(x: torch.Tensor, p: float) -> torch.Tensor:
     values; grey images: brightness and contrast) and cutout, each with probability ``p``."""
     b, c = x.shape[:2]
     dev = x.device
-
-    def chosen():
-        return torch.rand(b, device=dev) < p
+    chosen = _coin(b, p, dev)
 
     bright = torch.where(chosen(), torch.randn(b, device=dev) * 0.2, 0.0)
     contrast = torch.where(chosen(), torch.exp2(torch.randn(b, device=dev) * 0.5), 1.0)

@@ -203,3 +203,32 @@ def s3_server():
     yield {"endpoint": endpoint, "env": env, "client": s3}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def chromium() -> str | None:
+    """Debian's chromium (make test installs it where it can), or None."""
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def dump_dom(url: str, tmp_path) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium (Debian's package)."""
+    r = subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",  # CI runs as root
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout

@@ -20,7 +20,7 @@ from gm.cli import main
 from gm.sample import Generator, load_generator, sample
 from gm.train.checkpoint import save_checkpoint
 
-from .conftest import BIN, free_port, git
+from .conftest import BIN, chromium, dump_dom, free_port, git
 from .test_models_contract import INFO, TINY, make
 
 
@@ -334,34 +334,6 @@ def test_a_run_continued_with_more_steps_is_audited_as_its_final_state(
     assert "output models/toy/checkpoint.pt" in {c.what for c in a.checks if c.ok}
     r = gm(project, "runs", "--json")
     assert json.loads(r.stdout)[0]["params"]["run.steps"] == "3"
-
-
-def chromium() -> str | None:
-    import shutil
-
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def dump_dom(url: str, tmp_path) -> str:
-    """The page's DOM after its scripts ran, from headless Chromium (Debian's package)."""
-    r = subprocess.run(
-        [
-            chromium(),
-            "--headless",
-            "--no-sandbox",  # CI runs as root
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            "--virtual-time-budget=20000",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout
 
 
 def browse_until(url: str, tmp_path, until: str, timeout: float = 90.0) -> dict:

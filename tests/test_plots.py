@@ -6,14 +6,12 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from gm.plots import TEMPLATE, curve_columns, offline_template, write_curves
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = REPO / ".venv/bin"
+from .conftest import BIN, REPO, chromium, dump_dom
 
 
 def rows(n=40):
@@ -44,10 +42,6 @@ def test_the_committed_page_is_the_pinned_bundle_and_dvc_uses_it():
     assert (REPO / ".dvc" / r.stdout.strip()).resolve() == TEMPLATE
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium (make test installs it)")
 def test_dvc_plots_show_draws_every_curve_with_no_network(tmp_path):
     root = tmp_path / "repo"
@@ -63,12 +57,7 @@ def test_dvc_plots_show_draws_every_curve_with_no_network(tmp_path):
                    capture_output=True)  # fmt: skip
     page = (root / "out/index.html").read_text()
     assert "<script src=" not in page and "cdn.jsdelivr" not in page  # nothing to fetch
-    dom = subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000",
-         "--dump-dom", (root / "out/index.html").as_uri()],
-        capture_output=True, text=True, timeout=180,
-    ).stdout  # fmt: skip
+    dom = dump_dom((root / "out/index.html").as_uri(), tmp_path)
     charts = [part for part in dom.split("<svg")[1:] if 'class="marks"' in part.split(">")[0]]
     assert len(charts) == len(files) == 5
     for f in files:  # each chart titled by its file, its y axis by the column

@@ -324,8 +324,9 @@ def run_loop(config: dict[str, Any], host) -> None:
         for k, v in metrics.items():
             sums[k] += v
             counts[k] += 1
-            curve_sums[k] += v
-            curve_counts[k] += 1
+            if rank == 0:  # rank 0 writes history.csv
+                curve_sums[k] += v
+                curve_counts[k] += 1
         at_checkpoint = trainer.step % run.checkpoint_every == 0 or trainer.step == run.steps
         if rank == 0 and (trainer.step % run.curve_every == 0 or at_checkpoint):
             curve.append({"step": trainer.step,
