@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gm.config import check, from_dict, to_dict
-from gm.errors import ConfigError, DataError, GmError
+from gm.errors import ConfigError, DataError
 from gm.io import atomic_files, sha256_file, write_json
 from gm.plots import write_curves
 from gm.train.ray_train import CHECKPOINT_FILE, RunSettings
@@ -119,7 +119,8 @@ def source_hash() -> str:
 
 # The params a continued run may change (the budget; run_key leaves them out of its identity).
 # A phase schedule's last phase runs until run.steps, so its description changes with it.
-BUDGET_PARAMS = ("run.steps", "run.max_failures", "run.init_from", "run.log_every", "schedule.")
+BUDGET_PARAMS = ("run.steps", "run.max_failures", "run.init_from", "run.log_every", "run.data",
+                 "schedule.")  # fmt: skip
 
 
 def run_key(
@@ -128,7 +129,7 @@ def run_key(
     """``files``: SHA-256 of the local files the job reads (VGG weights, ``run.init_from``):
     their content, not their path, is part of the identity."""
     run = to_dict(cfg.run)
-    for not_identity in ("steps", "max_failures", "init_from", "log_every"):
+    for not_identity in ("steps", "max_failures", "init_from", "log_every", "data"):
         run.pop(not_identity)
     ident = {
         "files": files,
@@ -157,51 +158,11 @@ def tracking_wait_s() -> float:
 
 
 def init_ray(cfg: RunSettings) -> None:
-    """Attach to ``RAY_ADDRESS`` when set, else start a local Ray sized for the job.
+    """Attach to ``RAY_ADDRESS`` when set, else start a local Ray sized for the job's workers
+    (:func:`gm.cluster.init_ray`)."""
+    from gm.cluster import init_ray as _init
 
-    A local Ray is this run's own: its dashboard port is chosen here and exported as
-    ``RAY_API_SERVER_ADDRESS`` before Ray starts, so its processes inherit it and every State
-    API call (Ray Train's placement-group cleaner polls one) goes to this instance; without it,
-    a second local Ray on the host made each poll fail with "Found multiple active Ray
-    instances". A Ray that cannot start or be reached is a GmError naming the cause and what
-    to do, not a traceback."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    try:
-        if address:
-            ray.init(log_to_driver=True)
-            return
-        need = cfg.num_workers * cfg.cpus_per_worker
-        port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        # The dashboard serves the State API and the Jobs API: on loopback only (a cluster's
-        # head sets its own host; token auth, see README).
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-                 dashboard_host="127.0.0.1", dashboard_port=port)  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - Ray raises many kinds; all end here
-        first = (str(e).strip().splitlines() or [""])[0]
-        cause = f"{type(e).__name__}: {first}"
-        if address:
-            raise GmError(
-                f"RAY_ADDRESS={address}: cannot attach to the Ray cluster ({cause}); check "
-                "that it is up and reachable, and its auth token (RAY_AUTH_MODE=token, see "
-                "README), or unset RAY_ADDRESS to train on a local Ray"
-            ) from None
-        raise GmError(
-            f"a local Ray did not start ({cause}); `ray stop --force` ends stale local "
-            "instances, check free memory and space in /tmp, or set RAY_ADDRESS to a cluster"
-        ) from None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    _init(cfg.num_workers * cfg.cpus_per_worker)
 
 
 def _write_outputs(
