@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gm import params
-from gm.cli import guarded
+from gm.cli import WORKERS_HELP, guarded
 from gm.data.prepare import prepare_dataset
 from gm.errors import ConfigError
 
@@ -17,11 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True, help="key under `datasets` in the params file")
     ap.add_argument("--raw", required=True, help="raw image folder (or folder of Parquet tables)")
     ap.add_argument("--out", required=True, help="output dataset folder (replaced atomically)")
+    ap.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     args = ap.parse_args(argv)
     p = params.load(args.params)
     if args.name not in p.datasets:
         raise ConfigError(f"{args.params}: datasets.{args.name}: no such dataset")
-    m = prepare_dataset(args.raw, args.out, p.datasets[args.name], name=args.name)
+    m = prepare_dataset(args.raw, args.out, p.datasets[args.name], name=args.name,
+                       workers=args.workers)  # fmt: skip
     print(
         f"{args.name}: {m['num_images']} images, {len(m['classes'])} classes, "
         f"levels {m['resolutions']}, {len(m['skipped'])} inputs skipped → {args.out}"

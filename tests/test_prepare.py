@@ -12,7 +12,7 @@ from PIL import Image
 
 from gm.data.config import DatasetConfig, SplitConfig
 from gm.data.parquet import read_metadata
-from gm.data.prepare import prepare_dataset
+from gm.data.prepare import prepare_dataset, row_order_key
 from gm.data.pyramid import box_down, build_pyramid, nearest_up
 from gm.data.readers import load_level, read_table
 from gm.data.splits import assign_split, unit_hash
@@ -24,26 +24,45 @@ from .conftest import random_rgb, save
 CFG = DatasetConfig(top_resolution=32)
 
 
-def test_box_down_is_the_mean_of_each_block(rng):
+def _rounded_box(x: np.ndarray) -> np.ndarray:
+    """The reference: float64 mean of each 2x2 block, rounded half to even (np.rint)."""
+    n, h, w, c = x.shape
+    return np.rint(x.astype(np.float64).reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4)))
+
+
+def test_box_down_is_the_rounded_mean_of_each_block(rng):
     x = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
     y = box_down(x)
-    ref = x.astype(np.float64).reshape(2, 4, 2, 4, 2, 3).mean(axis=(2, 4))
-    assert y.dtype == np.float32 and np.array_equal(y, ref.astype(np.float32))
+    assert y.dtype == np.uint8 and np.array_equal(y, _rounded_box(x))
     assert np.array_equal(box_down(nearest_up(y)), y)
+    # every remainder mod 4, ties to the even neighbour: 1.5 → 2, 2.5 → 2, 0.25 → 0, 0.75 → 1
+    blocks = np.asarray([[1, 2, 1, 2], [2, 3, 2, 3], [0, 0, 0, 1], [0, 1, 1, 1], [255] * 4])
+    x = blocks.reshape(5, 2, 2, 1).astype(np.uint8)
+    assert box_down(x).ravel().tolist() == [2, 2, 0, 1, 255]
+    with pytest.raises(TypeError, match="uint8"):
+        box_down(x.astype(np.float32))
 
 
-def test_stored_levels_are_exact_box_filters_of_the_level_above(raw_folder, tmp_path):
+def test_rounding_does_not_drift_down_the_levels(rng):
+    """Halves to even: a 64x64 noise image's 4x4 level stays within 0.1 grey level of the
+    exact float mean on average (halves up would drift by about +1/8 per level)."""
+    x = rng.integers(0, 256, (64, 64, 64, 1)).astype(np.uint8)
+    levels = build_pyramid(x)
+    exact = x.astype(np.float64).reshape(64, 4, 16, 4, 16, 1).mean(axis=(2, 4))
+    assert abs(float((levels[4] - exact).mean())) < 0.1
+
+
+def test_stored_levels_are_box_filters_of_the_level_above(raw_folder, tmp_path):
     m = prepare_dataset(raw_folder, tmp_path / "ds", CFG, progress=False)
     assert m["resolutions"] == [4, 8, 16, 32]
     levels = {r: load_level(tmp_path / "ds", r)[0] for r in m["resolutions"]}
-    assert levels[32].dtype == np.uint8
     for r in (4, 8, 16):
-        assert levels[r].dtype == np.float32
-        assert np.array_equal(levels[r], box_down(levels[2 * r])), r
-        # and against a float64 mean over the whole block of the top level
-        f = 32 // r
-        ref = levels[32].astype(np.float64).reshape(-1, r, f, r, f, 3).mean(axis=(2, 4))
-        assert np.array_equal(levels[r].astype(np.float64), ref)
+        assert levels[r].dtype == np.uint8
+        assert np.array_equal(levels[r], _rounded_box(levels[2 * r])), r
+    # the whole pyramid is 4/3 of the top level's pixel bytes (goal: at most 1.45)
+    total = sum(v.nbytes for v in levels.values())
+    assert total / levels[32].nbytes == pytest.approx(1 + 1 / 4 + 1 / 16 + 1 / 64)
+    assert all(f["dtype"] == "uint8" for f in m["files"].values())
 
 
 def test_pyramid_of_odd_sizes_is_refused():
@@ -65,7 +84,9 @@ def test_manifest_and_schema(raw_folder, tmp_path):
     table = pq.read_table(tmp_path / "ds" / "32x32.parquet")
     assert table.column_names == ["id", "source", "label", "label_name", "split", "image"]
     ids = table.column("id").to_pylist()
-    assert ids == sorted(ids) and ids[0] == "cats/000.png"
+    # the fixed pseudo-random row order: by the hash of each id, the same in every level
+    assert ids == sorted(ids, key=row_order_key) and ids != sorted(ids)
+    assert pq.read_table(tmp_path / "ds" / "4x4.parquet").column("id").to_pylist() == ids
     meta = read_metadata(tmp_path / "ds" / "8x8.parquet")
     assert meta["resolution"] == 8 and meta["classes"] == m["classes"]
     # mean/std in [0, 1] of the train split's top level
@@ -195,3 +216,131 @@ def test_atomic_files_replace_outputs_but_keep_what_dvc_keeps_beside_them(tmp_pa
     with atomic_files(tmp_path / "fresh") as tmp:  # a missing folder is created
         (tmp / "a.txt").write_text("x")
     assert (tmp_path / "fresh" / "a.txt").read_text() == "x"
+
+
+# --- streaming prepare: Ray Data workers, row groups in bytes, kills, bounded batches ------
+
+
+def _files(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_ray_workers_write_the_same_bytes_as_this_process(raw_folder, tmp_path, ray_local,
+                                                          monkeypatch):  # fmt: skip
+    """0 (in process), 1 and 2 Ray Data tasks at a time, in batches of 4 inputs (8 tasks):
+    identical Parquet files, manifest and preview."""
+    import gm.data.parquet as parquet
+    import gm.data.prepare as prep
+
+    monkeypatch.setattr(prep, "MAX_BATCH", 4)
+    # many pages per row group: page boundaries must not follow how the rows were batched
+    monkeypatch.setattr(parquet, "DATA_PAGE_BYTES", 5000)
+    save(raw_folder / "dogs" / "bad.png", np.zeros(3, np.uint8))  # not decodable: skipped
+    out = {}
+    for w in (0, 1, 2):
+        prepare_dataset(raw_folder, tmp_path / f"w{w}", CFG, progress=False, workers=w)
+        out[w] = _files(tmp_path / f"w{w}")
+    assert out[0] == out[1] == out[2]
+    monkeypatch.setattr(prep, "MAX_BATCH", 7)  # other batches, the same bytes
+    prepare_dataset(raw_folder, tmp_path / "b7", CFG, progress=False, workers=0)
+    assert _files(tmp_path / "b7") == out[0]
+    m = json.loads((tmp_path / "w2" / "manifest.json").read_text())
+    assert m["num_images"] == 30 and [s["path"] for s in m["skipped"]] == ["dogs/bad.png"]
+
+
+def test_a_refused_input_stops_ray_workers_naming_it(raw_folder, tmp_path, ray_local):
+    (raw_folder / "owls" / "004.png").write_bytes(b"not a png")
+    cfg = DatasetConfig(top_resolution=32, on_invalid="error")
+    with pytest.raises(DataError, match="owls/004.png: "):
+        prepare_dataset(raw_folder, tmp_path / "ds", cfg, progress=False, workers=2)
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.tmp-*"))
+
+
+def test_row_groups_are_sized_in_bytes(raw_folder, tmp_path, monkeypatch):
+    import gm.data.parquet as parquet
+
+    assert parquet.row_group_rows(1024 * 1024 * 3) == 21  # 64 MiB of 1024x1024 RGB rows
+    assert parquet.row_group_rows(32 * 32 * 3) == 21845
+    assert parquet.row_group_rows(4 * 4 * 1) == 65536 and parquet.row_group_rows(1 << 30) == 1
+    # lower levels take the top level's rows per group, at least 1 MiB of them
+    assert parquet.row_group_rows(512 * 512 * 3, top_rows=21) == 21
+    assert parquet.row_group_rows(8 * 8 * 3, top_rows=21) == 5461
+    base = prepare_dataset(raw_folder, tmp_path / "a", CFG, progress=False)
+    monkeypatch.setattr(parquet, "ROW_GROUP_BYTES", 32 * 32 * 3 * 7)  # 7 rows of 32x32 RGB
+    monkeypatch.setattr(parquet, "MIN_ROW_GROUP_BYTES", 16 * 16 * 3 * 7)  # 7 rows of 16x16
+    small = prepare_dataset(raw_folder, tmp_path / "b", CFG, progress=False)
+    f = pq.ParquetFile(tmp_path / "b" / "32x32.parquet")
+    assert [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)] == [7] * 4 + [2]
+    assert pq.ParquetFile(tmp_path / "b" / "4x4.parquet").num_row_groups == 1  # 112 rows min
+    f = pq.ParquetFile(tmp_path / "b" / "16x16.parquet")  # the top level's 7 rows per group
+    assert [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)] == [7] * 4 + [2]
+    assert small["content_hash"] == base["content_hash"]  # same rows, other groups
+    for r in (4, 32):
+        assert np.array_equal(load_level(tmp_path / "a", r)[0], load_level(tmp_path / "b", r)[0])
+
+
+def test_dropped_classes_relabel_every_level(tmp_path, rng):
+    raw = tmp_path / "raw"
+    for cls in ("a", "c"):
+        for i in range(6):
+            save(raw / cls / f"{i}.png", random_rgb(rng, 8))
+    (raw / "b").mkdir()
+    cfg = DatasetConfig(top_resolution=8, empty_class="drop", split=SplitConfig(1.0, 0.0, 0.0))
+    prepare_dataset(raw, tmp_path / "out", cfg, progress=False)
+    for r in (4, 8):
+        t = pq.read_table(tmp_path / "out" / f"{r}x{r}.parquet")
+        pairs = set(zip(t.column("label").to_pylist(), t.column("label_name").to_pylist()))
+        assert pairs == {(0, "a"), (1, "c")}
+        assert read_metadata(tmp_path / "out" / f"{r}x{r}.parquet")["classes"] == ["a", "c"]
+
+
+def test_a_null_image_in_parquet_input_is_named(tmp_path, rng):
+    buf = io.BytesIO()
+    Image.fromarray(random_rgb(rng, 8)).save(buf, format="PNG")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(pa.table({"image": [buf.getvalue(), None]}), raw / "part.parquet")
+    with pytest.raises(DataError, match=r"part.parquet: row 1: 'image' must hold encoded"):
+        prepare_dataset(raw, tmp_path / "ds", DatasetConfig(top_resolution=8), progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+_KILLED = """
+import sys
+import gm.data.parquet
+from gm.data.config import DatasetConfig
+gm.data.parquet.ROW_GROUP_BYTES = 64 * 64 * 3 * 50  # row groups of 50 rows: written as it goes
+from gm.data.prepare import prepare_dataset, row_order_key
+prepare_dataset(sys.argv[1], sys.argv[2], DatasetConfig(top_resolution=64), progress=False,
+                workers=0)
+"""
+
+
+def test_a_prepare_killed_midway_leaves_the_previous_output(tmp_path, rng):
+    """SIGKILL while the levels are being written: the previous dataset is untouched; the next
+    prepare removes the killed one's temporary and replaces the output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = tmp_path / "raw"
+    for i in range(6):
+        save(raw / "x" / f"{i:04d}.png", random_rgb(rng, 64))
+    out = tmp_path / "ds"
+    prepare_dataset(raw, out, DatasetConfig(top_resolution=64), progress=False)
+    before = _files(out)
+    for i in range(6, 1500):
+        save(raw / "x" / f"{i:04d}.png", random_rgb(rng, 64))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(raw), str(out)])
+    deadline = time.monotonic() + 60
+    # wait until the top level has row groups on disk: the kill lands midway
+    while not any(p.stat().st_size > 100_000 for p in tmp_path.glob(".ds.tmp-*/64x64.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended too soon"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _files(out) == before
+    assert list(tmp_path.glob(".ds.tmp-*"))  # what the killed writer left
+    m = prepare_dataset(raw, out, DatasetConfig(top_resolution=64), progress=False)
+    assert m["num_images"] == 1500 and not list(tmp_path.glob(".ds.tmp-*"))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -69,7 +70,9 @@ def test_ray_data_yields_the_same_tensors_as_the_torch_dataset(
     assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
 
 
-def test_load_level_sorted_by_id(dataset):
+def test_load_level_in_the_file_order(dataset):
     px, labels = load_level(dataset, 32)
     assert px.shape == (30, 32, 32, 3) and px.dtype == np.uint8
-    assert labels[:12].tolist() == [0] * 12  # cats/000..011 sort first
+    table = pq.read_table(dataset / "32x32.parquet")
+    assert labels.tolist() == table.column("label").to_pylist()
+    assert sorted(labels.tolist()) == [0] * 12 + [1] * 10 + [2] * 8

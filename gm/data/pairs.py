@@ -188,13 +188,14 @@ def build_pairs(
     pyramid_dir, out = Path(pyramid_dir), Path(out)
     path = level_path(pyramid_dir, cfg.resolution)
     meta = read_metadata(path)
-    table = read_table(path, None)
-    images = read_images(table)
-    if images.dtype != np.uint8:
+    levels = [int(f.name.split("x")[0]) for f in pyramid_dir.glob("*x*.parquet")]
+    if cfg.resolution != max(levels):
         raise DataError(
             f"{path}: level {cfg.resolution} is not the dataset's top level; pairs need the "
-            "uint8 top level (set resolution to the dataset's top_resolution)"
+            f"top level ({max(levels)}: set resolution to the dataset's top_resolution)"
         )
+    table = read_table(path, None)
+    images = read_images(table)
     ids = table.column("id").to_pylist()
     splits = np.asarray(table.column("split").to_pylist())
     src = _Source(table, images, ids, splits, list(meta["classes"]))

@@ -1,8 +1,9 @@
 """The Parquet layout of gm datasets, shared by writers and readers.
 
 An image column is ``fixed_size_binary`` holding one (H, W, C) array in row-major order; its field
-metadata says ``dtype`` (uint8 or float32 in [0, 255]) and ``shape``. One file per pyramid level,
-named ``{R}x{R}.parquet``, rows sorted by id. Metadata is read from the schema, never guessed.
+metadata says ``dtype`` (uint8 in pyramid datasets; readers also take float32 in [0, 255]) and
+``shape``. One file per pyramid level, named ``{R}x{R}.parquet``, rows in the dataset's fixed
+row order (the same in every level). Metadata is read from the schema, never guessed.
 """
 
 from __future__ import annotations
@@ -63,22 +64,54 @@ def decode_images(column: pa.ChunkedArray | pa.Array, field: pa.Field) -> np.nda
     return flat.view(dtype).reshape(n, *shape)
 
 
-def write_table(path: str | os.PathLike, table: pa.Table, metadata: dict[str, object]) -> None:
-    """Atomically write ``table`` with gm metadata in the schema (zstd, deterministic bytes)."""
-    meta = dict(table.schema.metadata or {})
+ROW_GROUP_BYTES = 64 << 20  # a row group holds about this many bytes, whatever the image size
+MIN_ROW_GROUP_BYTES = 1 << 20  # lower pyramid levels: at least this much per row group
+MAX_ROW_GROUP_ROWS = 65536
+DATA_PAGE_BYTES = 1 << 20  # Parquet data pages (pyarrow's default)
+
+
+def row_group_rows(row_bytes: int, top_rows: int | None = None) -> int:
+    """Rows per row group for rows of ``row_bytes``: about :data:`ROW_GROUP_BYTES` per group
+    (21 rows of 1024x1024 RGB, 21,845 of 32x32 RGB), at least 1 and at most 65,536.
+
+    A lower pyramid level passes its top level's ``top_rows``: it then uses the same rows per
+    group (at least :data:`MIN_ROW_GROUP_BYTES`' worth), so a writer holding one unfinished
+    row group per level holds about 4/3 of one top-level group, not 64 MiB per level."""
+    cap = lambda b: int(min(MAX_ROW_GROUP_ROWS, max(1, b // max(1, row_bytes))))  # noqa: E731
+    if top_rows is None:
+        return cap(ROW_GROUP_BYTES)
+    return max(min(top_rows, cap(ROW_GROUP_BYTES)), cap(MIN_ROW_GROUP_BYTES))
+
+
+def _with_gm_metadata(schema: pa.Schema, metadata: dict[str, object]) -> pa.Schema:
+    meta = dict(schema.metadata or {})
     meta[b"gm"] = json.dumps({"format_version": FORMAT_VERSION, **metadata}, sort_keys=True)
-    table = table.replace_schema_metadata(meta)
+    return schema.with_metadata(meta)
+
+
+def _writer_options(schema: pa.Schema) -> dict[str, object]:
+    """One set of Parquet options for every gm file (zstd, deterministic bytes)."""
+    dictionary = [c for c in ("split", "label_name", "domain") if c in schema.names]
+    stats = [c for c in ("id", "split", "label") if c in schema.names]
+    return dict(compression="zstd", compression_level=3, use_dictionary=dictionary,
+                write_statistics=stats, store_schema=True,
+                data_page_size=DATA_PAGE_BYTES)  # fmt: skip
+
+
+def open_writer(path: str | os.PathLike, schema: pa.Schema, metadata: dict[str, object]):
+    """A :class:`pyarrow.parquet.ParquetWriter` for a gm file at ``path`` (the caller writes to
+    a temporary and renames it): append row groups with ``write_table(t, row_group_size=n)``."""
+    schema = _with_gm_metadata(schema, metadata)
+    return pq.ParquetWriter(path, schema, **_writer_options(schema))
+
+
+def write_table(path: str | os.PathLike, table: pa.Table, metadata: dict[str, object]) -> None:
+    """Atomically write ``table`` with gm metadata in the schema, in row groups of about
+    :data:`ROW_GROUP_BYTES` (deterministic bytes)."""
+    table = table.replace_schema_metadata(_with_gm_metadata(table.schema, metadata).metadata)
+    rows = row_group_rows(table.nbytes // max(1, table.num_rows))
     with atomic_path(path) as tmp:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            compression_level=3,
-            row_group_size=4096,
-            use_dictionary=["split", "label_name", "domain"],
-            write_statistics=["id", "split", "label"],
-            store_schema=True,
-        )
+        pq.write_table(table, tmp, row_group_size=rows, **_writer_options(table.schema))
 
 
 def _read_gm_schema(path: str | os.PathLike) -> tuple[pa.Schema, dict[str, object]]:
@@ -143,6 +176,6 @@ def read_images(table: pa.Table, column: str = "image") -> np.ndarray:
 def load_level(
     dataset_dir: str | os.PathLike, resolution: int, split: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One level as ((N, H, W, C) uint8|float32 in [0, 255], (N,) int64 labels), sorted by id."""
+    """One level as ((N, H, W, C) uint8 in [0, 255], (N,) int64 labels), in file order."""
     table = read_table(level_path(dataset_dir, resolution), split, ["id", "label", "image"])
     return read_images(table), table.column("label").to_numpy().astype(np.int64)

@@ -1,24 +1,41 @@
-"""Raw images → multi-resolution Parquet dataset (one file per level) with a manifest.
+"""Raw images → multi-resolution Parquet dataset (one file per level) with a manifest, streamed.
 
 Input is a folder with one subfolder per class (images directly in the folder form one class
 named after it), or a folder of Parquet tables with an ``image`` column of encoded bytes and an
 optional ``label`` (class name) and ``id`` column. Output (written atomically)::
 
-    out/4x4.parquet ... out/{R}x{R}.parquet   id, source, label, label_name, split, image
+    out/4x4.parquet ... out/{R}x{R}.parquet   id, source, label, label_name, split, image (uint8)
     out/manifest.json                          counts, classes, mean/std, hashes, skipped inputs
     out/preview.png                            a few images at every level
+
+The data path is one straight line, with memory bounded by a batch, never by the dataset:
+
+1. :func:`scan` lists the inputs (ids, classes and where each one's bytes are; no pixels).
+2. :func:`process_batch` turns a batch of inputs into output rows: decode, fit to a square,
+   build the uint8 pyramid (:mod:`gm.data.pyramid`), assign the split, and the per-row content
+   digest and channel sums. It runs in this process or as Ray Data tasks (``map_batches``) on
+   every core of the machine or every node of a Ray cluster (``RAY_ADDRESS``).
+3. The driver consumes the processed batches in input order and appends rows to one Parquet
+   writer per level, in row groups of about 64 MiB at the top level and as many rows below
+   (:func:`gm.data.parquet.row_group_rows`);
+   statistics and the content hash are running sums. The bytes written depend only on the
+   input, never on the number of workers or how the work was batched.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -26,10 +43,10 @@ import gm
 from gm.config import to_dict
 from gm.data.config import DatasetConfig
 from gm.data.images import BadImage, decode, fit_square
-from gm.data.parquet import image_array, image_field, level_file, write_table
+from gm.data.parquet import image_field, level_file, open_writer, row_group_rows
 from gm.data.pyramid import build_pyramid
 from gm.data.splits import SPLITS, assign_split
-from gm.errors import DataError
+from gm.errors import DataError, GmError
 from gm.io import atomic_dir, atomic_path, sha256_file, write_json
 
 IMAGE_SUFFIXES = {
@@ -46,22 +63,43 @@ IMAGE_SUFFIXES = {
     ".pbm",
 }
 
+BATCH_BYTES = 32 << 20  # a task's batch holds at most about this many top-level pixel bytes
+MAX_BATCH = 256  # inputs per batch
+RAY_MIN_ITEMS = 8192  # `workers=None`: fewer inputs run here (Ray's ~5 s start-up outweighs them)
+
 
 @dataclass(frozen=True)
 class RawItem:
-    id: str  # stable id: path relative to the raw folder (or file:row for Parquet input)
+    """One input: ``id`` is its path relative to the raw folder (or ``file:row`` / the table's
+    ``id`` for Parquet input); its bytes are the file ``path``, or row ``row`` of the Parquet
+    table ``path``."""
+
+    id: str
     class_name: str
-    load: Callable[[], bytes | str]  # the encoded bytes, or a path PIL can open
+    path: str
+    row: int = -1  # -1: ``path`` is the image file
 
 
 def scan(raw: Path) -> tuple[list[RawItem], list[str], list[dict[str, str]]]:
-    """List a raw folder: (items, class names incl. empty ones, skipped entries)."""
+    """List a raw folder: (items in row order, class names incl. empty ones, skipped entries).
+    Reads no pixels. Raises DataError naming the folder or table when it cannot be used.
+
+    Row order is pseudo-random and fixed: by :func:`row_order_key` of the id. Every window of
+    consecutive rows is then a random sample of the dataset, which is what lets training
+    stream a window at a time (:mod:`gm.data.rowstore`); adding images never changes the
+    relative order of the others."""
+    raw = Path(raw)
     if not raw.is_dir():
         raise DataError(f"{raw}: raw data folder does not exist (run `gm data materialize`?)")
     tables = sorted(p for p in raw.iterdir() if p.suffix == ".parquet")
-    if tables:
-        return _scan_parquet(raw, tables)
-    return _scan_folder(raw)
+    items, classes, skipped = _scan_parquet(raw, tables) if tables else _scan_folder(raw)
+    return sorted(items, key=lambda it: (row_order_key(it.id), it.id)), classes, skipped
+
+
+def row_order_key(source_id: str) -> bytes:
+    """The sort key of an input's rows: SHA-256 of its id (tiles of one input stay together,
+    in id order)."""
+    return hashlib.sha256(f"gm-row-order\0{source_id}".encode()).digest()[:8]
 
 
 def _visible(p: Path, root: Path) -> bool:
@@ -94,34 +132,35 @@ def _scan_folder(raw: Path) -> tuple[list[RawItem], list[str], list[dict[str, st
         if f.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append({"path": rel, "reason": f"not an image file (suffix {f.suffix!r})"})
             continue
-        items.append(RawItem(rel, cls, lambda f=f: str(f)))
+        items.append(RawItem(rel, cls, str(f.resolve())))
     return items, classes, skipped
 
 
 def _scan_parquet(raw: Path, tables: list[Path]) -> tuple[list[RawItem], list[str], list]:
+    """Reads only the ``id`` and ``label`` columns; image bytes are read per batch."""
     items: list[RawItem] = []
     for path in tables:
         try:
-            table = pq.read_table(path)
+            schema = pq.read_schema(path)
         except (OSError, pa.ArrowInvalid) as e:
             raise DataError(f"{path}: not a readable Parquet table ({e})") from None
-        if "image" not in table.column_names:
+        if "image" not in schema.names:
             raise DataError(f"{path}: Parquet input needs an 'image' column of encoded bytes")
-        images = table.column("image").to_pylist()
-        labels = (
-            table.column("label").to_pylist()
-            if "label" in table.column_names
-            else [raw.name] * len(images)
-        )
+        kind = schema.field("image").type
+        if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+            raise DataError(f"{path}: column 'image' must hold encoded image bytes, not {kind}")
+        cols = [c for c in ("id", "label") if c in schema.names]
+        table = pq.read_table(path, columns=cols)
+        n = table.num_rows
+        labels = table.column("label").to_pylist() if "label" in cols else [raw.name] * n
         ids = (
             [str(i) for i in table.column("id").to_pylist()]
-            if "id" in table.column_names
-            else [f"{path.name}:{i}" for i in range(len(images))]
+            if "id" in cols
+            else [f"{path.name}:{i}" for i in range(n)]
         )
-        for i, (img, label, id_) in enumerate(zip(images, labels, ids, strict=True)):
-            if not isinstance(img, bytes):
-                raise DataError(f"{path}: row {i}: 'image' must hold encoded image bytes")
-            items.append(RawItem(id_, str(label), lambda img=img: img))
+        where = str(path.resolve())
+        pairs = enumerate(zip(ids, labels, strict=True))
+        items += [RawItem(i, str(lab), where, r) for r, (i, lab) in pairs]
     seen: set[str] = set()
     for it in items:
         if it.id in seen:
@@ -131,53 +170,303 @@ def _scan_parquet(raw: Path, tables: list[Path]) -> tuple[list[RawItem], list[st
     return items, classes, []
 
 
-@dataclass
-class Decoded:
-    ids: list[str]
-    sources: list[str]
-    class_names: list[str]
-    pixels: np.ndarray  # (N, R, R, C) uint8
+# ----------------------------------------------------------------------------------------------
+# Step 2: one batch of inputs → output rows (pure: runs here or as a Ray Data task)
 
 
-def decode_all(
-    items: list[RawItem], cfg: DatasetConfig, skipped: list[dict[str, str]], progress: bool
-) -> Decoded:
-    ids, sources, classes, squares = [], [], [], []
-    for item in tqdm(items, desc="decode", unit="img", disable=not progress, mininterval=1.0):
+def _parquet_bytes(rows: list[tuple[int, str, int]]) -> dict[int, bytes | None]:
+    """{batch position: encoded bytes} for Parquet-table inputs, reading each needed row group
+    of each table once."""
+    out: dict[int, bytes | None] = {}
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for pos, path, row in rows:
+        by_file.setdefault(path, []).append((pos, row))
+    for path, wanted in by_file.items():
+        f = pq.ParquetFile(path)
+        sizes = [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]
+        starts = np.cumsum([0, *sizes])
+        groups: dict[int, pa.Array] = {}
+        for pos, row in wanted:
+            g = bisect.bisect_right(starts, row) - 1
+            if g not in groups:
+                groups[g] = f.read_row_group(g, columns=["image"]).column("image")
+            value = groups[g][row - int(starts[g])].as_py()
+            out[pos] = value if isinstance(value, bytes) else None
+    return out
+
+
+def process_batch(batch: dict[str, np.ndarray], cfg: DatasetConfig) -> pa.Table:
+    """A batch of inputs (columns ``item``, ``id``, ``class_name``, ``path``, ``row``) → one
+    output row per square (an input cut into tiles gives several, in id order), or one row with
+    ``skip`` or ``error`` set for an input the policy skips or refuses. Columns: ``item``, ``id``,
+    ``source``, ``class_name``, ``split``, ``skip``, ``error``, ``digest`` (SHA-256 of id, class,
+    split and top-level pixels), ``sum`` and ``sumsq`` (per-channel integer sums of the top
+    level's pixels and squared pixels) and ``L{R}`` per level (uint8 (R, R, C) bytes; null on a
+    skipped row)."""
+    n = len(batch["id"])
+    rows = [(i, str(batch["path"][i]), int(batch["row"][i])) for i in range(n)]
+    table_bytes = _parquet_bytes([r for r in rows if r[2] >= 0])
+    res = [cfg.top_resolution >> k for k in range(cfg.top_resolution.bit_length() - 2)]
+    out: dict[str, list] = {k: [] for k in ("item", "id", "source", "class_name", "split", "skip",
+                                            "error", "digest", "sum", "sumsq")}  # fmt: skip
+    levels: dict[int, list] = {r: [] for r in res}
+
+    def add(item, id_, source, cls, split="", skip="", error="", pyramid=None):
+        top = pyramid[cfg.top_resolution] if pyramid is not None else None
+        digest, s, ss = b"", [], []
+        if top is not None:
+            h = hashlib.sha256(f"{id_}\0{cls}\0{split}\0".encode())
+            h.update(top.tobytes())
+            digest = h.digest()
+            flat = top.reshape(-1, top.shape[-1]).astype(np.int64)
+            s, ss = flat.sum(0).tolist(), (flat * flat).sum(0).tolist()
+        for k, v in (("item", item), ("id", id_), ("source", source), ("class_name", cls),
+                     ("split", split), ("skip", skip), ("error", error), ("digest", digest),
+                     ("sum", s), ("sumsq", ss)):  # fmt: skip
+            out[k].append(v)
+        for r in res:
+            levels[r].append(None if pyramid is None else pyramid[r].tobytes())
+
+    for i, path, row in rows:
+        item, id_, cls = int(batch["item"][i]), str(batch["id"][i]), str(batch["class_name"][i])
+        if row >= 0 and table_bytes.get(i) is None:
+            error = f"{path}: row {row}: 'image' must hold encoded image bytes"
+            add(item, id_, id_, cls, error=error)
+            continue
         try:
-            arr = decode(item.load(), cfg.channels, cfg.background)
-            out = list(fit_square(arr, cfg))
+            arr = decode(table_bytes[i] if row >= 0 else path, cfg.channels, cfg.background)
+            squares = sorted(fit_square(arr, cfg), key=lambda sq: sq.suffix)
         except BadImage as e:
             policy = cfg.undersize if e.kind == "undersize" else cfg.on_invalid
             if policy == "error":
-                raise DataError(f"{item.id}: {e.reason}") from None
-            skipped.append({"path": item.id, "reason": e.reason})
+                add(item, id_, id_, cls, error=f"{id_}: {e.reason}")
+            else:
+                add(item, id_, id_, cls, skip=e.reason)
             continue
-        for sq in out:
-            ids.append(item.id + sq.suffix)
-            sources.append(item.id)
-            classes.append(item.class_name)
-            squares.append(sq.pixels)
-    r, c = cfg.top_resolution, cfg.channels
-    pixels = np.stack(squares) if squares else np.empty((0, r, r, c), np.uint8)
-    return Decoded(ids, sources, classes, pixels)
+        for sq in squares:
+            key = id_ + sq.suffix if cfg.split_by == "image" else id_
+            split = assign_split(key, cfg.split)
+            add(item, id_ + sq.suffix, id_, cls, split, pyramid=build_pyramid(sq.pixels))
+    cols = {k: pa.array(v, pa.string()) for k, v in out.items() if k not in
+            ("item", "digest", "sum", "sumsq")}  # fmt: skip
+    cols["item"] = pa.array(out["item"], pa.int64())
+    cols["digest"] = pa.array(out["digest"], pa.binary())
+    cols["sum"] = pa.array(out["sum"], pa.list_(pa.int64()))
+    cols["sumsq"] = pa.array(out["sumsq"], pa.list_(pa.int64()))
+    for r in res:
+        nbytes = r * r * cfg.channels
+        cols[f"L{r}"] = pa.array(levels[r], pa.binary(nbytes))
+    return pa.table(cols)
 
 
-def content_hash(ids: list[str], labels: np.ndarray, splits: list[str], pixels: np.ndarray) -> str:
-    """SHA-256 of the dataset's content (independent of the Parquet encoding)."""
-    h = hashlib.sha256()
-    for i, id_ in enumerate(ids):
-        h.update(f"{id_}\0{int(labels[i])}\0{splits[i]}\0".encode())
-        h.update(pixels[i].tobytes())
-    return h.hexdigest()
+def batch_size(cfg: DatasetConfig) -> int:
+    """Inputs per batch: about :data:`BATCH_BYTES` of top-level pixels, at most
+    :data:`MAX_BATCH` (256 at 64x64 RGB, 10 at 1024x1024 RGB)."""
+    per = cfg.top_resolution**2 * cfg.channels
+    return int(max(1, min(MAX_BATCH, BATCH_BYTES // per)))
 
 
-def channel_stats(pixels: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    if len(pixels) == 0:
-        return [], []
-    x = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64) / 255.0
-    return [round(float(v), 6) for v in x.mean(0)], [round(float(v), 6) for v in x.std(0)]
+def _item_table(items: list[RawItem]) -> dict[str, np.ndarray]:
+    return {
+        "item": np.arange(len(items), dtype=np.int64),
+        "id": np.asarray([it.id for it in items], dtype=object),
+        "class_name": np.asarray([it.class_name for it in items], dtype=object),
+        "path": np.asarray([it.path for it in items], dtype=object),
+        "row": np.asarray([it.row for it in items], dtype=np.int64),
+    }
+
+
+def _local_batches(items: list[RawItem], cfg: DatasetConfig) -> Iterator[pa.Table]:
+    table, size = _item_table(items), batch_size(cfg)
+    for start in range(0, len(items), size):
+        yield process_batch({k: v[start : start + size] for k, v in table.items()}, cfg)
+
+
+def _ray_batches(items: list[RawItem], cfg: DatasetConfig, workers: int) -> Iterator[pa.Table]:
+    """The same batches as :func:`_local_batches`, computed by Ray Data tasks (at most
+    ``workers`` at a time) and yielded in input order."""
+    import ray.data
+
+    from gm.cluster import init_ray
+
+    init_ray(0)
+    size = batch_size(cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows come back in input order
+    ctx.enable_progress_bars = False  # the driver's bar counts inputs
+    table = _item_table(items)
+    rows = [{k: v[i] for k, v in table.items()} for i in range(len(items))]
+    blocks = (len(items) + size - 1) // size
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(process_batch, fn_kwargs={"cfg": cfg}, batch_size=size,
+                        batch_format="numpy", num_cpus=1,
+                        compute=ray.data.TaskPoolStrategy(size=workers))  # fmt: skip
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    except GmError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a task's failure reaches here as Ray's wrapper
+        raise GmError(f"prepare on Ray failed: {type(e).__name__}: {e}") from None
+
+
+def resolve_workers(workers: int | None, n_items: int) -> int:
+    """``None`` (auto): Ray Data with one task per CPU of the cluster when ``RAY_ADDRESS`` is
+    set or there are at least :data:`RAY_MIN_ITEMS` inputs, else 0 (this process). A number:
+    0 = this process, n >= 1 = Ray Data with at most n tasks at a time."""
+    if workers is not None:
+        if workers < 0:
+            raise DataError(f"workers={workers}: expected 0 (this process) or Ray tasks >= 1")
+        return workers
+    if os.environ.get("RAY_ADDRESS") or n_items >= RAY_MIN_ITEMS:
+        import ray
+
+        from gm.cluster import init_ray
+
+        init_ray(0)
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 3: the driver appends rows to one writer per level
+
+
+class _Writers:
+    """One Parquet writer per level, each filled in row groups of a fixed row count (so the
+    bytes depend only on the rows), holding at most one row group per level in memory."""
+
+    def __init__(self, folder: Path, cfg: DatasetConfig, name: str, classes: list[str]):
+        self.res = [cfg.top_resolution >> k for k in range(cfg.top_resolution.bit_length() - 2)]
+        self.classes, self.index = classes, {c: i for i, c in enumerate(classes)}
+        self.channels = cfg.channels
+        self.pending: dict[int, list[pa.Table]] = {r: [] for r in self.res}
+        self.writers, self.rows, self.paths = {}, {}, {}
+        for r in self.res:
+            field = image_field("image", (r, r, cfg.channels), np.uint8)
+            top = row_group_rows(cfg.top_resolution**2 * cfg.channels)
+            self.rows[r] = top if r == self.res[0] else row_group_rows(r * r * cfg.channels, top)
+            self.paths[r] = folder / level_file(r)
+            meta = {"dataset": name, "resolution": r, "channels": cfg.channels, "classes": classes}
+            self.writers[r] = open_writer(self.paths[r], _schema(field), meta)
+
+    def append(self, rows: pa.Table) -> None:
+        labels = pa.array([self.index[c] for c in rows.column("class_name").to_pylist()],
+                          pa.int16())  # fmt: skip
+        text = [rows.column(c).cast(pa.string()) for c in ("id", "source", "class_name", "split")]
+        base = [text[0], text[1], labels, text[2], text[3]]
+        for r in self.res:
+            img = rows.column(f"L{r}").cast(pa.binary(r * r * self.channels))
+            t = pa.Table.from_arrays([*base, img], schema=self.writers[r].schema)
+            self.pending[r].append(t)
+            self._flush(r, final=False)
+
+    def _flush(self, r: int, final: bool) -> None:
+        have = sum(t.num_rows for t in self.pending[r])
+        n = self.rows[r]
+        if have < n and not (final and have):
+            return
+        t = pa.concat_tables(self.pending[r])
+        full = have - have % n if not final else have
+        # one row group at a time, as one contiguous chunk: Parquet's page boundaries follow
+        # the Arrow chunks it is given, and chunks follow the batching, which must not show
+        for start in range(0, full, n):
+            group = t.slice(start, min(n, full - start)).combine_chunks()
+            self.writers[r].write_table(group, row_group_size=n)
+        self.pending[r] = [t.slice(full)] if full < have else []
+
+    def close(self) -> None:
+        for r in self.res:
+            self._flush(r, final=True)
+            self.writers[r].close()
+
+
+def _schema(field: pa.Field) -> pa.Schema:
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("label", pa.int16(), nullable=False),
+        pa.field("label_name", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        field,
+    ])  # fmt: skip
+
+
+def _relabel(path: Path, classes: list[str], meta: dict) -> None:
+    """Rewrite a level file for a smaller class list (classes dropped as empty), one row group
+    at a time."""
+    f = pq.ParquetFile(path)
+    index = {c: i for i, c in enumerate(classes)}
+    schema = f.schema_arrow
+    tmp = path.with_name(path.name + ".relabel")
+    writer = open_writer(tmp, schema.remove_metadata(), meta)
+    for g in range(f.num_row_groups):
+        t = f.read_row_group(g)
+        labels = pa.array([index[c] for c in t.column("label_name").to_pylist()], pa.int16())
+        t = t.set_column(2, schema.field("label"), labels)
+        writer.write_table(t.cast(writer.schema), row_group_size=max(1, t.num_rows))
+    writer.close()
+    os.replace(tmp, path)
+
+
+class _Stats:
+    """Exact running sums (Python integers) of the per-channel pixel sums and squares."""
+
+    def __init__(self):
+        self.n = {"train": 0, "all": 0}
+        self.s: dict[str, list[int]] = {"train": [], "all": []}
+        self.ss: dict[str, list[int]] = {"train": [], "all": []}
+
+    def add(self, split: str, pixels: int, s: list[int], ss: list[int]) -> None:
+        for k in ("train", "all") if split == "train" else ("all",):
+            self.n[k] += pixels
+            self.s[k] = [a + b for a, b in zip(self.s[k] or [0] * len(s), s, strict=True)]
+            self.ss[k] = [a + b for a, b in zip(self.ss[k] or [0] * len(ss), ss, strict=True)]
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std in [0, 1] units, of the train split (all images when the
+        train split is empty), rounded to 6 decimals."""
+        k = "train" if self.n["train"] else "all"
+        n = self.n[k]
+        if not n:
+            return [], []
+        mean = [Fraction(v, n) for v in self.s[k]]
+        var = [Fraction(q, n) - m * m for q, m in zip(self.ss[k], mean, strict=True)]
+        return ([round(float(m) / 255.0, 6) for m in mean],
+                [round(float(v) ** 0.5 / 255.0, 6) for v in var])  # fmt: skip
+
+
+class _Preview:
+    """Keeps the pyramids of the preview's images as rows stream past: the first image of each
+    of the first ``cols`` classes (in class order), else the first rows."""
+
+    def __init__(self, classes: list[str], cols: int = 8):
+        self.order = {c: i for i, c in enumerate(classes)}
+        self.cols = cols
+        self.first: dict[str, tuple[int, dict[int, np.ndarray]]] = {}
+        self.early: list[tuple[int, str, dict[int, np.ndarray]]] = []
+
+    def offer(self, row: int, cls: str, pyramid) -> None:
+        if cls not in self.first:
+            self.first[cls] = (row, pyramid())
+            if len(self.first) > self.cols:  # keep the first `cols` classes in class order
+                drop = max(self.first, key=self.order.__getitem__)
+                del self.first[drop]
+        if len(self.early) < self.cols:
+            self.early.append((row, cls, pyramid()))
+
+    def levels(self, classes: list[str]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        picks = {row: (cls, p) for cls, (row, p) in self.first.items() if cls in classes}
+        picks = dict(sorted(picks.items(), key=lambda kv: self.order[kv[1][0]])[: self.cols])
+        for row, cls, p in self.early:
+            if len(picks) >= self.cols:
+                break
+            picks.setdefault(row, (cls, p))
+        rows = sorted(picks)
+        if not rows:
+            return {}, np.empty(0, np.int64)
+        res = picks[rows[0]][1].keys()
+        levels = {r: np.stack([picks[i][1][r] for i in rows]) for r in res}
+        return levels, np.asarray([classes.index(picks[i][0]) for i in rows])
 
 
 def prepare_dataset(
@@ -186,15 +475,107 @@ def prepare_dataset(
     cfg: DatasetConfig,
     name: str | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
-    """Build the pyramid dataset of ``raw`` into ``out``; returns the manifest."""
+    """Build the pyramid dataset of ``raw`` into ``out`` (replaced atomically); returns the
+    manifest. ``workers``: see :func:`resolve_workers`; the output bytes do not depend on it.
+    Raises DataError naming the file, class or folder when the input cannot be used; nothing
+    is left half-written."""
     raw, out = Path(raw), Path(out)
     name = name or raw.name
     items, class_names, skipped = scan(raw)
-    dec = decode_all(items, cfg, skipped, progress)
+    workers = resolve_workers(workers, len(items))
+    batches: Iterable[pa.Table] = (
+        _ray_batches(items, cfg, workers) if workers else _local_batches(items, cfg)
+    )
+    counts = {s: {c: 0 for c in class_names} for s in SPLITS}
+    stats, preview = _Stats(), _Preview(class_names)
+    content = hashlib.sha256()
+    res = [cfg.top_resolution >> k for k in range(cfg.top_resolution.bit_length() - 2)]
+    pixels_per_image = cfg.top_resolution**2
+    n_rows = 0
+    bar = tqdm(total=len(items), desc=f"prepare {name}", unit="img", disable=not progress,
+               mininterval=1.0)  # fmt: skip
+    with atomic_dir(out) as tmp:
+        writers = _Writers(tmp, cfg, name, class_names)
+        try:
+            for batch in batches:
+                errors = [e for e in batch.column("error").to_pylist() if e]
+                if errors:
+                    raise DataError(errors[0])
+                for path, reason in zip(batch.column("source").to_pylist(),
+                                        batch.column("skip").to_pylist(), strict=True):  # fmt: skip
+                    if reason:
+                        skipped.append({"path": path, "reason": reason})
+                rows = batch.filter(pc.equal(batch.column("skip"), ""))
+                cols = ("class_name", "split", "digest", "sum", "sumsq")
+                values = zip(*(rows.column(c).to_pylist() for c in cols), strict=True)
+                for i, (cls, split, digest, s, ss) in enumerate(values):
+                    counts[split][cls] += 1
+                    stats.add(split, pixels_per_image, s, ss)
+                    content.update(digest)
+                    preview.offer(n_rows + i, cls, lambda i=i, t=rows: _row_pyramid(t, i, res, cfg))
+                writers.append(rows)
+                n_rows += rows.num_rows
+                bar.update(len(set(batch.column("item").to_pylist())))
+        finally:
+            bar.close()
+            writers.close()
+        present = [c for c in class_names if sum(counts[s][c] for s in SPLITS)]
+        empty = [c for c in class_names if c not in present]
+        _check_classes(raw, class_names, empty, skipped, counts, cfg)
+        classes = present
+        counts = {s: {c: counts[s][c] for c in classes} for s in SPLITS}
+        mean, std = stats.mean_std()
+        content.update(json.dumps(classes).encode())
+        manifest = {
+            "gm_version": gm.__version__,
+            "dataset": name,
+            "top_resolution": cfg.top_resolution,
+            "resolutions": sorted(res),
+            "channels": cfg.channels,
+            "num_images": n_rows,
+            "classes": classes,
+            "counts": counts,
+            "mean": mean,
+            "std": std,
+            "stats_note": "per-channel mean/std of the train split at the top level, in [0, 1]",
+            "content_hash": content.hexdigest(),
+            "content_note": "SHA-256 over each row's SHA-256 of (id, class, split, top-level "
+            "pixels) in file order, then the class list",
+            "pyramid": "uint8 at every level; each level is the 2x2 box filter of the level "
+            "above, rounded half to even",
+            "dropped_classes": empty,
+            "skipped": skipped,
+            "config": to_dict(cfg),
+            "files": {},
+        }
+        for r in sorted(res):
+            path = tmp / level_file(r)
+            if empty:
+                meta = {"dataset": name, "resolution": r, "channels": cfg.channels,
+                        "classes": classes}  # fmt: skip
+                _relabel(path, classes, meta)
+            manifest["files"][str(r)] = {
+                "file": level_file(r),
+                "rows": n_rows,
+                "dtype": "uint8",
+                "sha256": sha256_file(path),
+            }
+        write_json(tmp / "manifest.json", manifest)
+        levels, labels = preview.levels(classes)
+        if levels:
+            save_preview(tmp / "preview.png", levels, labels)
+    return manifest
 
-    present = set(dec.class_names)
-    empty = [c for c in class_names if c not in present]
+
+def _row_pyramid(rows: pa.Table, i: int, res: list[int], cfg: DatasetConfig):
+    c = cfg.channels
+    return {r: np.frombuffer(rows.column(f"L{r}")[i].as_py(), np.uint8).reshape(r, r, c)
+            for r in res}  # fmt: skip
+
+
+def _check_classes(raw: Path, class_names, empty, skipped, counts, cfg: DatasetConfig) -> None:
     flat = class_names == [raw.name] and not (raw / raw.name).is_dir()  # one unnamed class
     if empty and flat:
         detail = f" ({len(skipped)} skipped, e.g. {skipped[0]['path']}: {skipped[0]['reason']})"
@@ -206,27 +587,11 @@ def prepare_dataset(
             f"{raw / empty[0]}: class folder has no usable image{detail}; "
             "add images, remove the folder, or set empty_class: drop"
         )
-    class_names = [c for c in class_names if c in present]
-    if not class_names:
+    if len(empty) == len(class_names):
         raise DataError(f"{raw}: no usable image found ({len(skipped)} inputs skipped)")
-
-    order = np.argsort(np.asarray(dec.ids, dtype=object), kind="stable")
-    ids = [dec.ids[i] for i in order]
-    sources = [dec.sources[i] for i in order]
-    names = [dec.class_names[i] for i in order]
-    pixels = dec.pixels[order]
-    index = {c: i for i, c in enumerate(class_names)}
-    labels = np.asarray([index[c] for c in names], dtype=np.int16)
-    keys = ids if cfg.split_by == "image" else sources
-    splits = [assign_split(k, cfg.split) for k in keys]
-
-    levels = build_pyramid(pixels)
-    counts = {s: {c: 0 for c in class_names} for s in SPLITS}
-    for s, c in zip(splits, names, strict=True):
-        counts[s][c] += 1
     # A class no model can learn (none of its images is in train) is refused; one missing from
     # val or test (a few images) only thins those splits, and the manifest's counts show it.
-    lacking = [c for c in class_names if counts["train"][c] == 0]
+    lacking = [c for c in class_names if c not in empty and counts["train"][c] == 0]
     if lacking:
         c = lacking[0]
         found = ", ".join(f"{s} {counts[s][c]}" for s in SPLITS)
@@ -234,78 +599,17 @@ def prepare_dataset(
             f"{raw / c}: class has no image in the train split ({found}; split by "
             f"{cfg.split_by}): no model can learn it; add images to it, or change the split"
         )
-    train = np.asarray([s == "train" for s in splits])
-    mean, std = channel_stats(pixels[train] if train.any() else pixels)
-
-    manifest = {
-        "gm_version": gm.__version__,
-        "dataset": name,
-        "top_resolution": cfg.top_resolution,
-        "resolutions": sorted(levels),
-        "channels": cfg.channels,
-        "num_images": len(ids),
-        "classes": class_names,
-        "counts": counts,
-        "mean": mean,
-        "std": std,
-        "stats_note": "per-channel mean/std of the train split at the top level, in [0, 1]",
-        "content_hash": content_hash(ids, labels, splits, pixels),
-        "dropped_classes": empty,
-        "skipped": skipped,
-        "config": to_dict(cfg),
-        "files": {},
-    }
-    base = {
-        "id": pa.array(ids, pa.string()),
-        "source": pa.array(sources, pa.string()),
-        "label": pa.array(labels, pa.int16()),
-        "label_name": pa.array(names, pa.string()),
-        "split": pa.array(splits, pa.string()),
-    }
-    with atomic_dir(out) as tmp:
-        for res, arr in sorted(levels.items()):
-            field = image_field("image", arr.shape[1:], arr.dtype)
-            schema = pa.schema([pa.field(k, v.type, nullable=False) for k, v in base.items()])
-            table = pa.Table.from_arrays(
-                [*base.values(), image_array(arr)], schema=schema.append(field)
-            )
-            meta = {
-                "dataset": name,
-                "resolution": res,
-                "channels": cfg.channels,
-                "classes": class_names,
-            }
-            write_table(tmp / level_file(res), table, meta)
-            manifest["files"][str(res)] = {
-                "file": level_file(res),
-                "rows": len(ids),
-                "dtype": arr.dtype.name,
-                "sha256": sha256_file(tmp / level_file(res)),
-            }
-        write_json(tmp / "manifest.json", manifest)
-        save_preview(tmp / "preview.png", levels, labels)
-    return manifest
 
 
 def save_preview(path: Path, levels: dict[int, np.ndarray], labels: np.ndarray, cols: int = 8):
-    """One row per level (nearest-upscaled to the top size), one column per class where possible."""
+    """One row per level (nearest-upscaled to the top size), one column per image: ``levels``
+    maps each resolution to the (K, R, R, C) uint8 images to show."""
     from PIL import Image
 
     top = max(levels)
-    picks: list[int] = []
-    for lab in np.unique(labels):
-        picks.append(int(np.flatnonzero(labels == lab)[0]))
-    for i in range(len(labels)):
-        if len(picks) >= cols:
-            break
-        if i not in picks:
-            picks.append(i)
-    picks = sorted(picks[:cols])
-    if not picks:
-        return
     rows = []
     for res in sorted(levels):
-        imgs = np.rint(levels[res][picks]).astype(np.uint8)
+        imgs = levels[res][:cols]
         f = top // res
         imgs = imgs.repeat(f, axis=1).repeat(f, axis=2)
         rows.append(np.concatenate(list(imgs), axis=1))

@@ -50,7 +50,7 @@ def ray_dataset(
     split: str | None = "train",
     columns: tuple[str, ...] = ("image",),
 ) -> RaySource:
-    """Ray Data over one level (or a paired table); rows keep the file's id order."""
+    """Ray Data over one level (or a paired table); rows keep the file's order."""
     from ray.data.expressions import col
 
     check_split(split)
