@@ -218,8 +218,6 @@ def check_search(search: SearchConfig, job, where: str) -> None:
             f"{where}.job: trials train in one process each; {search.job} has "
             f"run.num_workers {job.run.num_workers}: search with 1 worker per trial"
         )
-    if job.run.data != "memory":
-        raise ConfigError(f"{where}.job: trials read data into memory; set run.data: memory")
 
 
 def overrides(section: str, job_name: str, values: dict[str, Any], job) -> dict[str, Any]:

@@ -211,7 +211,7 @@ def test_ray_run_killed_mid_fade_in_resumes_at_the_same_alpha(ray_local, toy_dat
     model = {"latent": 8, "fmap_base": 64, "fmap_max": 8,
              "growth": {"fade_images": 32, "stable_images": 16}}  # fmt: skip
     # 4x4: images 0-15, 8x8 fade: 16-47, 8x8: 48-63, 16x16 fade: 64-95 ...; 4 images a step
-    run = RunSettings(steps=20, batch_size=4, checkpoint_every=3, max_failures=2)
+    run = RunSettings(steps=20, batch_size=4, checkpoint_every=3, max_failures=2, data="stream")
     info = {"resolution": 16, "channels": 3, "num_classes": 3}
     result = fit(
         "progan", model, run, toy_dataset, info, tmp_path / "runs", "grow",
@@ -227,7 +227,8 @@ def test_ray_run_killed_mid_fade_in_resumes_at_the_same_alpha(ray_local, toy_dat
     assert history[9]["alpha"] == pytest.approx((0.25 + 0.375 + 0.5) / 3)  # steps 7-9
     assert history[20]["resolution"] == 16 and history[20]["phase"] == 3
     assert int(payload["trainer"]["model"]["level"]) == 2 and payload["trainer"]["step"] == 20
-    # and it lands on exactly the weights of the same run without a fault
+    # and it lands on exactly the weights of the same run without a fault, read in memory
+    run = RunSettings(steps=20, batch_size=4, checkpoint_every=3, max_failures=2, data="memory")
     clean = fit("progan", model, run, toy_dataset, info, tmp_path / "runs", "clean")
     with clean.checkpoint.as_directory() as d:
         reference = load_checkpoint(f"{d}/{CHECKPOINT_FILE}")
@@ -236,14 +237,14 @@ def test_ray_run_killed_mid_fade_in_resumes_at_the_same_alpha(ray_local, toy_dat
 
 
 @pytest.mark.slow
-def test_ddp_growth_through_ray_data_switches_levels(ray_local, toy_dataset, tmp_path):
-    """Two DDP workers (unused blocks allowed, gradient penalty through DDP) reading each
-    phase's level from Ray Data; StyleGAN's lazy R1 phase included."""
+def test_ddp_growth_streaming_switches_levels(ray_local, toy_dataset, tmp_path):
+    """Two DDP workers (unused blocks allowed, gradient penalty through DDP) streaming each
+    phase's level (run.data: stream); StyleGAN's lazy R1 phase included."""
     from gm.train.checkpoint import load_checkpoint
     from gm.train.ray_train import CHECKPOINT_FILE, RunSettings, fit
 
     info = {"resolution": 16, "channels": 3, "num_classes": 3}
-    run = RunSettings(steps=6, batch_size=2, checkpoint_every=2, num_workers=2, data="ray",
+    run = RunSettings(steps=6, batch_size=2, checkpoint_every=2, num_workers=2, data="stream",
                       max_failures=0)  # fmt: skip
     for family, model in {
         "progan": {"latent": 8, "fmap_base": 64, "fmap_max": 8,

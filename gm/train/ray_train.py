@@ -1,10 +1,11 @@
 """Training under Ray Train (V2): one TorchTrainer whose workers run :class:`Trainer` steps.
 
-- Data (``run.data``): ``memory`` (default) reads the dataset level once per worker and takes
-  this rank's shard of a per-epoch permutation seeded by (seed, epoch); the position in the data
-  follows from the step, so a resumed run sees exactly the batches it would have seen.
-  ``ray`` streams the driver's Ray Data dataset through ``get_dataset_shard`` (for datasets
-  larger than memory; a resumed run continues its step count but not its batch order).
+- Data (``run.data``): every worker asks :mod:`gm.data.rowstore` for the rows of its batch
+  at step k: a per-epoch permutation seeded by (seed, epoch), cut across ranks. ``memory``
+  reads the train split once per worker, ``stream`` reads a window of rows at a time (memory
+  bounded by a window, for datasets larger than memory), ``auto`` picks by size. The batch of
+  step k does not depend on the mode, so a resumed run sees exactly the batches it would have
+  seen, in every mode.
 - Checkpoints: every ``checkpoint_every`` steps all ranks call ``ray.train.report`` (a barrier);
   rank 0 attaches the full trainer state, the MLflow run id and the metric history. A restarted
   worker group (``FailureConfig``) and a relaunched driver (same ``RunConfig(name,
@@ -28,7 +29,7 @@ import torch
 
 from gm.augment import mirror
 from gm.config import check
-from gm.errors import ConfigError, DataError
+from gm.errors import DataError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -47,7 +48,10 @@ class RunSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # worker-group restarts before the run fails
-    data: Literal["memory", "ray"] = "memory"  # per-worker in-memory shards, or Ray Data
+    # how each worker reads its batches (gm.data.rowstore): memory = the train split read once;
+    # stream = a window of rows at a time, memory bounded by a window; auto = stream a split
+    # of more than 2 GiB of image bytes. The batches are the same in every mode.
+    data: Literal["auto", "memory", "stream"] = "auto"
     # warm start: a checkpoint.pt of the same family and config whose weights (and EMA) a new
     # run starts from; optimizers, step and schedules start fresh ('' = random init)
     init_from: str = ""
@@ -71,105 +75,90 @@ class RunSettings:
 
 
 def shard_indices(n: int, step: int, batch_size: int, rank: int, world: int, seed: int):
-    """Indices of this rank's batch at ``step``: a per-epoch permutation, cut across ranks."""
-    per_step = batch_size * world
-    steps_per_epoch = max(n // per_step, 1)
-    epoch, pos = divmod(step, steps_per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    start = pos * per_step + rank * batch_size
-    return perm[torch.arange(start, start + batch_size) % n]  # wraps only if n < per_step
+    """Positions of this rank's batch at ``step`` for ``n`` rows read as one window (a plain
+    per-epoch shuffle): :func:`gm.data.rowstore.shard_positions` with ``window=n``."""
+    from gm.data.rowstore import shard_positions
+
+    return shard_positions(n, step, batch_size, rank, world, seed, window=max(1, n))
 
 
 def _batches(config: dict[str, Any], run: RunSettings, info, rank: int, world: int, trainer):
     """Endless batches for this rank, starting at ``trainer.step``: at the resolution (and batch
-    size) of a growing model's current phase, with the lower pyramid levels it asks for."""
-    from gm.data.readers import ImageDataset, to_unit_range
+    size) of a growing model's current phase, with the lower pyramid levels it asks for (the
+    same rows of each level file). The batch of step k is a function of k alone, in memory and
+    streamed (:mod:`gm.data.rowstore`); a growing model drops the levels it has left."""
+    from gm.data.parquet import level_path
+    from gm.data.readers import to_unit_range
+    from gm.data.rowstore import RowStore, shard_positions, window_rows
     from gm.train.protocol import Batch
 
     model = trainer.model
+    root = Path(config["dataset_dir"])
     src = model.pair_source()
     if src is not None:
-        yield from _paired_batches(Path(config["dataset_dir"]), src, run, rank, world, trainer)
+        yield from _paired_batches(root, src, run, rank, world, trainer)
         return
     extra = model.pyramid_levels()
-    if run.data == "ray":
-        import ray.train
+    top = max(int(p.name.split("x")[0]) for p in root.glob("*x*.parquet"))
+    window = window_rows(top * top * info.channels)  # one permutation for every level
+    stores: dict[int, RowStore] = {}
+    reference: list[torch.Tensor] = []
 
-        if extra:
-            raise ConfigError(
-                f"run.data: 'ray' streams one level per batch; {config['family']} reads "
-                f"{len(extra) + 1} aligned levels per batch: use run.data: memory"
-            )
-        iterators: dict[tuple[int, int], Any] = {}
-
-        def stream(resolution: int, batch_size: int):
-            shard = ray.train.get_dataset_shard(f"train_{resolution}")
-            while True:
-                for b in shard.iter_torch_batches(
-                    batch_size=batch_size,
-                    collate_fn=config["collate_fns"][resolution],
-                    drop_last=True,
-                ):
-                    yield b["image"], b["label"]
-
-        while True:
-            g = model.growth(trainer.images_seen)
-            key = (g.resolution, g.batch_size or run.batch_size) if g else (info.resolution, 0)
-            if key not in iterators:
-                iterators[key] = stream(key[0], key[1] or run.batch_size)
-            images, labels = next(iterators[key])
-            yield Batch(images, labels)
-    levels: dict[int, ImageDataset] = {}
-
-    def level(resolution: int) -> ImageDataset:
-        if resolution not in levels:
-            levels[resolution] = ImageDataset(config["dataset_dir"], resolution, split="train")
-            first = levels[min(levels)]
-            if not torch.equal(levels[resolution].labels, first.labels):
+    def level(resolution: int) -> RowStore:
+        if resolution not in stores:
+            store = RowStore(level_path(root, resolution), ("image",), mode=run.data,
+                             window=window)  # fmt: skip
+            if reference and not torch.equal(store.labels, reference[0]):
                 raise DataError(
-                    f"{config['dataset_dir']}: levels {resolution} and {first.resolution} "
-                    "do not list the same images in the same order"
+                    f"{root}: level {resolution} does not list the same images in the same "
+                    "order as the other levels"
                 )
-        return levels[resolution]
+            reference[:] = [store.labels]
+            stores[resolution] = store
+        return stores[resolution]
 
     while True:
         g = model.growth(trainer.images_seen)
         resolution = g.resolution if g else info.resolution
         batch_size = (g.batch_size if g else None) or run.batch_size
+        for r in [r for r in stores if r != resolution and r not in extra]:
+            del stores[r]  # a phase that has ended
         data = level(resolution)
-        idx = shard_indices(len(data), trainer.step, batch_size, rank, world, run.seed)
-        yield Batch(
-            to_unit_range(data.pixels[idx]),
-            data.labels[idx],
-            {r: to_unit_range(level(r).pixels[idx]) for r in extra},
-        )
+        pos = shard_positions(len(data), trainer.step, batch_size, rank, world, run.seed, window)
+        images, labels = data.take(pos)
+        lower = {r: to_unit_range(level(r).take(pos)[0]["image"]) for r in extra}
+        yield Batch(to_unit_range(images["image"]), labels, lower)
 
 
 def _paired_batches(dataset_dir: Path, src, run: RunSettings, rank: int, world: int, trainer):
     """Endless paired batches: ``images`` the targets, ``inputs`` the sources, aligned rows of
-    ``src.file``; or, for unpaired training, independent shards of the two domains of
+    ``src.file``; or, for unpaired training, independent positions in the two domains of
     ``src.unpaired_file``. Positions follow from the step, as for pyramid levels."""
-    from gm.data.readers import DomainImages, PairedDataset, to_unit_range
+    from gm.data.readers import to_unit_range
+    from gm.data.rowstore import RowStore, shard_positions
     from gm.train.protocol import Batch
 
-    bs = run.batch_size
+    bs, step = run.batch_size, lambda: trainer.step
     if src.unpaired_file:
-        side_a = DomainImages(dataset_dir / src.unpaired_file, "A")
-        side_b = DomainImages(dataset_dir / src.unpaired_file, "B")
+        path = dataset_dir / src.unpaired_file
+        side_a = RowStore(path, ("image",), domain="A", mode=run.data)
+        side_b = RowStore(path, ("image",), domain="B", mode=run.data, window=side_a.window)
         while True:
-            ia = shard_indices(len(side_a), trainer.step, bs, rank, world, run.seed)
-            ib = shard_indices(len(side_b), trainer.step, bs, rank, world, run.seed + 1)
+            ia = shard_positions(len(side_a), step(), bs, rank, world, run.seed, side_a.window)
+            ib = shard_positions(len(side_b), step(), bs, rank, world, run.seed + 1, side_b.window)
+            images_b, labels_b = side_b.take(ib)
             yield Batch(
-                to_unit_range(side_b.pixels[ib]),
-                side_b.labels[ib],
-                inputs=to_unit_range(side_a.pixels[ia]),
+                to_unit_range(images_b["image"]),
+                labels_b,
+                inputs=to_unit_range(side_a.take(ia)[0]["image"]),
             )
-    data = PairedDataset(dataset_dir / src.file, (src.inputs, src.targets), split="train")
+    data = RowStore(dataset_dir / src.file, (src.inputs, src.targets), mode=run.data)
     while True:
-        idx = shard_indices(len(data), trainer.step, bs, rank, world, run.seed)
-        inputs, targets, labels = data.batch(idx)
-        yield Batch(targets, labels, inputs=inputs)
+        pos = shard_positions(len(data), step(), bs, rank, world, run.seed, data.window)
+        cols, labels = data.take(pos)
+        yield Batch(
+            to_unit_range(cols[src.targets]), labels, inputs=to_unit_range(cols[src.inputs])
+        )
 
 
 class TrainHost:
@@ -534,27 +523,7 @@ def fit(
 
         board = ray.remote(num_cpus=0)(ProgressBoard).remote()
         config["progress"] = board
-    from gm.registry import families
 
-    datasets = None
-    if run.data == "ray" and families()[family].pairs:
-        raise ConfigError(
-            f"run.data: 'ray' streams pyramid levels; {family} trains from a paired dataset "
-            "(read into memory): use run.data: memory"
-        )
-    if run.data == "ray":
-        from gm.config import from_dict
-        from gm.data.raydata import ray_dataset
-        from gm.train.protocol import DataInfo
-
-        fam = families()[family]
-        model = fam.build(from_dict(fam.config, model_config, family), DataInfo(**data_info))
-        datasets, config["collate_fns"] = {}, {}
-        for r in model.data_resolutions(data_info["resolution"]):
-            source = ray_dataset(dataset_dir, r, split="train")
-            datasets[f"train_{r}"] = source.dataset
-            config["collate_fns"][r] = source.collate_fn
-        del model
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -569,7 +538,6 @@ def fit(
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets=datasets,
     )
     if board is None:
         with interrupt_as_keyboard_interrupt():

@@ -1,0 +1,222 @@
+"""The batch of step k: training's one view of the data, in memory or streamed from Parquet.
+
+A :class:`RowStore` holds the rows of one gm Parquet file that a training reads (the train
+split; for an unpaired table also one domain) and hands out the image columns of any list of
+those rows as uint8 arrays. Rows are addressed by *position*: 0 .. n-1 over the selected rows
+in file order. Two modes give the same arrays for the same positions:
+
+- ``memory``: the selected rows' image columns are read once (fast; memory = the split);
+- ``stream``: rows are read a window at a time (:func:`window_rows` rows, about
+  :data:`WINDOW_BYTES`), reading only the row groups that cover the window, and at most
+  the windows of the current batch plus one more are kept: memory is bounded by a window,
+  whatever the dataset's size.
+
+:func:`shard_positions` says which positions rank ``r`` trains on at step ``k``: a
+permutation per epoch, seeded by (seed, epoch), that shuffles the order of the windows and
+the rows inside each window. It is a function of the step alone, so a run that is killed and
+resumed sees exactly the batches an uninterrupted run sees, and both modes see the same
+batches (tests/test_rowstore.py). Streaming reads one or two windows per window's worth of
+steps, so a batch mixes rows from one window: gm writes the rows of every dataset in a
+pseudo-random order (by a hash of the source id, :mod:`gm.data.prepare`), so a window is a
+random sample of the dataset, as a WebDataset shard of pre-shuffled samples is. For a dataset
+of one window (the default ones: up to 256 MiB of top-level pixels) the permutation is a plain
+shuffle of the whole split.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from gm.data.parquet import decode_images, image_fields, read_metadata
+from gm.errors import DataError
+
+WINDOW_BYTES = 256 << 20  # top-level image bytes per window of a streamed run
+MEMORY_BYTES = 2 << 30  # mode auto streams a split whose image bytes exceed this (per worker)
+
+
+MIN_WINDOW_ROWS = 64
+
+
+def window_rows(row_bytes: int) -> int:
+    """Rows per window for rows of ``row_bytes`` image bytes: about :data:`WINDOW_BYTES`,
+    at least :data:`MIN_WINDOW_ROWS` (85 rows of 1024x1024 RGB, 21,845 of 64x64 RGB)."""
+    return int(max(MIN_WINDOW_ROWS, WINDOW_BYTES // max(1, row_bytes)))
+
+
+def _generator(seed: int, epoch: int, window: int = -1) -> torch.Generator:
+    base = seed * 1_000_003 + epoch
+    return torch.Generator().manual_seed(base if window < 0 else base * 7_919 + window + 1)
+
+
+class EpochOrder:
+    """The permutation of ``n`` positions in one epoch: windows of ``window`` consecutive
+    positions in a random order, each window's positions shuffled. With one window it is
+    ``torch.randperm(n)`` under the generator of (seed, epoch)."""
+
+    def __init__(self, n: int, window: int, seed: int, epoch: int):
+        self.n, self.window, self.seed, self.epoch = n, window, seed, epoch
+        count = (n + window - 1) // window
+        self.order = torch.randperm(count, generator=_generator(seed, epoch)).tolist()
+        sizes = [min(window, n - j * window) for j in self.order]
+        self.offsets = np.cumsum([0, *sizes])
+        self._perms: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def _perm(self, j: int) -> torch.Tensor:
+        if j not in self._perms:
+            size = min(self.window, self.n - j * self.window)
+            g = _generator(self.seed, self.epoch) if len(self.order) == 1 else None
+            g = g or _generator(self.seed, self.epoch, j)
+            self._perms[j] = torch.randperm(size, generator=g) + j * self.window
+            while len(self._perms) > 4:
+                self._perms.popitem(last=False)
+        return self._perms[j]
+
+    def __getitem__(self, p: torch.Tensor) -> torch.Tensor:
+        """Positions at epoch offsets ``p`` (each in [0, n))."""
+        out = torch.empty_like(p)
+        slots = np.searchsorted(self.offsets, p.numpy(), side="right") - 1
+        for s in np.unique(slots):
+            mask = torch.from_numpy(slots == s)
+            out[mask] = self._perm(self.order[s])[p[mask] - int(self.offsets[s])]
+        return out
+
+
+_ORDERS: OrderedDict[tuple, EpochOrder] = OrderedDict()
+
+
+def shard_positions(n: int, step: int, batch_size: int, rank: int, world: int, seed: int,
+                    window: int) -> torch.Tensor:  # fmt: skip
+    """(batch_size,) positions of rank ``rank``'s batch at ``step``: epoch ``step //
+    steps_per_epoch`` of :class:`EpochOrder`, cut into ``world`` consecutive slices. Wraps
+    around only when ``n`` is smaller than one global batch."""
+    per_step = batch_size * world
+    steps_per_epoch = max(n // per_step, 1)
+    epoch, pos = divmod(step, steps_per_epoch)
+    key = (n, window, seed, epoch)
+    if key not in _ORDERS:
+        _ORDERS[key] = EpochOrder(n, window, seed, epoch)
+        while len(_ORDERS) > 4:
+            _ORDERS.popitem(last=False)
+    start = pos * per_step + rank * batch_size
+    return _ORDERS[key][torch.arange(start, start + batch_size) % n]
+
+
+class RowStore:
+    """The image columns ``columns`` of the rows of ``path`` in ``split`` (and, for an unpaired
+    table, ``domain``), by position. ``mode``: ``memory``, ``stream`` (module docstring) or
+    ``auto`` (stream when the selected rows' image bytes exceed :data:`MEMORY_BYTES`);
+    ``window``: rows per window (default from the widest image column, :func:`window_rows`).
+
+    ``take(positions)`` → ({column: (B, H, W, C) uint8 tensor}, (B,) int64 labels).
+    Raises DataError naming the file when a column is missing or no row is selected."""
+
+    def __init__(self, path: str | os.PathLike, columns: tuple[str, ...],
+                 split: str | None = "train",
+                 domain: str | None = None, mode: str = "memory",
+                 window: int | None = None):  # fmt: skip
+        self.path, self.columns, self.mode = Path(path), columns, mode
+        self.fields = image_fields(self.path, columns)
+        read_metadata(self.path)
+        keys = ["split", "label"] + (["domain"] if domain else [])
+        names = pq.read_schema(self.path).names
+        for k in keys:
+            if k not in names:
+                raise DataError(f"{self.path}: no column {k!r} (has {', '.join(names)})")
+        table = pq.read_table(self.path, columns=keys)
+        mask = pc.equal(table.column("split"), split) if split else pc.is_valid(table.column(0))
+        if domain:
+            mask = pc.and_(mask, pc.equal(table.column("domain"), domain))
+        self.rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+        if len(self.rows) == 0:
+            what = f"split {split!r}" + (f", domain {domain!r}" if domain else "")
+            raise DataError(f"{self.path}: no row in {what}")
+        labels = table.column("label").to_numpy()[self.rows]
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        widest = max(f.type.byte_width for f in self.fields.values())
+        self.window = window or window_rows(widest)
+        self.split_bytes = len(self.rows) * sum(f.type.byte_width for f in self.fields.values())
+        if mode == "auto":
+            mode = "stream" if self.split_bytes > MEMORY_BYTES else "memory"
+        self.mode = mode
+        self._file = pq.ParquetFile(self.path) if mode == "stream" else None
+        if self._file is not None:
+            meta = self._file.metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            self._starts = np.cumsum([0, *sizes])
+        self._windows: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._memory: dict[str, torch.Tensor] = {}
+        if mode == "memory":
+            t = pq.read_table(self.path, columns=list(columns)).take(pa.array(self.rows))
+            self._memory = {c: torch.from_numpy(decode_images(t.column(c), self.fields[c]))
+                            for c in columns}  # fmt: skip
+        elif mode != "stream":
+            raise ValueError(f"mode {mode!r}: expected memory or stream")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Image bytes this store holds now (the split in memory; the cached windows when
+        streaming)."""
+        held = self._memory.values() if self.mode == "memory" else (
+            a for w in self._windows.values() for a in w.values())  # fmt: skip
+        return int(sum(a.nbytes for a in held))
+
+    def _read_window(self, j: int) -> dict[str, np.ndarray]:
+        if j in self._windows:
+            self._windows.move_to_end(j)
+            return self._windows[j]
+        rows = self.rows[j * self.window : (j + 1) * self.window]
+        first, last = int(rows[0]), int(rows[-1])
+        g0 = bisect.bisect_right(self._starts, first) - 1
+        g1 = bisect.bisect_right(self._starts, last) - 1
+        t = self._file.read_row_groups(list(range(g0, g1 + 1)), columns=list(self.columns))
+        t = t.take(pa.array(rows - int(self._starts[g0])))
+        arrays = {c: decode_images(t.column(c), self.fields[c]) for c in self.columns}
+        self._windows[j] = arrays
+        return arrays
+
+    def take(self, positions: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Image columns (uint8, (B, H, W, C)) and labels of ``positions`` (each in [0, n))."""
+        labels = self.labels[positions]
+        if self.mode == "memory":
+            return {c: a[positions] for c, a in self._memory.items()}, labels
+        pos = positions.numpy()
+        win = pos // self.window
+        needed = list(dict.fromkeys(win.tolist()))
+        # keep the windows of this batch and the most recently used other one
+        others = [j for j in reversed(self._windows) if j not in needed]
+        for j in others[1:]:
+            del self._windows[j]
+        out = {c: np.empty((len(pos), *self.shape(c)), np.uint8) for c in self.columns}
+        for j in needed:
+            arrays = self._read_window(j)
+            sel = win == j
+            for c in self.columns:
+                out[c][sel] = arrays[c][pos[sel] - j * self.window]
+        return {c: torch.from_numpy(a) for c, a in out.items()}, labels
+
+    def batches(self, positions: torch.Tensor | None = None, batch_size: int = 500,
+                column: str = "image"):  # fmt: skip
+        """Yield (``column`` uint8 (B, H, W, C), labels (B,)) of ``positions`` (default: every
+        row in file order), ``batch_size`` at a time: evaluation's bounded reads."""
+        if positions is None:
+            positions = torch.arange(len(self))
+        for start in range(0, len(positions), batch_size):
+            cols, labels = self.take(positions[start : start + batch_size])
+            yield cols[column], labels
+
+    def shape(self, column: str) -> tuple[int, ...]:
+        """(H, W, C) of an image column."""
+        return tuple(json.loads(self.fields[column].metadata[b"shape"]))
