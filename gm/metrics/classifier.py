@@ -78,19 +78,24 @@ def train_classifier(
     """Train on the train split; returns the network (eval mode) and its test-split report."""
     from tqdm import tqdm
 
-    from gm.data.readers import ImageDataset, to_unit_range
+    from gm.data.parquet import level_path
+    from gm.data.readers import to_unit_range
+    from gm.data.rowstore import RowStore, shard_positions
 
     torch.manual_seed(cfg.seed)
-    train = ImageDataset(dataset_dir, resolution, split="train")
-    test = ImageDataset(dataset_dir, resolution, split="test")
-    if len(train) == 0 or len(test) == 0:
-        raise DataError(f"{dataset_dir}: the classifier needs non-empty train and test splits")
+    path = level_path(dataset_dir, resolution)
+    try:  # in memory for small splits, streamed (bounded) for large ones
+        train = RowStore(path, ("image",), split="train", mode="auto")
+        test = RowStore(path, ("image",), split="test", mode="auto")
+    except DataError:
+        raise DataError(
+            f"{dataset_dir}: the classifier needs non-empty train and test splits"
+        ) from None
     num_classes = len(json.loads((Path(dataset_dir) / "manifest.json").read_text())["classes"])
-    channels = train.pixels.shape[-1]
+    channels = train.shape("image")[-1]
     net = DomainClassifier(cfg, resolution, channels, num_classes)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
-    g = torch.Generator().manual_seed(cfg.seed)
     net.train()
     bar = tqdm(
         range(cfg.steps),
@@ -99,10 +104,10 @@ def train_classifier(
         disable=not progress,
         mininterval=1.0 if sys.stderr.isatty() else 15.0,  # a log file gets few lines
     )
-    for _ in bar:
-        idx = torch.randint(len(train), (cfg.batch_size,), generator=g)
-        x = to_unit_range(train.pixels[idx])
-        loss = F.cross_entropy(net(x), train.labels[idx])
+    for step in bar:  # the windowed per-epoch shuffle of training (gm.data.rowstore)
+        idx = shard_positions(len(train), step, cfg.batch_size, 0, 1, cfg.seed, train.window)
+        cols, labels = train.take(idx)
+        loss = F.cross_entropy(net(to_unit_range(cols["image"])), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -111,9 +116,8 @@ def train_classifier(
     net.eval()
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(test), 512):
-            x = to_unit_range(test.pixels[start : start + 512])
-            correct += (net(x).argmax(1) == test.labels[start : start + 512]).sum().item()
+        for pixels, labels in test.batches(None, 512):
+            correct += (net(to_unit_range(pixels)).argmax(1) == labels).sum().item()
     info = {"resolution": resolution, "channels": channels, "num_classes": num_classes}
     report = {
         "test_accuracy": correct / len(test),

@@ -73,13 +73,33 @@ def _embed(clf, images: torch.Tensor, size: int | None, batch: int = 500):
     return torch.cat(feats), torch.cat(logits)
 
 
+def _embed_rows(clf, store, positions, size: int | None, batch: int = 500):
+    """:func:`_embed` of a RowStore's rows ``positions`` (all: None), read ``batch`` at a time:
+    memory holds the features, never the images."""
+    from gm.data.readers import to_unit_range
+
+    feats, logits = [], []
+    for pixels, _ in store.batches(positions, batch):
+        f, lg = _embed(clf, to_unit_range(pixels), size, batch)
+        feats.append(f)
+        logits.append(lg)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def _split_store(dataset_dir, resolution: int, split: str | None):
+    from gm.data.parquet import level_path
+    from gm.data.rowstore import RowStore
+
+    return RowStore(level_path(dataset_dir, resolution), ("image",), split=split, mode="auto")
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     classifier: str | os.PathLike,
     dataset_dir: str | os.PathLike,
     cfg: EvalConfig,
 ) -> dict[str, Any]:
-    from gm.data.readers import ImageDataset, to_unit_range
+    from gm.data.readers import to_unit_range
     from gm.metrics.classifier import load_classifier
     from gm.train.checkpoint import load_checkpoint, trainer_from_checkpoint
     from gm.train.protocol import Batch
@@ -112,12 +132,13 @@ def evaluate_checkpoint(
         net, extractor = load_inception(cfg.inception_weights)
         net_size, resize = None, RESIZE
 
-    test = ImageDataset(dataset_dir, info.resolution, split="test")
-    train = ImageDataset(dataset_dir, info.resolution, split="train")
+    # real images are read in batches and only their features kept (memory: features)
+    test = _split_store(dataset_dir, info.resolution, "test")
+    train = _split_store(dataset_dir, info.resolution, "train")
     n = min(cfg.num_samples, len(train))
     g = torch.Generator().manual_seed(cfg.seed)
-    pick = torch.randperm(len(train), generator=g)[:n]
-    real_x, base_x = to_unit_range(test.pixels), to_unit_range(train.pixels[pick])
+    # sorted: each read batch then falls in one or two windows of a streamed split
+    pick = torch.randperm(len(train), generator=g)[:n].sort().values
 
     labels = torch.arange(n) % info.num_classes if model.conditional else None
     fakes = []
@@ -127,8 +148,8 @@ def evaluate_checkpoint(
         fakes.append(trainer.sample(count, lab, seed=cfg.seed * 100_003 + i))
     fake_x = torch.cat(fakes)
     _, label_logits = _embed(clf, fake_x, size)  # conditional accuracy: the domain classifier
-    real_f, _ = _embed(net, real_x, net_size, batch=100)
-    base_f, base_logits = _embed(net, base_x, net_size, batch=100)
+    real_f, _ = _embed_rows(net, test, None, net_size, batch=100)
+    base_f, base_logits = _embed_rows(net, train, pick, net_size, batch=100)
     fake_f, fake_logits = _embed(net, fake_x, net_size, batch=100)
 
     bpd = None
@@ -137,12 +158,8 @@ def evaluate_checkpoint(
         torch.manual_seed(cfg.seed)
         values = []
         with torch.no_grad():
-            for start in range(0, len(test), 500):
-                b = Batch(
-                    to_unit_range(test.pixels[start : start + 500]),
-                    test.labels[start : start + 500],
-                )
-                v = model.bits_per_dim(b)
+            for pixels, lab in test.batches(None, 500):
+                v = model.bits_per_dim(Batch(to_unit_range(pixels), lab))
                 if v is None:
                     break
                 values.append(v)
@@ -200,17 +217,20 @@ class KidProbe:
     validation split of fewer than 8 images (toy datasets) is replaced by the whole dataset."""
 
     def __init__(self, classifier, dataset_dir, info, n: int = 256, seed: int = 0):
-        from gm.data.readers import ImageDataset, to_unit_range
+        from gm.errors import DataError
         from gm.metrics.classifier import load_classifier
 
         self.clf, desc = load_classifier(classifier)
         self.size, self.seed = desc["resolution"], seed
-        real = ImageDataset(dataset_dir, info.resolution, split="val")
-        if len(real) < 8:
-            real = ImageDataset(dataset_dir, info.resolution, split=None)
+        try:
+            real = _split_store(dataset_dir, info.resolution, "val")
+        except DataError:  # no validation image at all
+            real = None
+        if real is None or len(real) < 8:
+            real = _split_store(dataset_dir, info.resolution, None)
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(real), generator=g)[: min(n, len(real))]
-        self.real, _ = _embed(self.clf, to_unit_range(real.pixels[idx]), self.size)
+        idx = torch.randperm(len(real), generator=g)[: min(n, len(real))].sort().values
+        self.real, _ = _embed_rows(self.clf, real, idx, self.size)
         self.n, self.num_classes = len(idx), info.num_classes
 
     def __call__(self, trainer) -> float:
