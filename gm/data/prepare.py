@@ -1,8 +1,9 @@
 """Raw images → multi-resolution Parquet dataset (one file per level) with a manifest, streamed.
 
 Input is a folder with one subfolder per class (images directly in the folder form one class
-named after it), or a folder of Parquet tables with an ``image`` column of encoded bytes and an
-optional ``label`` (class name) and ``id`` column. Output (written atomically)::
+named after it); a folder of Parquet tables with an ``image`` column of encoded bytes and an
+optional ``label`` (class name) and ``id`` column; or StyleGAN dataset zips or WebDataset tar
+shards (a folder of them, or one archive; :mod:`gm.data.archives`). Output (written atomically)::
 
     out/4x4.parquet ... out/{R}x{R}.parquet   id, source, label, label_name, split, image (uint8)
     out/manifest.json                          counts, classes, mean/std, hashes, skipped inputs
@@ -29,7 +30,6 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 import gm
 from gm.config import to_dict
+from gm.data.archives import IMAGE_SUFFIXES, RawItem, read_members, scan_archives
 from gm.data.config import DatasetConfig
 from gm.data.images import BadImage, decode, fit_square
 from gm.data.parquet import image_field, level_file, open_writer, row_group_rows
@@ -49,35 +50,10 @@ from gm.data.splits import SPLITS, assign_split
 from gm.errors import DataError, GmError
 from gm.io import atomic_dir, atomic_path, sha256_file, write_json
 
-IMAGE_SUFFIXES = {
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-}
-
 BATCH_BYTES = 32 << 20  # a task's batch holds at most about this many top-level pixel bytes
 MAX_BATCH = 256  # inputs per batch
+ARCHIVES = {".zip", ".tar"}  # StyleGAN dataset zips, WebDataset tar shards (gm.data.archives)
 RAY_MIN_ITEMS = 8192  # `workers=None`: fewer inputs run here (Ray's ~5 s start-up outweighs them)
-
-
-@dataclass(frozen=True)
-class RawItem:
-    """One input: ``id`` is its path relative to the raw folder (or ``file:row`` / the table's
-    ``id`` for Parquet input); its bytes are the file ``path``, or row ``row`` of the Parquet
-    table ``path``."""
-
-    id: str
-    class_name: str
-    path: str
-    row: int = -1  # -1: ``path`` is the image file
 
 
 def scan(raw: Path) -> tuple[list[RawItem], list[str], list[dict[str, str]]]:
@@ -89,10 +65,16 @@ def scan(raw: Path) -> tuple[list[RawItem], list[str], list[dict[str, str]]]:
     stream a window at a time (:mod:`gm.data.rowstore`); adding images never changes the
     relative order of the others."""
     raw = Path(raw)
-    if not raw.is_dir():
+    if raw.is_file() and raw.suffix in ARCHIVES:  # one StyleGAN zip or WebDataset shard
+        items, classes, skipped = scan_archives(raw, [raw], raw.stem)
+    elif not raw.is_dir():
         raise DataError(f"{raw}: raw data folder does not exist (run `gm data materialize`?)")
-    tables = sorted(p for p in raw.iterdir() if p.suffix == ".parquet")
-    items, classes, skipped = _scan_parquet(raw, tables) if tables else _scan_folder(raw)
+    elif tables := sorted(p for p in raw.iterdir() if p.suffix == ".parquet"):
+        items, classes, skipped = _scan_parquet(raw, tables)
+    elif archives := sorted(p for p in raw.iterdir() if p.suffix in ARCHIVES and p.is_file()):
+        items, classes, skipped = scan_archives(raw, archives, raw.name)
+    else:
+        items, classes, skipped = _scan_folder(raw)
     return sorted(items, key=lambda it: (row_order_key(it.id), it.id)), classes, skipped
 
 
@@ -196,7 +178,7 @@ def _parquet_bytes(rows: list[tuple[int, str, int]]) -> dict[int, bytes | None]:
 
 
 def process_batch(batch: dict[str, np.ndarray], cfg: DatasetConfig) -> pa.Table:
-    """A batch of inputs (columns ``item``, ``id``, ``class_name``, ``path``, ``row``) → one
+    """A batch of inputs (the columns of :func:`_item_table`: a :class:`RawItem` each) → one
     output row per square (an input cut into tiles gives several, in id order), or one row with
     ``skip`` or ``error`` set for an input the policy skips or refuses. Columns: ``item``, ``id``,
     ``source``, ``class_name``, ``split``, ``skip``, ``error``, ``digest`` (SHA-256 of id, class,
@@ -205,7 +187,13 @@ def process_batch(batch: dict[str, np.ndarray], cfg: DatasetConfig) -> pa.Table:
     skipped row)."""
     n = len(batch["id"])
     rows = [(i, str(batch["path"][i]), int(batch["row"][i])) for i in range(n)]
-    table_bytes = _parquet_bytes([r for r in rows if r[2] >= 0])
+    table_bytes: dict[int, bytes | None] = _parquet_bytes([r for r in rows if r[2] >= 0])
+    members = [(i, RawItem(str(batch["id"][i]), "", str(batch["path"][i]),
+                           member=str(batch["member"][i]), offset=int(batch["offset"][i]),
+                           size=int(batch["size"][i])))
+               for i in range(n) if batch["member"][i] or int(batch["offset"][i]) >= 0]  # fmt: skip
+    table_bytes |= read_members(members)
+    from_bytes = set(table_bytes)
     res = [cfg.top_resolution >> k for k in range(cfg.top_resolution.bit_length() - 2)]
     out: dict[str, list] = {k: [] for k in ("item", "id", "source", "class_name", "split", "skip",
                                             "error", "digest", "sum", "sumsq")}  # fmt: skip
@@ -234,7 +222,8 @@ def process_batch(batch: dict[str, np.ndarray], cfg: DatasetConfig) -> pa.Table:
             add(item, id_, id_, cls, error=error)
             continue
         try:
-            arr = decode(table_bytes[i] if row >= 0 else path, cfg.channels, cfg.background)
+            data = table_bytes[i] if i in from_bytes else path
+            arr = decode(data, cfg.channels, cfg.background)
             squares = sorted(fit_square(arr, cfg), key=lambda sq: sq.suffix)
         except BadImage as e:
             policy = cfg.undersize if e.kind == "undersize" else cfg.on_invalid
@@ -273,6 +262,9 @@ def _item_table(items: list[RawItem]) -> dict[str, np.ndarray]:
         "class_name": np.asarray([it.class_name for it in items], dtype=object),
         "path": np.asarray([it.path for it in items], dtype=object),
         "row": np.asarray([it.row for it in items], dtype=np.int64),
+        "member": np.asarray([it.member for it in items], dtype=object),
+        "offset": np.asarray([it.offset for it in items], dtype=np.int64),
+        "size": np.asarray([it.size for it in items], dtype=np.int64),
     }
 
 
@@ -482,7 +474,7 @@ def prepare_dataset(
     Raises DataError naming the file, class or folder when the input cannot be used; nothing
     is left half-written."""
     raw, out = Path(raw), Path(out)
-    name = name or raw.name
+    name = name or (raw.stem if raw.is_file() else raw.name)
     items, class_names, skipped = scan(raw)
     workers = resolve_workers(workers, len(items))
     batches: Iterable[pa.Table] = (
