@@ -74,12 +74,23 @@ def test_a_stylegan_dataset_zip_prepares_like_class_folders(tmp_path, rng):
 
 def test_an_unlabelled_zip_is_one_class_and_a_broken_one_is_named(tmp_path, rng):
     path = tmp_path / "faces.zip"
-    with zipfile.ZipFile(path, "w") as z:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for i in range(6):
             z.writestr(f"img{i}.png", _png(rng)[0])
         z.writestr("dataset.json", json.dumps({"labels": None}))
     m = prepare_dataset(path, tmp_path / "ds", CFG, progress=False)
     assert m["dataset"] == "faces" and m["classes"] == ["faces"] and m["num_images"] == 6
+    # one member's compressed bytes damaged: that image is skipped with the reason, not a crash
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("img2.png")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    data[start + 10 : start + 20] = b"\xff" * 10
+    path.write_bytes(bytes(data))
+    m = prepare_dataset(path, tmp_path / "ds", CFG, progress=False)
+    assert m["num_images"] == 5
+    assert [s["path"] for s in m["skipped"]] == ["faces.zip/img2.png"]
+    assert "unreadable zip member" in m["skipped"][0]["reason"]
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(DataError, match="faces.zip: not a readable zip archive"):
         prepare_dataset(path, tmp_path / "ds2", CFG, progress=False)

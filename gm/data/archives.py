@@ -167,9 +167,12 @@ def scan_archives(raw: Path, archives: list[Path], default_class: str) -> Scanne
     return items, sorted(classes, key=_class_order), skipped
 
 
-def read_members(items: list[tuple[int, RawItem]]) -> dict[int, bytes]:
-    """{batch position: encoded bytes} of archive members, opening each archive once."""
+def read_members(items: list[tuple[int, RawItem]]) -> tuple[dict[int, bytes], dict[int, str]]:
+    """({batch position: encoded bytes}, {batch position: why it could not be read}) of
+    archive members, opening each archive once. A member that cannot be read (a bad CRC, an
+    unsupported compression, a shard cut short) is an invalid input, as a corrupt file is."""
     out: dict[int, bytes] = {}
+    bad: dict[int, str] = {}
     by_path: dict[str, list[tuple[int, RawItem]]] = {}
     for pos, it in items:
         by_path.setdefault(it.path, []).append((pos, it))
@@ -177,10 +180,17 @@ def read_members(items: list[tuple[int, RawItem]]) -> dict[int, bytes]:
         if path.endswith(".zip"):
             with zipfile.ZipFile(path) as z:
                 for pos, it in group:
-                    out[pos] = z.read(it.member)
+                    try:
+                        out[pos] = z.read(it.member)
+                    except (zipfile.BadZipFile, OSError, NotImplementedError, KeyError) as e:
+                        bad[pos] = f"unreadable zip member ({type(e).__name__}: {e})"
         else:
             with open(path, "rb") as f:
                 for pos, it in sorted(group, key=lambda g: g[1].offset):
                     f.seek(it.offset)
-                    out[pos] = f.read(it.size)
-    return out
+                    data = f.read(it.size)
+                    if len(data) == it.size:
+                        out[pos] = data
+                    else:
+                        bad[pos] = f"tar member cut short ({len(data)} of {it.size} bytes)"
+    return out, bad

@@ -192,7 +192,8 @@ def process_batch(batch: dict[str, np.ndarray], cfg: DatasetConfig) -> pa.Table:
                            member=str(batch["member"][i]), offset=int(batch["offset"][i]),
                            size=int(batch["size"][i])))
                for i in range(n) if batch["member"][i] or int(batch["offset"][i]) >= 0]  # fmt: skip
-    table_bytes |= read_members(members)
+    archived, unreadable = read_members(members)
+    table_bytes |= archived
     from_bytes = set(table_bytes)
     res = [cfg.top_resolution >> k for k in range(cfg.top_resolution.bit_length() - 2)]
     out: dict[str, list] = {k: [] for k in ("item", "id", "source", "class_name", "split", "skip",
@@ -222,6 +223,8 @@ def process_batch(batch: dict[str, np.ndarray], cfg: DatasetConfig) -> pa.Table:
             add(item, id_, id_, cls, error=error)
             continue
         try:
+            if i in unreadable:
+                raise BadImage("invalid", unreadable[i])
             data = table_bytes[i] if i in from_bytes else path
             arr = decode(data, cfg.channels, cfg.background)
             squares = sorted(fit_square(arr, cfg), key=lambda sq: sq.suffix)
