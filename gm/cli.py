@@ -60,10 +60,11 @@ def _cmd_data_verify(args) -> int:
 
 def _cmd_data_inspect(args) -> int:
     from gm.data.prepare import scan
+    from gm.data.remote import is_uri
 
-    path = Path(args.path)
-    manifest = path / "manifest.json"
-    if manifest.is_file():
+    path = args.path if is_uri(args.path) else Path(args.path)
+    manifest = Path(args.path) / "manifest.json"
+    if not is_uri(args.path) and manifest.is_file():
         m = json.loads(manifest.read_text())
         if "counts" in m and "resolutions" in m:
             print(
@@ -99,6 +100,7 @@ def _cmd_prepare(args) -> int:
     from gm import params
     from gm.data.pairs import build_pairs
     from gm.data.prepare import prepare_dataset
+    from gm.data.remote import is_uri
     from gm.errors import ConfigError
 
     p = params.load(args.params)
@@ -110,7 +112,7 @@ def _cmd_prepare(args) -> int:
     for name, cfg in p.datasets.items():
         if not wanted or name in wanted:
             m = prepare_dataset(
-                Path(args.data) / name,
+                f"{args.data.rstrip('/')}/{name}" if is_uri(args.data) else Path(args.data) / name,
                 out / "pyramid" / name,
                 cfg,
                 name=name,
@@ -401,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("names", nargs="*", help="datasets/pairs entries to build (default: all)")
     prep.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    prep.add_argument("--data", default="data", help="raw data folder (default: %(default)s)")
+    prep.add_argument("--data", default="data", help="raw data folder, or an object-storage "
+                      "prefix s3://bucket/prefix (default: %(default)s)")  # fmt: skip
     prep.add_argument("--out", default="datasets", help="output folder (default: %(default)s)")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)

@@ -15,7 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pipelines.prepare", description=__doc__)
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     ap.add_argument("--name", required=True, help="key under `datasets` in the params file")
-    ap.add_argument("--raw", required=True, help="raw image folder (or folder of Parquet tables)")
+    ap.add_argument(
+        "--raw",
+        required=True,
+        help="raw folder (images, Parquet tables, zips or tars), an archive, or s3://bucket/prefix",
+    )
     ap.add_argument("--out", required=True, help="output dataset folder (replaced atomically)")
     ap.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     args = ap.parse_args(argv)

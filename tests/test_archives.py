@@ -136,3 +136,32 @@ def test_data_inspect_reports_an_archive_folder(tmp_path, rng, capsys):
     assert main(["data", "inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "3 image files in 1 classes" in out
+
+
+def test_raw_images_on_s3_prepare_like_a_local_folder(tmp_path, rng, s3_server, monkeypatch,
+                                                      capsys):  # fmt: skip
+    """s3://bucket/prefix on a real S3-protocol server (moto, loopback): the same ids, so the
+    same bytes as the same images in a local folder; bad objects follow the folder policies."""
+    for k, v in s3_server["env"].items():
+        monkeypatch.setenv(k, v)
+    s3, local = s3_server["client"], tmp_path / "toy"
+    for cls, n in (("a", 5), ("b", 4)):
+        for i in range(n):
+            data, _ = _png(rng)
+            s3.put_object(Bucket="gm-test", Key=f"raw/toy/{cls}/{i}.png", Body=data)
+            (local / cls).mkdir(parents=True, exist_ok=True)
+            (local / cls / f"{i}.png").write_bytes(data)
+    s3.put_object(Bucket="gm-test", Key="raw/toy/a/readme.txt", Body=b"hi")
+    s3.put_object(Bucket="gm-test", Key="raw/toy/b/bad.png", Body=b"not a png")
+    m = prepare_dataset("s3://gm-test/raw/toy", tmp_path / "s3ds", CFG, progress=False)
+    ref = prepare_dataset(local, tmp_path / "localds", CFG, progress=False)
+    assert m["dataset"] == "toy" and m["classes"] == ["a", "b"] and m["num_images"] == 9
+    assert m["content_hash"] == ref["content_hash"]
+    assert {k: v["sha256"] for k, v in m["files"].items()} == {
+        k: v["sha256"] for k, v in ref["files"].items()
+    }
+    assert {s["path"] for s in m["skipped"]} == {"a/readme.txt", "b/bad.png"}
+    assert main(["data", "inspect", "s3://gm-test/raw/toy"]) == 0
+    assert "10 image files in 2 classes" in capsys.readouterr().out
+    with pytest.raises(DataError, match="s3://gm-test/raw/none: no such prefix"):
+        prepare_dataset("s3://gm-test/raw/none", tmp_path / "x", CFG, progress=False)

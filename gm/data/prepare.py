@@ -46,6 +46,7 @@ from gm.data.config import DatasetConfig
 from gm.data.images import BadImage, decode, fit_square
 from gm.data.parquet import image_field, level_file, open_writer, row_group_rows
 from gm.data.pyramid import build_pyramid
+from gm.data.remote import is_uri, read_objects, scan_uri
 from gm.data.splits import SPLITS, assign_split
 from gm.errors import DataError, GmError
 from gm.io import atomic_dir, atomic_path, sha256_file, write_json
@@ -56,7 +57,7 @@ ARCHIVES = {".zip", ".tar"}  # StyleGAN dataset zips, WebDataset tar shards (gm.
 RAY_MIN_ITEMS = 8192  # `workers=None`: fewer inputs run here (Ray's ~5 s start-up outweighs them)
 
 
-def scan(raw: Path) -> tuple[list[RawItem], list[str], list[dict[str, str]]]:
+def scan(raw: Path | str) -> tuple[list[RawItem], list[str], list[dict[str, str]]]:
     """List a raw folder: (items in row order, class names incl. empty ones, skipped entries).
     Reads no pixels. Raises DataError naming the folder or table when it cannot be used.
 
@@ -64,6 +65,9 @@ def scan(raw: Path) -> tuple[list[RawItem], list[str], list[dict[str, str]]]:
     consecutive rows is then a random sample of the dataset, which is what lets training
     stream a window at a time (:mod:`gm.data.rowstore`); adding images never changes the
     relative order of the others."""
+    if is_uri(raw):  # object storage: s3://bucket/prefix (gm.data.remote)
+        items, classes, skipped = scan_uri(str(raw))
+        return sorted(items, key=lambda it: (row_order_key(it.id), it.id)), classes, skipped
     raw = Path(raw)
     if raw.is_file() and raw.suffix in ARCHIVES:  # one StyleGAN zip or WebDataset shard
         items, classes, skipped = scan_archives(raw, [raw], raw.stem)
@@ -193,7 +197,9 @@ def process_batch(batch: dict[str, np.ndarray], cfg: DatasetConfig) -> pa.Table:
                            size=int(batch["size"][i])))
                for i in range(n) if batch["member"][i] or int(batch["offset"][i]) >= 0]  # fmt: skip
     archived, unreadable = read_members(members)
-    table_bytes |= archived
+    objects, unreachable = read_objects([(i, p) for i, p, r in rows if r < 0 and is_uri(p)])
+    table_bytes |= archived | objects
+    unreadable |= unreachable
     from_bytes = set(table_bytes)
     res = [cfg.top_resolution >> k for k in range(cfg.top_resolution.bit_length() - 2)]
     out: dict[str, list] = {k: [] for k in ("item", "id", "source", "class_name", "split", "skip",
@@ -476,8 +482,16 @@ def prepare_dataset(
     manifest. ``workers``: see :func:`resolve_workers`; the output bytes do not depend on it.
     Raises DataError naming the file, class or folder when the input cannot be used; nothing
     is left half-written."""
-    raw, out = Path(raw), Path(out)
-    name = name or (raw.stem if raw.is_file() else raw.name)
+    out = Path(out)
+    if is_uri(raw):
+        raw = str(raw).rstrip("/")
+        where, default = raw, raw.rsplit("/", 1)[-1]
+        flat_ok = True
+    else:
+        raw = Path(raw)
+        where, default = str(raw), (raw.stem if raw.is_file() else raw.name)
+        flat_ok = not (raw / raw.name).is_dir()
+    name = name or default
     items, class_names, skipped = scan(raw)
     workers = resolve_workers(workers, len(items))
     batches: Iterable[pa.Table] = (
@@ -518,7 +532,8 @@ def prepare_dataset(
             writers.close()
         present = [c for c in class_names if sum(counts[s][c] for s in SPLITS)]
         empty = [c for c in class_names if c not in present]
-        _check_classes(raw, class_names, empty, skipped, counts, cfg)
+        flat = flat_ok and class_names == [default]  # one unnamed class
+        _check_classes(where, flat, class_names, empty, skipped, counts, cfg)
         classes = present
         counts = {s: {c: counts[s][c] for c in classes} for s in SPLITS}
         mean, std = stats.mean_std()
@@ -570,8 +585,8 @@ def _row_pyramid(rows: pa.Table, i: int, res: list[int], cfg: DatasetConfig):
             for r in res}  # fmt: skip
 
 
-def _check_classes(raw: Path, class_names, empty, skipped, counts, cfg: DatasetConfig) -> None:
-    flat = class_names == [raw.name] and not (raw / raw.name).is_dir()  # one unnamed class
+def _check_classes(raw: str, flat: bool, class_names, empty, skipped, counts,
+                   cfg: DatasetConfig) -> None:  # fmt: skip
     if empty and flat:
         detail = f" ({len(skipped)} skipped, e.g. {skipped[0]['path']}: {skipped[0]['reason']})"
         raise DataError(f"{raw}: the dataset folder has no usable image{detail if skipped else ''}")
@@ -579,7 +594,7 @@ def _check_classes(raw: Path, class_names, empty, skipped, counts, cfg: DatasetC
         why = [s for s in skipped if s["path"].split("/")[0] == empty[0]]
         detail = f" ({len(why)} skipped, e.g. {why[0]['path']}: {why[0]['reason']})" if why else ""
         raise DataError(
-            f"{raw / empty[0]}: class folder has no usable image{detail}; "
+            f"{raw}/{empty[0]}: class folder has no usable image{detail}; "
             "add images, remove the folder, or set empty_class: drop"
         )
     if len(empty) == len(class_names):
@@ -591,7 +606,7 @@ def _check_classes(raw: Path, class_names, empty, skipped, counts, cfg: DatasetC
         c = lacking[0]
         found = ", ".join(f"{s} {counts[s][c]}" for s in SPLITS)
         raise DataError(
-            f"{raw / c}: class has no image in the train split ({found}; split by "
+            f"{raw}/{c}: class has no image in the train split ({found}; split by "
             f"{cfg.split_by}): no model can learn it; add images to it, or change the split"
         )
 
