@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
 
 import gm
@@ -29,13 +30,14 @@ from gm.config import to_dict
 from gm.data.config import DegradationConfig, PairConfig
 from gm.data.images import RESAMPLE
 from gm.data.parquet import (
+    GroupedWriter,
+    decode_images,
     image_array,
     image_field,
+    image_fields,
     level_path,
-    read_images,
     read_metadata,
-    read_table,
-    write_table,
+    row_group_rows,
 )
 from gm.data.splits import SPLITS, unit_hash
 from gm.errors import DataError
@@ -99,92 +101,161 @@ def render_domain_a(images: np.ndarray, kind: str, threshold: float) -> np.ndarr
     return np.repeat(a[..., None], images.shape[-1], axis=-1)
 
 
-def _columns(table: pa.Table, idx: np.ndarray | None = None) -> dict[str, pa.Array]:
-    t = table if idx is None else table.take(pa.array(idx))
-    return {k: t.column(k).combine_chunks() for k in KEEP}
+BATCH_BYTES = 32 << 20  # top-level image bytes read per batch
 
 
-def _table(cols: dict[str, pa.Array], images: dict[str, np.ndarray]) -> pa.Table:
-    fields = [pa.field(k, v.type, nullable=False) for k, v in cols.items()]
-    arrays = list(cols.values())
-    for name, arr in images.items():
-        fields.append(image_field(name, arr.shape[1:], arr.dtype))
-        arrays.append(image_array(arr))
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+def _keep(table: pa.Table) -> list[pa.Array]:
+    return [table.column(k).combine_chunks() for k in KEEP]
 
 
-@dataclass
-class _Source:
-    """The top level a paired dataset is built from, read once."""
+class _Out:
+    """One output file: a :class:`GroupedWriter` of the KEEP columns plus uint8 image columns
+    ``images`` ({name: (H, W, C)}), in row groups of about 64 MiB."""
 
-    table: pa.Table
-    images: np.ndarray  # (N, R, R, C) uint8
-    ids: list[str]
-    splits: np.ndarray  # (N,) str
-    classes: list[str]
+    def __init__(self, path: Path, keep: pa.Schema, images: dict[str, tuple[int, ...]],
+                 meta: dict, extra: dict[str, pa.DataType] | None = None):  # fmt: skip
+        fields = [pa.field(k, keep.field(k).type, nullable=False) for k in KEEP]
+        fields += [pa.field(k, t, nullable=False) for k, t in (extra or {}).items()]
+        fields += [image_field(k, shape, np.uint8) for k, shape in images.items()]
+        width = sum(int(np.prod(shape)) for shape in images.values())
+        self.path, self.names = path, list(images)
+        self.w = GroupedWriter(path, pa.schema(fields), meta, row_group_rows(width))
+        self.counts: dict[str, int] = {}
 
-    def split_counts(self) -> dict[str, int]:
-        return {s: int((self.splits == s).sum()) for s in SPLITS}
+    def add(self, keep: list[pa.Array], images: dict[str, np.ndarray], extra=()) -> None:
+        arrays = [*keep, *extra, *(image_array(images[k]) for k in self.names)]
+        self.w.append(pa.Table.from_arrays(arrays, schema=self.w.schema))
 
-
-@dataclass
-class _Output:
-    files: list[tuple[str, pa.Table, dict[str, int]]]  # (file name, table, counts)
-    previews: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    manifest: dict = field(default_factory=dict)  # extra manifest entries
-
-
-def _super_resolution(src: _Source, cfg: PairConfig) -> _Output:
-    out = _Output([])
-    for s in cfg.scales:
-        pairs = zip(src.images, src.ids, strict=True)
-        lr = np.stack([degrade(img, s, cfg.degradation, i) for img, i in pairs])
-        table = _table(_columns(src.table), {"lr": lr, "hr": src.images})
-        out.files.append((f"x{s}.parquet", table, src.split_counts()))
-        out.previews[f"x{s}"] = (lr.repeat(s, axis=1).repeat(s, axis=2), src.images)
-    return out
+    def close(self) -> None:
+        self.w.close()
 
 
-def _translation(src: _Source, cfg: PairConfig) -> _Output:
-    a = render_domain_a(src.images, cfg.domain_a, cfg.lineart_threshold)
-    aligned = _table(_columns(src.table), {"a": a, "b": src.images})
-    train = np.flatnonzero(src.splits == "train")
-    side_a = np.asarray([unit_hash(src.ids[i], salt="gm-domain") < 0.5 for i in train], bool)
-    in_a, in_b = train[side_a], train[~side_a]
-    cols = _columns(src.table, np.concatenate([in_a, in_b]))
-    cols["domain"] = pa.array(["A"] * len(in_a) + ["B"] * len(in_b), pa.string())
-    unpaired = _table(cols, {"image": np.concatenate([a[in_a], src.images[in_b]])})
-    return _Output(
-        [
-            ("aligned.parquet", aligned, src.split_counts()),
-            ("unpaired.parquet", unpaired, {"A": len(in_a), "B": len(in_b)}),
-        ],
-        previews={"aligned": (a, src.images)},
-    )
+class _Kind:
+    """A paired dataset kind, built batch by batch from the top level (module docstring)."""
+
+    def __init__(self, tmp: Path, cfg: PairConfig, keep: pa.Schema, shape, meta: dict):
+        self.tmp, self.cfg, self.keep, self.shape, self.meta = tmp, cfg, keep, shape, meta
+        self.files: dict[str, _Out] = {}
+        self.previews: dict[str, list[np.ndarray]] = {}
+        self.manifest: dict = {}
+
+    def preview(self, key: str, first: np.ndarray, second: np.ndarray, n: int = 8) -> None:
+        have = self.previews.setdefault(key, [first[:0], second[:0]])
+        k = n - len(have[0])
+        if k > 0:
+            have[0] = np.concatenate([have[0], first[:k]])
+            have[1] = np.concatenate([have[1], second[:k]])
+
+    def finish(self) -> dict[str, dict[str, int]]:
+        """{file name: counts} after every batch."""
+        for f in self.files.values():
+            f.close()
+        return {name: f.counts for name, f in self.files.items()}
 
 
-def _conditional(src: _Source, cfg: PairConfig) -> _Output:
-    labels = src.table.column("label").to_numpy()
-    # (every class has train images: prepare_dataset refuses a dataset where one has none)
-    train_counts = np.bincount(labels[src.splits == "train"], minlength=len(src.classes))
-    table = _table(_columns(src.table), {"image": src.images})
-    counts = dict(zip(src.classes, train_counts.tolist(), strict=True))
-    return _Output(
-        [("pairs.parquet", table, src.split_counts())], manifest={"train_class_counts": counts}
-    )
+def _split_counts(out: _Out, splits: list[str]) -> None:
+    for s in SPLITS:
+        out.counts[s] = out.counts.get(s, 0) + splits.count(s)
+
+
+class _SuperResolution(_Kind):
+    def __init__(self, *a):
+        super().__init__(*a)
+        r, c = self.shape[0], self.shape[2]
+        for s in self.cfg.scales:
+            self.files[f"x{s}.parquet"] = _Out(self.tmp / f"x{s}.parquet", self.keep,
+                                               {"lr": (r // s, r // s, c), "hr": self.shape},
+                                               self.meta)  # fmt: skip
+
+    def add(self, keep, images, ids, splits) -> None:
+        for s in self.cfg.scales:
+            lr = np.stack([degrade(img, s, self.cfg.degradation, i) for img, i in
+                           zip(images, ids, strict=True)])  # fmt: skip
+            out = self.files[f"x{s}.parquet"]
+            out.add(keep, {"lr": lr, "hr": images})
+            _split_counts(out, splits)
+            self.preview(f"x{s}", lr.repeat(s, axis=1).repeat(s, axis=2), images)
+
+
+class _Translation(_Kind):
+    """``unpaired.parquet`` lists the A half of the train split, then the B half: B rows wait
+    in a temporary file until every batch is read (bounded memory)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        extra = {"domain": pa.string()}
+        both, one = {"a": self.shape, "b": self.shape}, {"image": self.shape}
+        self.files["aligned.parquet"] = _Out(self.tmp / "aligned.parquet", self.keep, both,
+                                             self.meta)  # fmt: skip
+        self.files["unpaired.parquet"] = _Out(self.tmp / "unpaired.parquet", self.keep, one,
+                                              self.meta, extra)  # fmt: skip
+        self.side_b = _Out(self.tmp / ".unpaired-B.parquet", self.keep, {"image": self.shape},
+                           self.meta, extra)  # fmt: skip
+
+    def add(self, keep, images, ids, splits) -> None:
+        a = render_domain_a(images, self.cfg.domain_a, self.cfg.lineart_threshold)
+        aligned = self.files["aligned.parquet"]
+        aligned.add(keep, {"a": a, "b": images})
+        _split_counts(aligned, splits)
+        self.preview("aligned", a, images)
+        train = np.flatnonzero(np.asarray(splits) == "train")
+        side_a = np.asarray([unit_hash(ids[i], salt="gm-domain") < 0.5 for i in train], bool)
+        unpaired = self.files["unpaired.parquet"]
+        halves = ((unpaired, train[side_a], a, "A"), (self.side_b, train[~side_a], images, "B"))
+        for out, rows, images_of, domain in halves:
+            if len(rows):
+                idx = pa.array(rows)
+                cols = [k.take(idx) for k in keep]
+                out.add(cols, {"image": images_of[rows]}, [pa.array([domain] * len(rows))])
+                out.counts[domain] = out.counts.get(domain, 0) + len(rows)
+
+    def finish(self) -> dict[str, dict[str, int]]:
+        self.side_b.close()
+        unpaired = self.files["unpaired.parquet"]
+        f = pq.ParquetFile(self.side_b.path)
+        for g in range(f.num_row_groups):
+            unpaired.w.append(f.read_row_group(g).cast(unpaired.w.schema))
+        unpaired.counts["B"] = self.side_b.counts.get("B", 0)
+        unpaired.counts = {"A": unpaired.counts.get("A", 0), "B": unpaired.counts["B"]}
+        self.side_b.path.unlink()
+        return super().finish()
+
+
+class _Conditional(_Kind):
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.files["pairs.parquet"] = _Out(self.tmp / "pairs.parquet", self.keep,
+                                           {"image": self.shape}, self.meta)  # fmt: skip
+        self.train_counts = np.zeros(len(self.meta["classes"]), np.int64)
+
+    def add(self, keep, images, ids, splits) -> None:
+        out = self.files["pairs.parquet"]
+        out.add(keep, {"image": images})
+        _split_counts(out, splits)
+        labels = keep[KEEP.index("label")].to_numpy()
+        train = np.asarray(splits) == "train"
+        self.train_counts += np.bincount(labels[train], minlength=len(self.train_counts))
+
+    def finish(self):
+        # (every class has train images: prepare_dataset refuses a dataset where one has none)
+        counts = self.train_counts.tolist()
+        self.manifest["train_class_counts"] = dict(zip(self.meta["classes"], counts, strict=True))
+        return super().finish()
 
 
 KINDS = {
-    "super_resolution": _super_resolution,
-    "translation": _translation,
-    "conditional": _conditional,
+    "super_resolution": _SuperResolution,
+    "translation": _Translation,
+    "conditional": _Conditional,
 }
 
 
 def build_pairs(
     pyramid_dir: str | os.PathLike, out: str | os.PathLike, cfg: PairConfig, name: str = ""
 ) -> dict:
-    """Build the paired dataset ``cfg.kind`` from ``pyramid_dir`` into ``out`` (atomically)."""
+    """Build the paired dataset ``cfg.kind`` from ``pyramid_dir`` into ``out`` (atomically),
+    reading the top level a batch at a time (about 32 MiB of images): memory is bounded by a
+    batch and one row group per output file, whatever the dataset's size."""
     pyramid_dir, out = Path(pyramid_dir), Path(out)
     path = level_path(pyramid_dir, cfg.resolution)
     meta = read_metadata(path)
@@ -194,46 +265,42 @@ def build_pairs(
             f"{path}: level {cfg.resolution} is not the dataset's top level; pairs need the "
             f"top level ({max(levels)}: set resolution to the dataset's top_resolution)"
         )
-    table = read_table(path, None)
-    images = read_images(table)
-    ids = table.column("id").to_pylist()
-    splits = np.asarray(table.column("split").to_pylist())
-    src = _Source(table, images, ids, splits, list(meta["classes"]))
-    try:  # everything is computed before anything is written
-        result = KINDS[cfg.kind](src, cfg)
-    except DataError as e:
-        raise DataError(f"{pyramid_dir}: {e}") from None
-    manifest: dict = {
-        "gm_version": gm.__version__,
-        "name": name or out.name,
-        "kind": cfg.kind,
-        "dataset": cfg.dataset,
-        "resolution": cfg.resolution,
-        "classes": src.classes,
-        "config": to_dict(cfg),
-        "files": {},
-        **result.manifest,
-    }
+    field = image_fields(path, ("image",))["image"]
+    shape = tuple(json.loads(field.metadata[b"shape"]))
+    source = pq.ParquetFile(path)
+    classes = list(meta["classes"])
+    file_meta = {"kind": cfg.kind, "dataset": cfg.dataset, "classes": classes}
+    rows = max(1, BATCH_BYTES // field.type.byte_width)
     with atomic_dir(out) as tmp:
-        for fname, t, counts in result.files:
-            _write(tmp, fname, t, manifest, counts)
+        kind = KINDS[cfg.kind](tmp, cfg, source.schema_arrow, shape, file_meta)
+        for batch in source.iter_batches(batch_size=rows, columns=[*KEEP, "image"]):
+            table = pa.Table.from_batches([batch])
+            images = decode_images(table.column("image"), field)
+            ids, splits = table.column("id").to_pylist(), table.column("split").to_pylist()
+            kind.add(_keep(table), images, ids, splits)
+        counts = kind.finish()
+        manifest: dict = {
+            "gm_version": gm.__version__,
+            "name": name or out.name,
+            "kind": cfg.kind,
+            "dataset": cfg.dataset,
+            "resolution": cfg.resolution,
+            "classes": classes,
+            "config": to_dict(cfg),
+            "files": {
+                fname: {
+                    "rows": int(sum(c.values())),
+                    "counts": c,
+                    "sha256": sha256_file(tmp / fname),
+                }
+                for fname, c in counts.items()
+            },  # fmt: skip
+            **kind.manifest,
+        }
         write_json(tmp / "manifest.json", manifest)
-        for key, (first, second) in result.previews.items():
+        for key, (first, second) in kind.previews.items():
             _preview(tmp / f"preview_{key}.png", first, second)
     return manifest
-
-
-def _write(tmp: Path, fname: str, table: pa.Table, manifest: dict, counts: dict) -> None:
-    write_table(
-        tmp / fname,
-        table,
-        {"kind": manifest["kind"], "dataset": manifest["dataset"], "classes": manifest["classes"]},
-    )
-    manifest["files"][fname] = {
-        "rows": table.num_rows,
-        "counts": counts,
-        "sha256": sha256_file(tmp / fname),
-    }
 
 
 def _preview(path: Path, first: np.ndarray, second: np.ndarray, n: int = 8) -> None:

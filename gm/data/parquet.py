@@ -105,6 +105,41 @@ def open_writer(path: str | os.PathLike, schema: pa.Schema, metadata: dict[str, 
     return pq.ParquetWriter(path, schema, **_writer_options(schema))
 
 
+class GroupedWriter:
+    """Appends rows to a gm Parquet file in row groups of exactly ``rows_per_group`` rows (the
+    last one shorter), each written as one contiguous chunk: the bytes depend only on the rows,
+    never on how the caller batched them (Parquet's page boundaries follow the Arrow chunks it
+    is given). Holds at most one unfinished row group in memory."""
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema, metadata: dict[str, object],
+                 rows_per_group: int):  # fmt: skip
+        self.writer = open_writer(path, schema, metadata)
+        self.schema = self.writer.schema
+        self.rows = rows_per_group
+        self.pending: list[pa.Table] = []
+        self.num_rows = 0
+
+    def append(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.num_rows += table.num_rows
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        have, n = sum(t.num_rows for t in self.pending), self.rows
+        if have < n and not (final and have):
+            return
+        t = pa.concat_tables(self.pending)
+        full = have if final else have - have % n
+        for start in range(0, full, n):
+            group = t.slice(start, min(n, full - start)).combine_chunks()
+            self.writer.write_table(group, row_group_size=n)
+        self.pending = [t.slice(full)] if full < have else []
+
+    def close(self) -> None:
+        self._flush(final=True)
+        self.writer.close()
+
+
 def write_table(path: str | os.PathLike, table: pa.Table, metadata: dict[str, object]) -> None:
     """Atomically write ``table`` with gm metadata in the schema, in row groups of about
     :data:`ROW_GROUP_BYTES` (deterministic bytes)."""

@@ -44,7 +44,13 @@ from gm.config import to_dict
 from gm.data.archives import IMAGE_SUFFIXES, RawItem, read_members, scan_archives
 from gm.data.config import DatasetConfig
 from gm.data.images import BadImage, decode, fit_square
-from gm.data.parquet import image_field, level_file, open_writer, row_group_rows
+from gm.data.parquet import (
+    GroupedWriter,
+    image_field,
+    level_file,
+    open_writer,
+    row_group_rows,
+)
 from gm.data.pyramid import build_pyramid
 from gm.data.remote import is_uri, read_objects, scan_uri
 from gm.data.splits import SPLITS, assign_split
@@ -333,22 +339,21 @@ def resolve_workers(workers: int | None, n_items: int) -> int:
 
 
 class _Writers:
-    """One Parquet writer per level, each filled in row groups of a fixed row count (so the
-    bytes depend only on the rows), holding at most one row group per level in memory."""
+    """One :class:`GroupedWriter` per level: the top level's row groups hold about 64 MiB, the
+    lower levels' as many rows (at least 1 MiB), so at most about 4/3 of one top-level row group
+    waits in memory."""
 
     def __init__(self, folder: Path, cfg: DatasetConfig, name: str, classes: list[str]):
         self.res = [cfg.top_resolution >> k for k in range(cfg.top_resolution.bit_length() - 2)]
         self.classes, self.index = classes, {c: i for i, c in enumerate(classes)}
         self.channels = cfg.channels
-        self.pending: dict[int, list[pa.Table]] = {r: [] for r in self.res}
-        self.writers, self.rows, self.paths = {}, {}, {}
+        self.writers: dict[int, GroupedWriter] = {}
+        top = row_group_rows(cfg.top_resolution**2 * cfg.channels)
         for r in self.res:
             field = image_field("image", (r, r, cfg.channels), np.uint8)
-            top = row_group_rows(cfg.top_resolution**2 * cfg.channels)
-            self.rows[r] = top if r == self.res[0] else row_group_rows(r * r * cfg.channels, top)
-            self.paths[r] = folder / level_file(r)
+            rows = top if r == self.res[0] else row_group_rows(r * r * cfg.channels, top)
             meta = {"dataset": name, "resolution": r, "channels": cfg.channels, "classes": classes}
-            self.writers[r] = open_writer(self.paths[r], _schema(field), meta)
+            self.writers[r] = GroupedWriter(folder / level_file(r), _schema(field), meta, rows)
 
     def append(self, rows: pa.Table) -> None:
         labels = pa.array([self.index[c] for c in rows.column("class_name").to_pylist()],
@@ -357,28 +362,13 @@ class _Writers:
         base = [text[0], text[1], labels, text[2], text[3]]
         for r in self.res:
             img = rows.column(f"L{r}").cast(pa.binary(r * r * self.channels))
-            t = pa.Table.from_arrays([*base, img], schema=self.writers[r].schema)
-            self.pending[r].append(t)
-            self._flush(r, final=False)
-
-    def _flush(self, r: int, final: bool) -> None:
-        have = sum(t.num_rows for t in self.pending[r])
-        n = self.rows[r]
-        if have < n and not (final and have):
-            return
-        t = pa.concat_tables(self.pending[r])
-        full = have - have % n if not final else have
-        # one row group at a time, as one contiguous chunk: Parquet's page boundaries follow
-        # the Arrow chunks it is given, and chunks follow the batching, which must not show
-        for start in range(0, full, n):
-            group = t.slice(start, min(n, full - start)).combine_chunks()
-            self.writers[r].write_table(group, row_group_size=n)
-        self.pending[r] = [t.slice(full)] if full < have else []
+            self.writers[r].append(
+                pa.Table.from_arrays([*base, img], schema=self.writers[r].schema)
+            )
 
     def close(self) -> None:
-        for r in self.res:
-            self._flush(r, final=True)
-            self.writers[r].close()
+        for w in self.writers.values():
+            w.close()
 
 
 def _schema(field: pa.Field) -> pa.Schema:
