@@ -83,6 +83,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_progressive.py
 	$(BIN)/python bench/bench_tune.py
 	$(BIN)/python bench/bench_codec.py
+	$(BIN)/python bench/bench_scale.py
 
 # Regenerate the full pin set after changing pyproject.toml's dependencies.
 lock:
