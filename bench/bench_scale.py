@@ -95,6 +95,7 @@ def bench_reader(ds: Path, r: int, batch: int = 64, steps: int = 150) -> None:
         peak = store.resident_bytes
         for step in range(steps):
             pos = shard_positions(len(store), step, batch, 0, 1, seed=0, window=window)
+            store.prefetch(shard_positions(len(store), step + 1, batch, 0, 1, 0, window))
             to_unit_range(store.take(pos)[0]["image"])
             peak = max(peak, store.resident_bytes)
         end = time.perf_counter()

@@ -150,3 +150,29 @@ def test_stream_memory_stays_bounded_by_windows_as_the_epoch_goes(grouped, monke
         peak = max(peak, store.resident_bytes)
     assert peak <= 3 * (3 * 16 * 16 * 3)  # at most 3 windows of 3 rows, whatever n
     assert np.isfinite(peak)
+
+
+def test_prefetch_reads_the_next_window_ahead_and_take_uses_it(grouped, monkeypatch):
+    monkeypatch.setattr(rowstore, "MIN_WINDOW_ROWS", 1)
+    path = grouped / "16x16.parquet"
+    mem = RowStore(path, ("image",), mode="memory", window=4)
+    stream = RowStore(path, ("image",), mode="stream", window=4)
+    pos = torch.tensor([9, 8, 11])  # window 2
+    stream.prefetch(pos)
+    stream._prefetching[2].result()  # read in the background thread
+    assert stream.resident_bytes == 4 * 16 * 16 * 3
+
+    def no_reading(j):
+        raise AssertionError(f"window {j} read again")
+
+    monkeypatch.setattr(stream, "_load", no_reading)
+    assert torch.equal(stream.take(pos)[0]["image"], mem.take(pos)[0]["image"])
+    monkeypatch.undo()
+    # a whole run of steps with prefetching: the same rows, and at most 4 windows held
+    peak = 0
+    for step in range(2 * len(stream)):
+        p = shard_positions(len(stream), step, 3, 0, 1, seed=1, window=4)
+        stream.prefetch(shard_positions(len(stream), step + 1, 3, 0, 1, seed=1, window=4))
+        assert torch.equal(stream.take(p)[0]["image"], mem.take(p)[0]["image"])
+        peak = max(peak, stream.resident_bytes)
+    assert peak <= 4 * (4 * 16 * 16 * 3)

@@ -7,9 +7,10 @@ in file order. Two modes give the same arrays for the same positions:
 
 - ``memory``: the selected rows' image columns are read once (fast; memory = the split);
 - ``stream``: rows are read a window at a time (:func:`window_rows` rows, about
-  :data:`WINDOW_BYTES`), reading only the row groups that cover the window, and at most
-  the windows of the current batch plus one more are kept: memory is bounded by a window,
-  whatever the dataset's size.
+  :data:`WINDOW_BYTES`), reading only the row groups that cover the window; at most the
+  windows of the current batch plus one more are kept, and one more is read ahead in a
+  background thread (:meth:`RowStore.prefetch`, fed the next step's positions): memory is
+  bounded by a few windows, whatever the dataset's size.
 
 :func:`shard_positions` says which positions rank ``r`` trains on at step ``k``: a
 permutation per epoch, seeded by (seed, epoch), that shuffles the order of the windows and
@@ -30,6 +31,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -154,6 +156,8 @@ class RowStore:
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             self._starts = np.cumsum([0, *sizes])
         self._windows: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._prefetching: OrderedDict[int, Any] = OrderedDict()  # window → Future
+        self._pool = None
         self._memory: dict[str, torch.Tensor] = {}
         if mode == "memory":
             t = pq.read_table(self.path, columns=list(columns)).take(pa.array(self.rows))
@@ -169,23 +173,52 @@ class RowStore:
     def resident_bytes(self) -> int:
         """Image bytes this store holds now (the split in memory; the cached windows when
         streaming)."""
-        held = self._memory.values() if self.mode == "memory" else (
-            a for w in self._windows.values() for a in w.values())  # fmt: skip
-        return int(sum(a.nbytes for a in held))
+        if self.mode == "memory":
+            return int(sum(a.nbytes for a in self._memory.values()))
+        windows = list(self._windows.values())
+        windows += [
+            f.result() for f in self._prefetching.values() if f.done() and not f.cancelled()
+        ]
+        return int(sum(a.nbytes for w in windows for a in w.values()))
+
+    def _load(self, j: int) -> dict[str, np.ndarray]:
+        """Read window ``j`` (a ParquetFile of its own: safe from the prefetch thread)."""
+        f = pq.ParquetFile(self.path)
+        rows = self.rows[j * self.window : (j + 1) * self.window]
+        first, last = int(rows[0]), int(rows[-1])
+        g0 = bisect.bisect_right(self._starts, first) - 1
+        g1 = bisect.bisect_right(self._starts, last) - 1
+        t = f.read_row_groups(list(range(g0, g1 + 1)), columns=list(self.columns))
+        t = t.take(pa.array(rows - int(self._starts[g0])))
+        return {c: decode_images(t.column(c), self.fields[c]) for c in self.columns}
 
     def _read_window(self, j: int) -> dict[str, np.ndarray]:
         if j in self._windows:
             self._windows.move_to_end(j)
             return self._windows[j]
-        rows = self.rows[j * self.window : (j + 1) * self.window]
-        first, last = int(rows[0]), int(rows[-1])
-        g0 = bisect.bisect_right(self._starts, first) - 1
-        g1 = bisect.bisect_right(self._starts, last) - 1
-        t = self._file.read_row_groups(list(range(g0, g1 + 1)), columns=list(self.columns))
-        t = t.take(pa.array(rows - int(self._starts[g0])))
-        arrays = {c: decode_images(t.column(c), self.fields[c]) for c in self.columns}
+        pending = self._prefetching.pop(j, None)
+        arrays = pending.result() if pending is not None else self._load(j)
         self._windows[j] = arrays
         return arrays
+
+    def prefetch(self, positions: torch.Tensor) -> None:
+        """Start reading, in one background thread, the windows ``positions`` need that are not
+        held (the next step's, while this one trains; pyarrow decodes without the GIL). At most
+        one window is read ahead; a no-op in memory mode."""
+        if self.mode != "stream":
+            return
+        for j in dict.fromkeys((positions.numpy() // self.window).tolist()):
+            if j in self._windows or j in self._prefetching:
+                continue
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="gm-rowstore")
+            while self._prefetching:  # read ahead one window only
+                _, old = self._prefetching.popitem(last=False)
+                old.cancel()
+            self._prefetching[j] = self._pool.submit(self._load, j)
+            return
 
     def take(self, positions: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Image columns (uint8, (B, H, W, C)) and labels of ``positions`` (each in [0, n))."""
@@ -214,6 +247,7 @@ class RowStore:
         if positions is None:
             positions = torch.arange(len(self))
         for start in range(0, len(positions), batch_size):
+            self.prefetch(positions[start + batch_size : start + 2 * batch_size])
             cols, labels = self.take(positions[start : start + batch_size])
             yield cols[column], labels
 

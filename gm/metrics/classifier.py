@@ -106,6 +106,8 @@ def train_classifier(
     )
     for step in bar:  # the windowed per-epoch shuffle of training (gm.data.rowstore)
         idx = shard_positions(len(train), step, cfg.batch_size, 0, 1, cfg.seed, train.window)
+        train.prefetch(shard_positions(len(train), step + 1, cfg.batch_size, 0, 1, cfg.seed,
+                                       train.window))  # fmt: skip
         cols, labels = train.take(idx)
         loss = F.cross_entropy(net(to_unit_range(cols["image"])), labels)
         opt.zero_grad(set_to_none=True)

@@ -125,6 +125,10 @@ def _batches(config: dict[str, Any], run: RunSettings, info, rank: int, world: i
             del stores[r]  # a phase that has ended
         data = level(resolution)
         pos = shard_positions(len(data), trainer.step, batch_size, rank, world, run.seed, window)
+        ahead = shard_positions(len(data), trainer.step + 1, batch_size, rank, world, run.seed,
+                                window)  # fmt: skip
+        for store in [data, *(level(r) for r in extra)]:
+            store.prefetch(ahead)  # the next step's window, read while this step trains
         images, labels = data.take(pos)
         lower = {r: to_unit_range(level(r).take(pos)[0]["image"]) for r in extra}
         yield Batch(to_unit_range(images["image"]), labels, lower)
@@ -146,6 +150,10 @@ def _paired_batches(dataset_dir: Path, src, run: RunSettings, rank: int, world: 
         while True:
             ia = shard_positions(len(side_a), step(), bs, rank, world, run.seed, side_a.window)
             ib = shard_positions(len(side_b), step(), bs, rank, world, run.seed + 1, side_b.window)
+            side_a.prefetch(shard_positions(len(side_a), step() + 1, bs, rank, world, run.seed,
+                                            side_a.window))  # fmt: skip
+            side_b.prefetch(shard_positions(len(side_b), step() + 1, bs, rank, world,
+                                            run.seed + 1, side_b.window))  # fmt: skip
             images_b, labels_b = side_b.take(ib)
             yield Batch(
                 to_unit_range(images_b["image"]),
@@ -155,6 +163,8 @@ def _paired_batches(dataset_dir: Path, src, run: RunSettings, rank: int, world: 
     data = RowStore(dataset_dir / src.file, (src.inputs, src.targets), mode=run.data)
     while True:
         pos = shard_positions(len(data), step(), bs, rank, world, run.seed, data.window)
+        data.prefetch(shard_positions(len(data), step() + 1, bs, rank, world, run.seed,
+                                      data.window))  # fmt: skip
         cols, labels = data.take(pos)
         yield Batch(
             to_unit_range(cols[src.targets]), labels, inputs=to_unit_range(cols[src.inputs])
