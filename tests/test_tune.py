@@ -401,34 +401,50 @@ def test_search_submitted_to_a_ray_start_cluster_logs_every_trial_to_an_mlflow_s
         "space": {"model.optim_g.lr": {"loguniform": [1e-4, 1e-2]}},
     }
     root = search_repo(project, search)
-    port, dash = free_port(), free_port()
-    temp = Path("/tmp") / f"gmray{port}"  # short: Ray's socket paths are length-limited
     env = env_for(root, RAY_AUTH_MODE="token")
-    start = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-        "--port", str(port), "--num-cpus", "3", "--include-dashboard", "true",
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-        "--temp-dir", str(temp), "--disable-usage-stats",
-        # the suite's own Ray (the ray_local fixture) holds the default agent ports: a second
-        # node on this machine needs its own, or its job agent never comes up
-        "--dashboard-agent-listen-port", str(free_port()),
-        "--dashboard-agent-grpc-port", str(free_port()),
-        "--metrics-export-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()),
-        "--ray-client-server-port", str(free_port()),
-    ]  # fmt: skip
-    # --block keeps `ray start` in the foreground: killing its process group stops exactly
-    # this cluster (`ray stop` would stop every Ray on the machine, the suite's own too).
-    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    address = f"http://127.0.0.1:{dash}"
-    try:
+
+    def start_head(attempt: int):
+        port, dash = free_port(), free_port()
+        temp = Path("/tmp") / f"gmray{port}"  # short: Ray's socket paths are length-limited
+        start = [
+            str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+            "--port", str(port), "--num-cpus", "3", "--include-dashboard", "true",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+            "--temp-dir", str(temp), "--disable-usage-stats",
+            # the suite's own Ray (the ray_local fixture) holds the default agent ports: a
+            # second node on this machine needs its own, or its job agent never comes up
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()),
+            "--metrics-export-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()),
+            "--ray-client-server-port", str(free_port()),
+        ]  # fmt: skip
+        # --block keeps `ray start` in the foreground: killing its process group stops
+        # exactly this cluster (`ray stop` would stop every Ray on the machine, the suite's).
+        log = open(tmp_path / f"ray-start-{attempt}.log", "w")  # noqa: SIM115 - closed below
+        head = subprocess.Popen(start, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        return head, f"http://127.0.0.1:{dash}", log
+
+    # A port chosen free can be taken before Ray binds it (the suite's own Ray is busy beside
+    # this one): a head that exits at once is started again on new ports, once.
+    for attempt in range(2):
+        head, address, log = start_head(attempt)
         deadline = time.monotonic() + 180
         while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
                              env=env, capture_output=True).returncode:  # fmt: skip
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the Ray cluster did not come up"
+            if head.poll() is not None or time.monotonic() > deadline:
+                break
             time.sleep(1)
+        else:
+            break
+        log.close()
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+        head.wait()
+        text = (tmp_path / f"ray-start-{attempt}.log").read_text()[-3000:]
+        assert attempt == 0, f"ray start --head did not come up twice; its output:\n{text}"
+    try:
         runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server, "PYTHONPATH": str(REPO)}}
         submit = [
             str(BIN / "ray"), "job", "submit", "--address", address,
@@ -444,6 +460,7 @@ def test_search_submitted_to_a_ray_start_cluster_logs_every_trial_to_an_mlflow_s
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in r.stdout.lower()
     finally:
+        log.close()
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=30)
