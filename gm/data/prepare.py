@@ -445,7 +445,7 @@ class _Preview:
         if len(self.early) < self.cols:
             self.early.append((row, cls, pyramid()))
 
-    def levels(self, classes: list[str]) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    def levels(self, classes: list[str]) -> dict[int, np.ndarray]:
         picks = {row: (cls, p) for cls, (row, p) in self.first.items() if cls in classes}
         picks = dict(sorted(picks.items(), key=lambda kv: self.order[kv[1][0]])[: self.cols])
         for row, cls, p in self.early:
@@ -454,10 +454,9 @@ class _Preview:
             picks.setdefault(row, (cls, p))
         rows = sorted(picks)
         if not rows:
-            return {}, np.empty(0, np.int64)
+            return {}
         res = picks[rows[0]][1].keys()
-        levels = {r: np.stack([picks[i][1][r] for i in rows]) for r in res}
-        return levels, np.asarray([classes.index(picks[i][0]) for i in rows])
+        return {r: np.stack([picks[i][1][r] for i in rows]) for r in res}
 
 
 def prepare_dataset(
@@ -563,9 +562,9 @@ def prepare_dataset(
                 "sha256": sha256_file(path),
             }
         write_json(tmp / "manifest.json", manifest)
-        levels, labels = preview.levels(classes)
+        levels = preview.levels(classes)
         if levels:
-            save_preview(tmp / "preview.png", levels, labels)
+            save_preview(tmp / "preview.png", levels)
     return manifest
 
 
@@ -601,7 +600,7 @@ def _check_classes(raw: str, flat: bool, class_names, empty, skipped, counts,
         )
 
 
-def save_preview(path: Path, levels: dict[int, np.ndarray], labels: np.ndarray, cols: int = 8):
+def save_preview(path: Path, levels: dict[int, np.ndarray], cols: int = 8):
     """One row per level (nearest-upscaled to the top size), one column per image: ``levels``
     maps each resolution to the (K, R, R, C) uint8 images to show."""
     from PIL import Image

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from gm.data.parquet import decode_images, image_fields, read_metadata
+from gm.data.parquet import decode_images, image_fields
 from gm.errors import DataError
 
 WINDOW_BYTES = 256 << 20  # top-level image bytes per window of a streamed run
@@ -127,8 +127,7 @@ class RowStore:
                  domain: str | None = None, mode: str = "memory",
                  window: int | None = None):  # fmt: skip
         self.path, self.columns, self.mode = Path(path), columns, mode
-        self.fields = image_fields(self.path, columns)
-        read_metadata(self.path)
+        self.fields = image_fields(self.path, columns)  # checks it is a gm file, names a column
         keys = ["split", "label"] + (["domain"] if domain else [])
         names = pq.read_schema(self.path).names
         for k in keys:
@@ -150,9 +149,8 @@ class RowStore:
         if mode == "auto":
             mode = "stream" if self.split_bytes > MEMORY_BYTES else "memory"
         self.mode = mode
-        self._file = pq.ParquetFile(self.path) if mode == "stream" else None
-        if self._file is not None:
-            meta = self._file.metadata
+        if mode == "stream":  # where each row group starts, to read only a window's groups
+            meta = pq.read_metadata(self.path)
             sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             self._starts = np.cumsum([0, *sizes])
         self._windows: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
