@@ -22,7 +22,7 @@ def load_codec(checkpoint: str | Path):
         raise DataError(f"{path}: a {payload['family']} checkpoint, not a learned codec (codec)")
     trainer, _ = trainer_from_checkpoint(payload)
     model = trainer.model.cpu().eval()
-    model.freeze()
+    model.freeze(recompute_tables=False)  # the checkpoint's tables, wherever it is decoded
     return model
 
 

@@ -4,6 +4,7 @@ truncated and corrupted files and files of another model are refused with clear 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -16,13 +17,19 @@ from gm.errors import DataError
 from gm.models.codec import Codec, CodecConfig
 from gm.train.protocol import Batch, DataInfo, OptimConfig
 
+KINDS = {
+    "factorized": {"hyperprior": False},
+    "hyperprior": {"hyperprior": True},
+    "context": {"hyperprior": True, "context": "autoregressive"},
+}
 
-def trained(hyperprior: bool, seed: int = 0, steps: int = 30) -> tuple[Codec, torch.Tensor]:
-    """A small codec fitted for a few steps to smooth random images (so its densities are
-    not the initial ones), and a test image it never saw."""
+
+def trained(kind: str, seed: int = 0, steps: int = 30) -> tuple[Codec, torch.Tensor]:
+    """A small codec of ``kind`` (a key of KINDS) fitted for a few steps to smooth random
+    images (so its densities are not the initial ones), and a test image it never saw."""
     torch.manual_seed(seed)
     optim = OptimConfig(lr=1e-3, betas=(0.9, 0.999))
-    cfg = CodecConfig(hyperprior=hyperprior, n=16, m=24, lmbda=0.01, optim=optim)
+    cfg = CodecConfig(**KINDS[kind], n=16, m=24, lmbda=0.01, optim=optim)
     model = Codec(cfg, DataInfo(64, 3, 1))
     g = torch.Generator().manual_seed(seed)
 
@@ -41,7 +48,7 @@ def trained(hyperprior: bool, seed: int = 0, steps: int = 30) -> tuple[Codec, to
     return model, (images(1)[0] + 1) / 2
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["factorized", "hyperprior"])
+@pytest.fixture(scope="module", params=list(KINDS))
 def codec(request):
     return trained(request.param)
 
@@ -66,10 +73,10 @@ def test_file_size_matches_the_likelihood_estimate(codec):
     # plus one 32-bit word per stream (the coder's final state)
     assert estimate <= actual_bits <= estimate * 1.02 + 64 * len(packed.streams), (
         actual_bits, estimate)  # fmt: skip
-    # header: magic, version, model id, size, channels, count (31 bytes), per stream its
-    # shape and length, then the CRC-32: reported apart from the streams
+    # header: magic, version, model id, size, channels, the latents' CRC-32, count (35
+    # bytes), per stream its shape and length, then the file's CRC-32: apart from the streams
     per_stream = sum(1 + 4 * len(shape) + 4 for shape in packed.shapes)
-    assert coding.header_bytes(packed) == 31 + per_stream + 4
+    assert coding.header_bytes(packed) == 35 + per_stream + 4
 
 
 def test_foreign_truncated_corrupted_and_other_models_files_are_refused(codec, tmp_path):
@@ -89,7 +96,9 @@ def test_foreign_truncated_corrupted_and_other_models_files_are_refused(codec, t
     future[4] = 9
     with pytest.raises(DataError, match="format version 9"):
         coding.unpack(bytes(future), "x.gmc")
-    other, _ = trained(model.cfg.hyperprior, seed=1, steps=2)
+    kind = next(k for k, v in KINDS.items() if v.get("context", "none") == model.cfg.context
+                and v["hyperprior"] == model.cfg.hyperprior)  # fmt: skip
+    other, _ = trained(kind, seed=1, steps=2)
     with pytest.raises(DataError, match="x.gmc: made by another codec model"):
         other.decompress(coding.unpack(data), "x.gmc")
 
@@ -109,10 +118,128 @@ def test_factorized_density_is_a_distribution():
 
 
 def test_gaussian_scales_snap_to_the_table():
-    idx = coding.scale_indexes(torch.tensor([0.01, 0.11, 1.0, 300.0]))
+    q = 2**coding.FRAC_BITS
+    scales_q = torch.tensor([0.01 * q, 0.11 * q, 1.0 * q, 300.0 * q]).floor()
+    idx = coding.scale_indexes(scales_q)
     table = coding.scale_table()
+    assert table.dtype == torch.float64 and len(table) == coding.SCALE_LEVELS
     assert idx.tolist()[0] == 0 and idx.tolist()[-1] == len(table) - 1
     assert table[idx[2]] >= 1.0 > table[idx[2] - 1]
+    # the table is exact dyadic numbers close to CompressAI's log-spaced scales
+    ref = torch.exp(torch.linspace(math.log(0.11), math.log(256), 64, dtype=torch.float64))
+    assert torch.equal(table * q, torch.round(table * q))
+    assert ((table - ref).abs() / ref).max() < 0.005
+    stds = coding.gaussian_stds(scales_q)
+    assert stds.dtype == np.float64 and np.array_equal(stds, table[idx].numpy())
+
+
+def test_integer_network_is_exact_whatever_the_backend_and_close_to_the_float_one():
+    """The integer copy of the hyper-synthesis (Ballé et al. 2019) gives the same integers with
+    1 or 2 threads and with oneDNN on or off, follows the float network closely, and a
+    layer whose sums could leave float64's exact integers is refused."""
+    model, image = trained("hyperprior", steps=10)
+    net = model.codec
+    g = torch.Generator().manual_seed(3)
+    z_hat = torch.randint(-6, 7, (2, 16, 5, 7), generator=g).float()
+    inet = coding.IntegerNet(net.h_s, 0, model.cfg.support)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = inet(z_hat)
+        torch.set_num_threads(1)
+        with torch.backends.mkldnn.flags(enabled=False):
+            b = inet(z_hat)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b) and torch.equal(a, torch.round(a)) and a.dtype == torch.float64
+    with torch.no_grad():
+        ref = net.h_s(z_hat).double()
+    err = (a / 2**coding.FRAC_BITS - ref).abs()
+    assert float(err.max()) < 0.01 * float(ref.abs().max()) + 0.01, float(err.max())
+    wide = torch.nn.Conv2d(2**15, 1, 1)
+    with pytest.raises(ValueError, match="not exact in float64"):
+        coding.IntegerNet(torch.nn.Sequential(wide), coding.FRAC_BITS, coding.ACT_BOUND)
+
+
+@pytest.mark.parametrize("kind", ["hyperprior", "context"])
+def test_a_file_decodes_to_the_same_latents_on_another_backend(kind):
+    """Encoded with a float64 analysis transform and 2 threads, decoded in float32 with 1
+    thread and oneDNN off: the decoded latents are bit-identical to the encoder's (the
+    entropy parameters are integers), the image equal to 8-bit precision."""
+    model, image = trained(kind)
+    encoder = copy.deepcopy(model)
+    for name in ("g_a", "h_a"):
+        getattr(encoder.codec, name).double()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        packed = coding.unpack(coding.pack(encoder.compress(image)))
+        with torch.no_grad():
+            x = encoder._pad(image[None].double())
+            y_hat = coding.quantize(encoder.codec.g_a(x), model.cfg.support).float()
+        torch.set_num_threads(1)
+        with torch.backends.mkldnn.flags(enabled=False):
+            latents = model.decode_latents(packed, "x.gmc")
+            back = model.decompress(packed, "x.gmc")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(latents[-1], y_hat)
+    assert coding.latent_crc(latents) == packed.latent_crc
+    ref = model.reconstruct(image)
+    assert float((back * 255 - ref * 255).abs().max()) < 1
+
+
+@pytest.mark.parametrize("kind", ["hyperprior", "context"])
+def test_a_desynchronized_decode_is_an_error_not_a_wrong_image(kind, tmp_path):
+    """A decoder whose entropy parameters differ from the encoder's (as a float hyperprior on
+    another machine could) desynchronizes the entropy decoder: the latents' CRC-32 in the
+    file turns that into a DataError naming the file, and gm decompress writes nothing."""
+    model, image = trained(kind)
+    data = coding.pack(model.compress(image))
+    other = copy.deepcopy(model)
+    last = other.codec.integer["entropy_parameters" if kind == "context" else "h_s"].layers[-1]
+    last.bias[: model.cfg.m] += 3 * 2**coding.FRAC_BITS * 2.0**-last.shift
+    with pytest.raises(DataError, match="x.gmc: decoding desynchronized"):
+        other.decompress(coding.unpack(data), "x.gmc")
+    assert torch.equal(model.decompress(coding.unpack(data)), model.reconstruct(image))
+
+
+def test_checkpoints_carry_the_coding_tables_a_decoder_uses(tmp_path):
+    """The factorized density's tables are computed where the model is saved and read, not
+    recomputed, by the decoder (another machine's exp/tanh could move them)."""
+    from gm.compress import load_codec
+    from gm.train.checkpoint import load_checkpoint, save_checkpoint
+    from gm.train.loop import Trainer
+
+    model, _ = trained("hyperprior", steps=5)
+    model.codec.density.pmf.zero_()  # not frozen: saving computes the tables
+    ckpt = tmp_path / "codec.pt"
+    save_checkpoint(ckpt, "codec", model.cfg, model.info, Trainer(model).state_dict())
+    payload = load_checkpoint(ckpt)
+    pmf = payload["trainer"]["model"]["codec.density.pmf"]
+    assert float(pmf.sum(1).min()) > 0.99
+    pmf[:, 64] += 1e-9  # as if computed by another machine's libm
+    torch.save(payload, ckpt)
+    assert torch.equal(load_codec(ckpt).codec.density.pmf, pmf)
+
+
+def test_context_model_is_causal_and_needs_the_hyperprior():
+    """The masked 5×5 convolution's output at a position depends only on latents before it
+    in raster order; context without the hyperprior is refused naming the key."""
+    from gm.errors import ConfigError
+
+    conv = coding.MaskedConv2d(3, 4, 5)
+    y = torch.randn(1, 3, 7, 7, requires_grad=True)
+    conv(y)[0, :, 3, 3].sum().backward()
+    grad = y.grad[0].abs().sum(0)
+    seen = torch.zeros(7, 7, dtype=torch.bool)
+    seen[1:3, 1:6] = True  # the two rows above, 5 wide
+    seen[3, 1:3] = True  # the two to the left
+    assert torch.equal(grad > 0, seen)
+    with pytest.raises(ConfigError, match="context"):
+        CodecConfig(hyperprior=False, context="autoregressive")
+    with pytest.raises(ConfigError, match="context"):
+        CodecConfig(context="checkerboard")
 
 
 def test_bd_rate_of_a_curve_needing_10_percent_fewer_bits_is_minus_10():
@@ -179,7 +306,7 @@ def test_rates_stay_finite_and_float32_under_float16_autocast():
     """`run.amp` trains the codec in float16 autocast; the entropy model runs in float32, so a
     latent far in its density's tail costs its ~30 bits (the 1e-9 floor), not infinity (1e-9
     is 0 in float16), and ordinary rates match the float32 ones."""
-    model, image = trained(hyperprior=True, steps=2)
+    model, image = trained("hyperprior", steps=2)
     x = image[None] * 2 - 1
     batch = Batch(x, torch.zeros(1, dtype=torch.long))
     nets = {"codec": model.codec}
