@@ -1,13 +1,15 @@
-"""Learned-codec benchmark: encode and decode speed against JPEG in the same run, and the
-rate–distortion comparison on held-out photo mosaics (≥ 256×256) with header bytes apart.
+"""Learned-codec benchmark: encode and decode speed in megapixels per second for every
+learned codec beside JPEG, WebP and JPEG 2000 in the same run, and the rate–distortion
+comparison on held-out photo mosaics (≥ 256×256) with header bytes apart.
 
-    python bench/bench_codec.py [--sweep tune/codec_rd] [--repeat 3]
+    python bench/bench_codec.py [--sweep tune/codec_rd ...] [--repeat 3] [--threads 2]
 
-Uses the default pipeline's codec sweep (``dvc repro tune@codec_rd`` makes it) and the
-prepared ``photos`` dataset. Prints, per learned codec: images/s to encode (to a .gmc file)
-and decode (from it) beside JPEG at quality 50 on the same images, their ratio; bpp of the
-files, of the entropy-coded payload, the header bytes per file, the likelihood estimate, PSNR
-and MS-SSIM; then each baseline's curve, the container bytes of each format and the BD-rates.
+Uses the pipeline's codec sweeps (``dvc repro tune@codec_rd`` makes the default one; give
+several ``--sweep`` folders to compare, e.g. the long preset's) and the prepared ``photos``
+dataset. Prints each standard codec's encode and decode MP/s at its middle setting; then per
+learned codec: MP/s to encode (image → .gmc bytes) and decode (bytes → image), each over
+JPEG's, bpp of the files, of the entropy-coded payload, the header bytes per file, the
+likelihood estimate, PSNR and MS-SSIM; then each baseline's curve and the BD-rates.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> int:
+    import numpy as np
     import torch
 
     from bench.bench_data import timed
@@ -30,38 +33,63 @@ def main() -> int:
     from gm.metrics import rd
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sweep", default=str(REPO / "tune/codec_rd"))
+    ap.add_argument("--sweep", nargs="+", default=[str(REPO / "tune/codec_rd")],
+                    help="codec sweep folders (tune/<name>) with kept checkpoints")  # fmt: skip
     ap.add_argument("--rd", default="photos", help="key of params.yaml: rd")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cfg = params.load(REPO / "params.yaml").rd[args.rd]
     images = rd.load_mosaics(REPO / "datasets/pyramid" / cfg.dataset, cfg.split, cfg.mosaic)
     n = len(images)
+    mp = n * cfg.mosaic**2 / 1e6  # megapixels per pass
     print(f"{n} held-out {cfg.mosaic}x{cfg.mosaic} mosaics of {cfg.dataset}/{cfg.split}, "
-          f"torch threads 2, best of {args.repeat}")  # fmt: skip
-    jpeg_files = [rd.encode(im, "jpeg", 50) for im in images]
-    j_enc = n / timed(lambda: [rd.encode(im, "jpeg", 50) for im in images], args.repeat)
-    j_dec = n / timed(lambda: [rd.decode(f) for f in jpeg_files], args.repeat)
-    j_bpp = 8 * sum(map(len, jpeg_files)) / (n * cfg.mosaic**2)
-    print(f"JPEG q50: encode {j_enc:.1f} img/s, decode {j_dec:.1f} img/s, {j_bpp:.3f} bpp")
-    print(f"{'learned codec':>24} {'λ':>7} {'enc img/s':>9} {'×JPEG':>6} {'dec img/s':>9} "
+          f"torch threads {args.threads}, best of {args.repeat}")  # fmt: skip
+    print(f"{'codec':>28} {'setting':>8} {'enc MP/s':>9} {'×JPEG':>6} {'dec MP/s':>9} "
           f"{'×JPEG':>6} {'bpp file':>8} {'payload':>8} {'estim.':>7} {'hdr B':>5} "
           f"{'PSNR':>6} {'MS-SSIM':>7}")  # fmt: skip
-    for ckpt in sorted(Path(args.sweep).glob("checkpoints/*/checkpoint.pt")):
-        model = load_codec(ckpt)
-        xs = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images]
-        files = [coding.pack(model.compress(x)) for x in xs]
-        enc = n / timed(lambda m=model, xs=xs: [coding.pack(m.compress(x)) for x in xs],
-                        args.repeat)  # fmt: skip
-        dec = n / timed(lambda m=model, fs=files: [m.decompress(coding.unpack(f)) for f in fs],
-                        args.repeat)  # fmt: skip
-        p = rd.codec_point(model, images)
-        print(f"{ckpt.parent.name:>24} {model.cfg.lmbda:7.4f} {enc:9.1f} {enc / j_enc:6.2f} "
-              f"{dec:9.1f} {dec / j_dec:6.2f} {p['bpp']:8.3f} {p['bpp_payload']:8.3f} "
-              f"{p['bpp_estimate']:7.3f} {p['header_bytes']:5.0f} {p['psnr']:6.2f} "
-              f"{p['ms_ssim']:7.4f}")  # fmt: skip
-    result = rd.evaluate_rd(cfg, REPO / "datasets/pyramid" / cfg.dataset, args.sweep,
+    speed = {}
+    for name, (_, _, settings) in rd.CODECS.items():
+        q = settings[len(settings) // 2]
+        files = [rd.encode(im, name, q) for im in images]
+        enc = mp / timed(lambda name=name, q=q: [rd.encode(im, name, q) for im in images],
+                         args.repeat)  # fmt: skip
+        dec = mp / timed(lambda fs=files: [rd.decode(f) for f in fs], args.repeat)
+        speed[name] = (enc, dec)
+        bpp = 8 * sum(map(len, files)) / (n * cfg.mosaic**2)
+        psnr = np.mean([rd.psnr(im, rd.decode(f)) for im, f in zip(images, files, strict=True)])
+        print(f"{name:>28} {q:>8} {enc:9.2f} {enc / speed['jpeg'][0]:6.3f} {dec:9.2f} "
+              f"{dec / speed['jpeg'][1]:6.3f} {bpp:8.3f} {'':>8} {'':>7} {'':>5} "
+              f"{psnr:6.2f} {'':>7}")  # fmt: skip
+    j_enc, j_dec = speed["jpeg"]
+    for sweep in args.sweep:
+        for ckpt in sorted(Path(sweep).glob("checkpoints/*/checkpoint.pt")):
+            model = load_codec(ckpt)
+            xs = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in images]
+            files = [coding.pack(model.compress(x)) for x in xs]
+            enc = mp / timed(lambda m=model, xs=xs: [coding.pack(m.compress(x)) for x in xs],
+                             args.repeat)  # fmt: skip
+            dec = mp / timed(lambda m=model, fs=files: [m.decompress(coding.unpack(f))
+                                                        for f in fs], args.repeat)  # fmt: skip
+            p = rd.codec_point(model, images)
+            kind = "context" if model.cfg.context != "none" else (
+                "hyperprior" if model.cfg.hyperprior else "factorized")  # fmt: skip
+            label = f"{Path(sweep).name}/{ckpt.parent.name} {kind}"[-28:]
+            print(f"{label:>28} {model.cfg.lmbda:8.4f} {enc:9.2f} {enc / j_enc:6.3f} "
+                  f"{dec:9.2f} {dec / j_dec:6.3f} {p['bpp']:8.3f} {p['bpp_payload']:8.3f} "
+                  f"{p['bpp_estimate']:7.3f} {p['header_bytes']:5.0f} {p['psnr']:6.2f} "
+                  f"{p['ms_ssim']:7.4f}")  # fmt: skip
+    for sweep in args.sweep:
+        _rd_table(cfg, sweep)
+    return 0
+
+
+def _rd_table(cfg, sweep) -> None:
+    from gm.metrics import rd
+
+    print(f"rate-distortion of {sweep}:")
+    result = rd.evaluate_rd(cfg, REPO / "datasets/pyramid" / cfg.dataset, sweep,
                             progress=False)  # fmt: skip
     for b, pts in result["baselines"].items():
         curve = ", ".join(f"{q['bpp']:.2f}/{q['psnr']:.1f}" for q in pts)
@@ -71,7 +99,6 @@ def main() -> int:
         k: ("n/a" if v is None else f"{v:+.1f} %") for k, v in result["bd_rate_learned_vs"].items()
     }
     print(f"BD-rate vs {result['anchor']}: {fmt}; learned vs others: {vs}")
-    return 0
 
 
 if __name__ == "__main__":

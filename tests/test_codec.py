@@ -220,7 +220,11 @@ def test_checkpoints_carry_the_coding_tables_a_decoder_uses(tmp_path):
     assert float(pmf.sum(1).min()) > 0.99
     pmf[:, 64] += 1e-9  # as if computed by another machine's libm
     torch.save(payload, ckpt)
-    assert torch.equal(load_codec(ckpt).codec.density.pmf, pmf)
+    loaded = load_codec(ckpt)
+    image = torch.rand(3, 64, 64)
+    back = loaded.decompress(coding.unpack(coding.pack(loaded.compress(image))))
+    assert torch.equal(back, loaded.reconstruct(image))
+    assert torch.equal(loaded.codec.density.pmf, pmf)  # still the checkpoint's numbers
 
 
 def test_context_model_is_causal_and_needs_the_hyperprior():
@@ -240,6 +244,11 @@ def test_context_model_is_causal_and_needs_the_hyperprior():
         CodecConfig(hyperprior=False, context="autoregressive")
     with pytest.raises(ConfigError, match="context"):
         CodecConfig(context="checkerboard")
+    with pytest.raises(ConfigError, match="lr_drop"):
+        CodecConfig(lr_drop=0)
+    late = Codec(CodecConfig(n=8, m=8, lr_drop=0.8), DataInfo(64, 3, 1))
+    assert [late.lr_factor(s, 100) for s in (0, 79, 80, 99)] == [1.0, 1.0, 0.1, 0.1]
+    assert Codec(CodecConfig(n=8, m=8), DataInfo(64, 3, 1)).lr_factor(99, 100) == 1.0
 
 
 def test_bd_rate_of_a_curve_needing_10_percent_fewer_bits_is_minus_10():

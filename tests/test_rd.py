@@ -154,10 +154,10 @@ def test_rd_and_codec_params_are_checked_naming_the_key(edit, match):
         params.parse(p)
 
 
-def test_the_long_preset_warm_starts_the_default_sweep_with_the_same_codec(tmp_path, capsys):
+def test_the_long_preset_sweeps_the_context_model_of_the_same_codec_job(tmp_path, capsys):
     """presets/long is one DVC experiment of the root pipeline: its overrides, applied by DVC's
     own code to params.yaml, add the stages tune@codec_rd_long and rd@photos_long and change
-    nothing else (the codec job whose weights the warm start loads is params.yaml's own)."""
+    nothing else (the codec job is params.yaml's own; the search sets the context model)."""
     import yaml
     from dvc.utils.hydra import apply_overrides
 
@@ -176,8 +176,9 @@ def test_the_long_preset_warm_starts_the_default_sweep_with_the_same_codec(tmp_p
     }
     default, long = params.parse(base), params.parse(applied)
     sweep = long.tune[long.rd["photos_long"].sweep]
-    assert sweep.warm_start == "tune/codec_rd" and sweep.keep_checkpoints
-    assert sweep.space == default.tune["codec_rd"].space
+    assert sweep.keep_checkpoints and sweep.job == default.tune["codec_rd"].job
+    assert sweep.space["model.lmbda"] == default.tune["codec_rd"].space["model.lmbda"]
+    assert sweep.space["model.context"] == {"grid": ["autoregressive"]}
     assert sweep.steps > 10 * default.tune["codec_rd"].steps
     assert long.tune["codec_rd"] == default.tune["codec_rd"]  # the default sweep is untouched
     # `make repro-long` prints and runs one `dvc exp run --name long`

@@ -44,6 +44,9 @@ class CodecConfig:
     m: int = 192  # channels of y (paper: 192 / 320)
     lmbda: float = 0.01  # λ of λ·255²·MSE + bpp (CompressAI's scale: 0.0018 … 0.0932)
     support: int = 64  # latents are coded in [−support, support]
+    # the learning rate drops 10× after this fraction of the run's steps (1: never), as
+    # CompressAI's recipes lower it for the last part of training
+    lr_drop: float = 1.0
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.9, 0.999), grad_clip=1.0)
     )
@@ -52,6 +55,7 @@ class CodecConfig:
         check(self.n >= 1 and self.m >= 1, "n", "channel counts must be >= 1")
         check(self.lmbda > 0, "lmbda", "must be > 0")
         check(1 <= self.support <= 4096, "support", "must be in 1..4096")
+        check(0 < self.lr_drop <= 1, "lr_drop", f"{self.lr_drop} must be in (0, 1]")
         check(self.context in ("none", "autoregressive"), "context",
               f"{self.context!r}: must be none or autoregressive")  # fmt: skip
         check(self.context == "none" or self.hyperprior, "context",
@@ -225,6 +229,10 @@ class Codec(GenerativeModel):
     def optim_config(self, module):
         return self.cfg.optim
 
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        drop = total_steps > 0 and self.cfg.lr_drop < 1 and step >= self.cfg.lr_drop * total_steps
+        return 0.1 if drop else 1.0
+
     def loss(self, phase: str, batch: Batch, nets: Mapping[str, nn.Module]):
         x01 = (batch.images + 1) / 2
         x_hat, bits_y, bits_z = nets["codec"](x01)
@@ -256,16 +264,28 @@ class Codec(GenerativeModel):
         if recompute_tables or not self.codec.density.frozen:
             self.codec.density.freeze()
         self.codec.freeze_integer()
+        self._model_id = self._weights_id()
 
     @property
     def frozen(self) -> bool:
-        return self.codec.density.frozen and (not self.cfg.hyperprior or bool(self.codec.integer))
+        return (self.codec.density.frozen and hasattr(self, "_model_id")
+                and (not self.cfg.hyperprior or bool(self.codec.integer)))  # fmt: skip
 
     def model_id(self) -> bytes:
-        """16 bytes identifying the weights and tables: a file made by another model is
-        refused, not decoded into noise."""
+        """16 bytes identifying the weights and tables (fixed by :meth:`freeze`): a file made
+        by another model is refused, not decoded into noise."""
+        if not self.frozen:
+            self.freeze()
+        return self._model_id
+
+    def _weights_id(self) -> bytes:
+        # parameters and persistent buffers, read directly: state_dict() would recompute the
+        # coding tables (FactorizedDensity saves the tables of the weights it saves)
         h = hashlib.sha256()
-        for k, v in sorted(self.codec.state_dict().items()):
+        named = [*self.codec.named_parameters(), *self.codec.named_buffers()]
+        for k, v in sorted(named, key=lambda kv: kv[0]):
+            if k.endswith("mask"):
+                continue  # the context model's fixed mask: not a weight
             t = v.detach().cpu()
             if t.is_floating_point() and not k.endswith("pmf"):
                 t = t.float()  # a float64 copy of the same weights is the same model
