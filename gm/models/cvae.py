@@ -8,6 +8,12 @@ reparameterized sample. The reconstruction likelihood is configurable:
 - ``logistic``: discretized logistic over the 256 levels of x (Salimans et al. 2017), per-pixel
   mean and log-scale, so the loss is a real code length (bits/dim);
 - ``bernoulli``: x mapped to [0, 1] as the target of per-pixel Bernoulli logits.
+
+``posterior_flow: {kind: planar | radial | iaf, length: K}`` puts K steps of a normalizing
+flow after the Gaussian posterior (Rezende & Mohamed, ICML 2015; IAF: Kingma et al., NeurIPS
+2016; :mod:`gm.models.posterior_flows`): z_K = f_K(… f_1(z₀)), and the KL term becomes the
+one-sample estimate log q₀(z₀|x) − Σ log|det ∂f_k| − log p(z_K). Length 0 (the default) is the
+plain CVAE with its closed-form KL.
 """
 
 from __future__ import annotations
@@ -47,12 +53,24 @@ def discretized_logistic_log_prob(
 
 
 @dataclass(frozen=True)
+class PosteriorFlowConfig:
+    kind: Literal["planar", "radial", "iaf"] = "planar"
+    length: int = 0  # flow steps after the Gaussian posterior; 0: none (the plain CVAE)
+
+    def __post_init__(self):
+        check(self.kind in ("planar", "radial", "iaf"), "kind",
+              f"{self.kind!r}: must be planar, radial or iaf")  # fmt: skip
+        check(0 <= self.length <= 64, "length", f"{self.length}: must be in 0..64")
+
+
+@dataclass(frozen=True)
 class CVAEConfig:
     z_dim: int = 32  # latent size
     width: int = 64  # channels of the first encoder conv; doubled per block
     embed_dim: int = 16  # label embedding size (decoder input, encoder label map)
     likelihood: Literal["gaussian", "logistic", "bernoulli"] = "logistic"
     conditional: bool = True  # False: a plain VAE
+    posterior_flow: PosteriorFlowConfig = field(default_factory=PosteriorFlowConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, betas=(0.9, 0.999)))
 
     def __post_init__(self):
@@ -91,8 +109,20 @@ class CVAENet(nn.Module):
         dec += [nn.ConvTranspose2d(ch, out, 4, 2, 1)]
         self.decoder = nn.Sequential(*dec)
         self.log_sigma = nn.Parameter(torch.zeros(c)) if cfg.likelihood == "gaussian" else None
+        pf = cfg.posterior_flow
+        self.flow = None
+        if pf.length > 0:
+            from gm.models.posterior_flows import PosteriorFlow
+
+            self.flow = PosteriorFlow(pf.kind, pf.length, cfg.z_dim, ch_in * 16 + e)
 
     def encode(self, x, labels):
+        mu, log_var, _ = self.encode_features(x, labels)
+        return mu, log_var
+
+    def encode_features(self, x, labels):
+        """(μ, log σ², h): the Gaussian posterior's parameters (B, z_dim) and the features
+        (B, H) they are computed from (the posterior flow's context)."""
         e = self.embed(labels) if self.embed is not None else None
         if e is not None:
             x = torch.cat([x, e[:, :, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
@@ -100,7 +130,7 @@ class CVAENet(nn.Module):
         if e is not None:
             h = torch.cat([h, e], dim=1)
         mu, log_var = self.to_posterior(h).chunk(2, dim=1)
-        return mu, log_var.clamp(-30.0, 20.0)
+        return mu, log_var.clamp(-30.0, 20.0), h
 
     def decode(self, z, labels):
         if self.embed is not None:
@@ -109,11 +139,19 @@ class CVAENet(nn.Module):
         return self.decoder(F.relu(h))  # distribution parameters, (b, c or 2c, res, res)
 
     def forward(self, x, labels):
-        """Per-image (reconstruction NLL, KL) in nats."""
-        mu, log_var = self.encode(x, labels)
+        """Per-image (reconstruction NLL, KL) in nats; with a posterior flow the KL is the
+        one-sample estimate log q₀(z₀) − Σ log|det| − log p(z_K)."""
+        mu, log_var, h = self.encode_features(x, labels)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
+        if self.flow is None:
+            kl = 0.5 * (mu.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
+        else:
+            from gm.models.posterior_flows import gaussian_log_prob
+
+            log_q0 = gaussian_log_prob(z, mu, log_var)
+            z, logdet = self.flow(z, h)
+            kl = log_q0 - logdet - gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
         params = self.decode(z, labels)
-        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
         return -self.log_likelihood(x, params).flatten(1).sum(1), kl
 
     def log_likelihood(self, x, params):
@@ -202,6 +240,11 @@ class ConditionalVAE(GenerativeModel):
         return decoder(z, labels.to(device))
 
 
-@register("cvae", CVAEConfig, "Sohn, Lee & Yan, NeurIPS 2015 (conditional VAE)")
+@register(
+    "cvae",
+    CVAEConfig,
+    "Sohn, Lee & Yan, NeurIPS 2015 (conditional VAE); posterior flows: "
+    "Rezende & Mohamed, ICML 2015; Kingma et al., NeurIPS 2016 (IAF)",
+)
 def build_cvae(cfg: CVAEConfig, info: DataInfo) -> ConditionalVAE:
     return ConditionalVAE(cfg, info)
