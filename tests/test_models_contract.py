@@ -28,6 +28,7 @@ TINY = {
     "hvae": {"width": 8, "z_channels": 2, "scales": 2, "groups_per_scale": 2, "mixtures": 2,
              "kl_warmup_steps": 4},
     "codec": {"hyperprior": False, "n": 8, "m": 8},
+    "ebm": {"width": 4, "blocks": 2, "sgld_steps": 3, "buffer_size": 20, "sample_steps": 3},
     "flow": {"levels": 2, "steps": 2, "hidden": 8},
     "ddpm": {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
              "attention_resolutions": [8], "dropout": 0.0, "timesteps": 20, "sample_steps": 5,
