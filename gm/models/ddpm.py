@@ -159,7 +159,7 @@ class UNet(nn.Module):
         emb = self.time(timestep_embedding(t, self.cfg.width))
         if self.label is not None:
             if labels is None:
-                labels = torch.full_like(t, self.null_label)
+                labels = torch.full_like(t, self.null_label, dtype=torch.long)
             emb = emb + self.label(labels)
         h = self.head(x)
         skips = [h]
