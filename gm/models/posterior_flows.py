@@ -33,13 +33,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _near_identity(params: nn.Linear) -> None:
+    """Start an amortized step close to the identity whatever the size of the encoder's
+    features (thousands of conv activations): outputs of order 0.01, not exactly 0 (planar's
+    u = w = 0 is a saddle with no gradient)."""
+    nn.init.normal_(params.weight, std=0.01 / params.in_features**0.5)
+    nn.init.normal_(params.bias, std=0.01)
+
+
 class PlanarFlow(nn.Module):
     def __init__(self, dim: int, context: int):
         super().__init__()
         self.dim = dim
         self.params = nn.Linear(context, 2 * dim + 1)  # u, w, b from h
-        nn.init.normal_(self.params.weight, std=0.01)
-        nn.init.zeros_(self.params.bias)
+        _near_identity(self.params)
 
     def step_parameters(self, h: torch.Tensor):
         """(û, w, b) of each sample's step, û constrained so that wᵀû ≥ −1."""
@@ -62,8 +69,7 @@ class RadialFlow(nn.Module):
         super().__init__()
         self.dim = dim
         self.params = nn.Linear(context, dim + 2)  # z₀', α̃, β̃ from h
-        nn.init.normal_(self.params.weight, std=0.01)
-        nn.init.zeros_(self.params.bias)
+        _near_identity(self.params)
 
     def forward(self, z: torch.Tensor, h: torch.Tensor):
         z0, a, b = self.params(h).split([self.dim, 1, 1], dim=1)
