@@ -10,6 +10,7 @@ import torch
 
 from gm.config import from_dict
 from gm.errors import ConfigError
+from gm.metrics.quality import energy_roc_auc
 from gm.models.ebm import EBMConfig, EnergyBasedModel, sgld
 from gm.train.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from gm.train.loop import Trainer, set_rng_state
@@ -71,7 +72,8 @@ def test_training_lowers_the_energy_of_data_relative_to_samples_and_noise():
         e_data = model.energy(test.images, test.labels)
         e_noise = model.energy(noise, test.labels)
         e_wrong = model.energy(test.images, 1 - test.labels)
-    auc = (e_data[:, None] < e_noise[None, :]).float().mean()  # P(E(data) < E(noise))
+    auc = energy_roc_auc(e_data, e_noise)  # P(E(data) < E(noise)): the OOD metric
+    assert auc == pytest.approx(float((e_data[:, None] < e_noise[None, :]).float().mean()))
     assert auc > 0.6, auc
     assert e_data.mean() < e_wrong.mean() - 0.02  # the class-conditional energy knows the class
     # the buffer holds the chains' ends: moved away from the uniform noise it started as
@@ -115,3 +117,10 @@ def test_bad_ebm_settings_name_the_key():
         from_dict(EBMConfig, {"sgld_steps": 0}, "ebm")
     with pytest.raises(ValueError, match="conditional EBM needs >= 2 classes"):
         EnergyBasedModel(EBMConfig(width=4, blocks=1, buffer_size=4), DataInfo(8, 1, 1))
+
+
+def test_the_ood_metric_is_the_roc_auc_of_energies():
+    low, high = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([3.0, 4.0])
+    assert energy_roc_auc(low, high) == 1.0  # every OOD image has a higher energy
+    assert energy_roc_auc(high, low) == 0.0
+    assert energy_roc_auc(torch.ones(4), torch.ones(4)) == 0.5  # ties: chance

@@ -177,6 +177,8 @@ class EvalSets:
     paired_baseline: torch.Tensor | None = None
     paired_border: int = 0  # pixels cropped on each side before PSNR/SSIM (SR: the scale)
     paired_y_channel: bool = False  # on luma (SR convention) instead of all channels
+    # Energy-based models: energies (N,) of the test split and of out-of-distribution sets
+    ood_energies: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _fid(s: EvalSets) -> dict[str, float]:
@@ -213,6 +215,23 @@ def _bpd(s: EvalSets) -> dict[str, float]:
     return {} if s.bits_per_dim is None else {"bits_per_dim": s.bits_per_dim}
 
 
+def energy_roc_auc(inside: torch.Tensor, outside: torch.Tensor) -> float:
+    """ROC-AUC of telling out-of-distribution images from test images by their energy (higher
+    energy: out), as Du & Mordatch 2019 evaluate EBMs; 0.5 is chance (scikit-learn)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = torch.cat([inside, outside]).double().numpy()
+    truth = [0] * len(inside) + [1] * len(outside)
+    return float(roc_auc_score(truth, scores))
+
+
+def _ood(s: EvalSets) -> dict[str, float]:
+    if not s.ood_energies:
+        return {}
+    return {f"ood_auc_{name}": energy_roc_auc(inside, outside)
+            for name, (inside, outside) in s.ood_energies.items()}  # fmt: skip
+
+
 def _paired(name: str, fn) -> Callable[[EvalSets], dict[str, float]]:
     def metric(s: EvalSets) -> dict[str, float]:
         if s.paired_output is None or s.paired_target is None:
@@ -233,6 +252,7 @@ METRICS: dict[str, Callable[[EvalSets], dict[str, float]]] = {
     "conditional_accuracy": _cond,
     "inception_score": _is,
     "bits_per_dim": _bpd,
+    "ood_auc": _ood,
     "psnr": _paired("psnr", psnr),
     "ssim": _paired("ssim", ssim),
 }
