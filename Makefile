@@ -16,7 +16,7 @@ PIP_QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2
 
 help:
 	@echo "make repro     set up the venv, materialize data/ if missing, run dvc repro"
-	@echo "make repro-long  after repro: the codec's 2-hour warm-started λ sweep, as a DVC experiment"
+	@echo "make repro-long  after repro: the context-model codec's λ sweep (~75 min), as a DVC experiment"
 	@echo "make test      set up the venv and run the whole test suite"
 	@echo "make test-fast the tests not marked slow"
 	@echo "make lint      ruff check and format check"
