@@ -127,17 +127,27 @@ FLOWS = {"planar": PlanarFlow, "radial": RadialFlow, "iaf": IAFStep}
 
 
 class PosteriorFlow(nn.Module):
-    """K steps of one kind; (z₀ (B, D), h (B, H)) → (z_K, Σ log|det| (B,))."""
+    """K steps of one kind; (z₀ (B, D), h (B, H)) → (z_K, Σ log|det| (B,)).
+
+    The steps read a bounded context c = tanh(W h + b) (B, ``CONTEXT``) rather than the
+    encoder's raw features: with thousands of unnormalized conv activations, one Adam step on
+    a step's parameter layer would move u, w by O(lr·Σ|h|) ≈ 1 and the flow would throw z_K
+    far into the prior's tail (seen: the KL term grew to 5,000 nats in 200 steps)."""
+
+    CONTEXT = 64
 
     def __init__(self, kind: str, length: int, dim: int, context: int):
         super().__init__()
+        self.context = nn.Sequential(nn.Linear(context, self.CONTEXT), nn.Tanh())
+        c = self.CONTEXT
         if kind == "iaf":
-            steps = [IAFStep(dim, context, reverse=bool(k % 2)) for k in range(length)]
+            steps = [IAFStep(dim, c, reverse=bool(k % 2)) for k in range(length)]
         else:
-            steps = [FLOWS[kind](dim, context) for _ in range(length)]
+            steps = [FLOWS[kind](dim, c) for _ in range(length)]
         self.steps = nn.ModuleList(steps)
 
     def forward(self, z: torch.Tensor, h: torch.Tensor):
+        h = self.context(h)
         total = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         for step in self.steps:
             z, logdet = step(z, h)
