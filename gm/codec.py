@@ -191,9 +191,7 @@ def decode_factorized(data: bytes, shape: tuple[int, ...], density: FactorizedDe
 def scale_indexes(scales_q: torch.Tensor) -> torch.Tensor:
     """Index of the table scale at or above each predicted scale, for integer scales at
     FRAC_BITS (an IntegerNet's output): integer comparisons, the same on every machine."""
-    table = torch.tensor(SCALE_TABLE_Q, dtype=torch.float64)
-    idx = torch.searchsorted(table, scales_q.double().contiguous())
-    return idx.clamp(max=SCALE_LEVELS - 1)
+    return torch.from_numpy(_snap(scales_q)).reshape(scales_q.shape)
 
 
 _TABLE_Q = np.array(SCALE_TABLE_Q, dtype=np.float64)
@@ -204,11 +202,15 @@ def _flat(v) -> np.ndarray:
     return v.astype(np.float64, copy=False).ravel()
 
 
+def _snap(scales_q) -> np.ndarray:
+    """Flat table indexes (int64) of integer scales: the first table scale at or above."""
+    return np.minimum(np.searchsorted(_TABLE_Q, _flat(scales_q)), SCALE_LEVELS - 1)
+
+
 def gaussian_stds(scales_q) -> np.ndarray:
     """The coding standard deviations (float64, flat) of integer scales at FRAC_BITS (a
     tensor or array): each snapped up to the table by integer comparison."""
-    idx = np.minimum(np.searchsorted(_TABLE_Q, _flat(scales_q)), SCALE_LEVELS - 1)
-    return _TABLE_Q[idx] / 2**FRAC_BITS
+    return _TABLE_Q[_snap(scales_q)] / 2**FRAC_BITS
 
 
 def gaussian_means(means_q, support: int) -> np.ndarray:

@@ -100,6 +100,13 @@ class NoiseSchedule:
         return c0 * x0 + ct * xt, var.expand_as(xt)
 
 
+def drop_labels(labels: torch.Tensor, null: int, p: float) -> torch.Tensor:
+    """Classifier-free guidance's training half: each label replaced by ``null`` ("no class")
+    with probability ``p`` (Ho & Salimans 2021). (B,) → (B,)."""
+    drop = torch.rand(labels.shape[0], device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null), labels)
+
+
 def guided(eps: Callable[..., torch.Tensor], labels: torch.Tensor, null: int, w: float) -> EpsFn:
     """Classifier-free guidance: ``eps(x, t, labels)`` mixed with its unconditional call
     (``labels`` = ``null``, the label the network was trained to treat as "no class")."""

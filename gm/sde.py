@@ -37,7 +37,7 @@ import torch
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) → (B, 1, …) to broadcast against ``like``."""
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -74,7 +74,7 @@ class SDE:
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "ve":
             return torch.zeros_like(x)
-        return -0.5 * _b(self.beta(t), x) * x
+        return -0.5 * per_sample(self.beta(t), x) * x
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         """g(t), (B,)."""
@@ -125,7 +125,7 @@ class SDE:
             return torch.zeros_like(x), var.clamp(min=0).sqrt()
         if self.kind == "vp":
             a = torch.exp(self._log_mean(t) - self._log_mean(prev))
-            return (_b(a, x) - 1) * x, (1 - a**2).clamp(min=0).sqrt()
+            return (per_sample(a, x) - 1) * x, (1 - a**2).clamp(min=0).sqrt()
         return self.drift(x, t) * dt, self.diffusion(t) * math.sqrt(dt)
 
     def langevin_alpha(self, t: torch.Tensor, dt: float) -> torch.Tensor:
@@ -172,22 +172,22 @@ def pc_sample(
             g_norm = grad.flatten(1).norm(dim=1).mean()
             z_norm = z.flatten(1).norm(dim=1).mean()
             step = 2 * sde.langevin_alpha(t, dt) * (snr * z_norm / g_norm.clamp(min=1e-12)) ** 2
-            x = x + _b(step, x) * grad + _b((2 * step).sqrt(), x) * z
+            x = x + per_sample(step, x) * grad + per_sample((2 * step).sqrt(), x) * z
         last = denoise and i == steps - 1
         if predictor == "euler_maruyama":
             g = sde.diffusion(t)
-            mean = x - (sde.drift(x, t) - _b(g**2, x) * score(x, t)) * dt
-            x = mean if last else mean + _b(g, x) * math.sqrt(dt) * randn(x)
+            mean = x - (sde.drift(x, t) - per_sample(g**2, x) * score(x, t)) * dt
+            x = mean if last else mean + per_sample(g, x) * math.sqrt(dt) * randn(x)
         else:
             f, big_g = sde.discretize(x, t, dt)
-            mean = x - f + _b(big_g**2, x) * score(x, t)
-            x = mean if last else mean + _b(big_g, x) * randn(x)
+            mean = x - f + per_sample(big_g**2, x) * score(x, t)
+            x = mean if last else mean + per_sample(big_g, x) * randn(x)
     return x
 
 
 def _flow(sde: SDE, score: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The probability-flow ODE's velocity f − ½g²s."""
-    return sde.drift(x, t) - 0.5 * _b(sde.diffusion(t) ** 2, x) * score(x, t)
+    return sde.drift(x, t) - 0.5 * per_sample(sde.diffusion(t) ** 2, x) * score(x, t)
 
 
 def ode_sample(

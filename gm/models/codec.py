@@ -314,11 +314,10 @@ class Codec(GenerativeModel):
             means_q, scales_q = net.integer_parameters(z_hat, y_hat)
             if means_q is None:  # channel-major order, zero means
                 symbols, means = y_hat.flatten(), torch.zeros(y_hat.numel())
-                stds = coding.gaussian_stds(scales_q)
             else:  # position-major (raster) order, the context model's decoding order
                 symbols, means, scales_q = (t[0].permute(1, 2, 0).reshape(-1)
                                             for t in (y_hat, means_q, scales_q))  # fmt: skip
-                stds = coding.gaussian_stds(scales_q)
+            stds = coding.gaussian_stds(scales_q)
             means = coding.gaussian_means(means, r)
             symbols = symbols.to(torch.int64).numpy()
             streams = [coding.encode_factorized(z_hat, net.density),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gm.config import check
-from gm.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, guided
+from gm.diffusion import NoiseSchedule, ddim_sample, ddpm_sample, drop_labels, guided
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
 
@@ -233,9 +233,7 @@ class DDPM(GenerativeModel):
         xt = self.schedule.q_sample(x0, t, noise)
         labels = None
         if self.cfg.conditional:
-            drop = torch.rand(n, device=x0.device) < self.cfg.p_uncond
-            labels = torch.where(drop, torch.full_like(batch.labels, self.info.num_classes),
-                                 batch.labels)  # fmt: skip
+            labels = drop_labels(batch.labels, self.info.num_classes, self.cfg.p_uncond)
         loss = F.mse_loss(nets["unet"](xt, t, labels), noise)
         return loss, {}
 

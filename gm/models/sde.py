@@ -30,7 +30,7 @@ from torch import nn
 
 from gm import sde as sdelib
 from gm.config import check
-from gm.diffusion import guided
+from gm.diffusion import drop_labels, guided
 from gm.models.ddpm import DDPMConfig, UNet
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
@@ -100,7 +100,7 @@ def score_fn(unet: nn.Module, cfg: ScoreSDEConfig, process: sdelib.SDE,
 
     def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         _, std = process.mean_std(t)
-        return -eps(x, t * 999) / sdelib._b(std, x)
+        return -eps(x, t * 999) / sdelib.per_sample(std, x)
 
     return score
 
@@ -150,12 +150,10 @@ class ScoreSDE(GenerativeModel):
         t = torch.rand(n, device=x0.device) * (1 - self.cfg.eps) + self.cfg.eps
         z = torch.randn_like(x0)
         mean, std = self.process.mean_std(t)
-        xt = sdelib._b(mean, x0) * x0 + sdelib._b(std, x0) * z
+        xt = sdelib.per_sample(mean, x0) * x0 + sdelib.per_sample(std, x0) * z
         labels = None
         if self.cfg.conditional:
-            drop = torch.rand(n, device=x0.device) < self.cfg.p_uncond
-            labels = torch.where(drop, torch.full_like(batch.labels, self.info.num_classes),
-                                 batch.labels)  # fmt: skip
+            labels = drop_labels(batch.labels, self.info.num_classes, self.cfg.p_uncond)
         err = (nets["unet"](xt, t * 999, labels) - z).pow(2).flatten(1).mean(1)
         if self.cfg.likelihood_weighting:
             err = err * self.process.diffusion(t) ** 2 / std**2
