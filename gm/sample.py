@@ -115,8 +115,12 @@ def sample(
     if not g.truncates_w:
         z = z * truncation
     out = []
-    for start in range(0, n, 64):
-        out.append(g.fn(z[start : start + 64], labels[start : start + 64]))
+    # a generator that draws noise inside (the EBM's Langevin chains) draws it from torch's
+    # global RNG: seeded here too, without disturbing the caller's stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, n, 64):
+            out.append(g.fn(z[start : start + 64], labels[start : start + 64]))
     return torch.cat(out).clamp(-1, 1)
 
 

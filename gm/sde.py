@@ -221,6 +221,28 @@ def ode_sample(
                   options={"step_t": times[1:]})[-1]  # fmt: skip
 
 
+def heun_sample(
+    sde: SDE, score: ScoreFn, x: torch.Tensor, steps: int, eps: float = 1e-3
+) -> torch.Tensor:
+    """Integrate the probability-flow ODE from ``x`` (B, …), a point of the prior at t = 1, to
+    t = eps with ``steps`` fixed steps of Heun's method (2·steps score evaluations) on a
+    uniform grid in t (Karras et al., NeurIPS 2022, use Heun as the ODE sampler). The step
+    count does not depend on the data, so :func:`torch.export.export` can trace it, unlike
+    :func:`ode_sample`'s adaptive solver: this is the sampler of gm's exported generator.
+    Returns (B, …)."""
+    if steps < 1:
+        raise ValueError(f"steps {steps}: must be >= 1")
+    grid = torch.linspace(1.0, eps, steps + 1).tolist()  # plain floats: nothing to trace
+    b = x.shape[0]
+    for t0, t1 in zip(grid[:-1], grid[1:], strict=True):
+        h = t1 - t0
+        d0 = _flow(sde, score, x, x.new_full((b,), t0))
+        x_euler = x + h * d0
+        d1 = _flow(sde, score, x_euler, x.new_full((b,), t1))
+        x = x + 0.5 * h * (d0 + d1)
+    return x
+
+
 def ode_log_likelihood(
     sde: SDE,
     score: ScoreFn,

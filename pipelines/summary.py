@@ -32,6 +32,8 @@ def table(evals: list[dict]) -> str:
         ("conditional_accuracy", "cond. acc."),
         ("inception_score", "IS"),
         ("bits_per_dim", "bits/dim"),
+        ("ood_auc_noise", "OOD AUC noise"),  # energy-based models: test vs noise, ROC-AUC
+        ("ood_auc_shuffled", "OOD AUC shuffled"),  # test vs pixel-shuffled test images
     ]
     head = "| dataset | rank | model | family | step | " + " | ".join(c[1] for c in cols) + " |"
     lines = [head, "|" + "---|" * (5 + len(cols))]
@@ -60,6 +62,13 @@ def table(evals: list[dict]) -> str:
         + ", ".join(f"`{k}` ({v['path']}, {v['resize']})" for k, v in ex.items())
         + ".",
     ]
+    if any("ood_auc_noise" in e for e in evals):
+        notes += [
+            "",
+            "OOD AUC: an energy-based model's ROC-AUC at telling the real test images (low "
+            "energy) from uniform noise and from the same images with their pixels shuffled "
+            "(Du & Mordatch 2019); 0.5 is chance, 1 a perfect detector.",
+        ]
     return "\n".join(lines + notes) + "\n"
 
 

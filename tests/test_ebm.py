@@ -124,3 +124,20 @@ def test_the_ood_metric_is_the_roc_auc_of_energies():
     assert energy_roc_auc(low, high) == 1.0  # every OOD image has a higher energy
     assert energy_roc_auc(high, low) == 0.0
     assert energy_roc_auc(torch.ones(4), torch.ones(4)) == 0.5  # ties: chance
+
+
+def test_the_summary_table_shows_ood_auc_for_energy_models_only():
+    from pipelines.summary import rank, table
+
+    ex = {"sha256": "ab" * 32, "path": "clf.pt", "resize": "none"}
+    evals = rank([
+        {"name": "ebm", "family": "ebm", "dataset": "digits", "step": 5, "fid": 9.0,
+         "ood_auc_noise": 0.987, "ood_auc_shuffled": 0.612, "extractor": ex},
+        {"name": "sde", "family": "sde", "dataset": "digits", "step": 5, "fid": 3.0,
+         "bits_per_dim": 2.5, "extractor": ex},
+    ])  # fmt: skip
+    text = table(evals)
+    rows = {line.split("|")[3].strip(): line for line in text.splitlines() if "| digits |" in line}
+    assert "| 0.987 | 0.612 |" in rows["ebm"]
+    assert rows["sde"].rstrip().endswith("| 2.5 | – | – |")
+    assert "OOD AUC noise" in text.splitlines()[0] and "pixels shuffled" in text

@@ -34,7 +34,8 @@ TINY = {
              "attention_resolutions": [8], "dropout": 0.0, "timesteps": 20, "sample_steps": 5,
              "conditional": True, "guidance": 1.0},
     "sde": {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
-            "dropout": 0.0, "sample_steps": 5, "conditional": True, "ode_tolerance": 1e-3},
+            "dropout": 0.0, "sample_steps": 5, "conditional": True, "ode_tolerance": 1e-3,
+            "export_steps": 3},
     # paired families (16x16 targets; SR from 4x4 inputs)
     "srgan": {"scale": 4, "width": 8, "blocks": 2, "ndf": 4, "d_dense": 8,
               "content_loss": "pixel", "pretrain_steps": 0},
@@ -216,6 +217,27 @@ def test_generator_maps_latents_and_labels_to_images(name):
     for x in outputs:
         assert x.shape == (5, INFO.channels, INFO.resolution, INFO.resolution)
         assert x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(TINY) if not make(n)[0].model.pair_source()])
+def test_generator_exports_with_a_dynamic_batch(name):
+    """What MLflow logs (gm.train.job.log_models): torch.export of the generator traced at
+    one batch size runs at another and gives the eager module's images (noise drawn inside,
+    as the EBM's Langevin chains do, from the same seed)."""
+    from torch.export import Dim
+
+    trainer, _ = make(name)
+    model = trainer.model.eval()
+    gen = model.generator().eval()
+    z, y = torch.randn(3, *model.latent_shape()), torch.arange(3) % INFO.num_classes
+    program = torch.export.export(gen, (z, y), dynamic_shapes=({0: Dim.AUTO}, {0: Dim.AUTO}))
+    z5, y5 = torch.randn(5, *model.latent_shape()), torch.arange(5) % INFO.num_classes
+    torch.manual_seed(7)
+    eager = gen(z5, y5)
+    torch.manual_seed(7)
+    exported = program.module()(z5, y5)
+    assert exported.shape == (5, INFO.channels, INFO.resolution, INFO.resolution)
+    torch.testing.assert_close(exported, eager, atol=1e-5, rtol=1e-4)
 
 
 def test_trainer_from_checkpoint_restores_weights_and_leaves_the_rng(tmp_path):

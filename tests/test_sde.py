@@ -83,6 +83,22 @@ def test_the_probability_flow_ode_samples_the_datas_moments(kind):
     assert torch.allclose(x.std(0), S, rtol=0.04), x.std(0)
 
 
+@pytest.mark.parametrize("kind", ["vp", "ve"])
+def test_heuns_fixed_steps_follow_the_adaptive_solver(kind):
+    """The exported generator's solver: 100 Heun steps land on the adaptive RK45 solution from
+    the same prior points, and so sample the data's moments."""
+    process = WIDE_VE if kind == "ve" else PROCESSES[kind]
+    score = _gaussian(process, MU, S)
+    x1 = torch.randn(4000, 2, generator=torch.Generator().manual_seed(3)) * process.prior_std()
+    heun = sdelib.heun_sample(process, score, x1, steps=100)
+    rk45 = sdelib.ode_sample(process, score, (4000, 2), rtol=1e-5, atol=1e-5, x=x1)
+    assert (heun - rk45).abs().max() < 0.02
+    assert torch.allclose(heun.mean(0), MU, atol=0.03), heun.mean(0)
+    assert torch.allclose(heun.std(0), S, rtol=0.04), heun.std(0)
+    with pytest.raises(ValueError, match="steps 0"):
+        sdelib.heun_sample(process, score, x1, steps=0)
+
+
 @pytest.mark.parametrize("kind", ["vp", "subvp", "ve"])
 def test_the_ode_log_likelihood_of_a_gaussian_is_its_density(kind):
     """Exact trace, with the true p_1 as the prior: within 2e-4 nats of log N(x; mu, s²);

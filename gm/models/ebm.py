@@ -85,7 +85,10 @@ def sgld(
             (grad,) = torch.autograd.grad(energy(x).sum(), x)
         if grad_clip > 0:
             grad = grad.clamp(-grad_clip, grad_clip)
-        eps = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
+        if generator is None:  # torch's global RNG (an exported graph can hold this draw)
+            eps = torch.randn_like(x)
+        else:
+            eps = torch.randn(x.shape, generator=generator, device="cpu").to(x.device, x.dtype)
         x = x.detach() - step_size * grad + noise * eps
         if bounds is not None:
             x = x.clamp(*bounds)
@@ -129,8 +132,11 @@ class EnergyNet(nn.Module):
         self.head = _sn(nn.Linear(ch, outputs), cfg.spectral_norm)
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.stem(x01 * 2 - 1))
-        return self.head(F.silu(h).sum((2, 3)))
+        h = F.silu(self.blocks(self.stem(x01 * 2 - 1))).sum((2, 3))
+        # the head's affine map written out: the same as self.head(h), but its gradient (which
+        # SGLD takes inside the exported generator) is one torch.export can trace; nn.Linear's
+        # backward saves a transposed weight that export cannot lift (torch 2.14)
+        return h @ self.head.weight.T + self.head.bias
 
 
 def _energy_of(net: nn.Module, labels: torch.Tensor | None) -> Callable:
@@ -143,15 +149,16 @@ def _energy_of(net: nn.Module, labels: torch.Tensor | None) -> Callable:
 
 class EBMSampler(nn.Module):
     """(initial images in [−1, 1] (B, C, H, W), labels) → samples in [−1, 1]: SGLD from the
-    given start for ``steps`` steps (its noise from a fixed seed, so the map is a function)."""
+    given start for ``steps`` steps. Called as a module (gm's exported generator) the chains'
+    noise comes from torch's global RNG: seed it (``torch.manual_seed``) for repeatable
+    samples, as ``gm sample --seed`` does; :meth:`run` takes a ``torch.Generator``."""
 
     def __init__(self, net: EnergyNet, cfg: EBMConfig, conditional: bool, steps: int):
         super().__init__()
         self.net, self.cfg, self.conditional, self.steps = net, cfg, conditional, steps
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
-        return self.run(z, labels, g)
+        return self.run(z, labels, None)
 
     def run(self, z, labels, generator):
         cfg = self.cfg

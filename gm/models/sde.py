@@ -62,6 +62,9 @@ class ScoreSDEConfig:
     sample_steps: int = 1000  # predictor steps (paper: N = 1000)
     sample_eps: float = 1e-3  # samplers stop at this t
     ode_tolerance: float = 1e-5  # rtol = atol of the ODE solver, sampling and likelihood
+    # Heun steps of the exported generator's probability-flow ODE (a fixed-step solver:
+    # torch.export cannot trace the adaptive one); each step is two score evaluations
+    export_steps: int = 50
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-4, betas=(0.9, 0.999), grad_clip=1.0)
     )
@@ -73,6 +76,7 @@ class ScoreSDEConfig:
         check(0 < self.eps < 0.1, "eps", f"{self.eps} not in (0, 0.1)")
         check(0 < self.sample_eps < 0.1, "sample_eps", f"{self.sample_eps} not in (0, 0.1)")
         check(self.sample_steps >= 1, "sample_steps", "must be >= 1")
+        check(self.export_steps >= 1, "export_steps", "must be >= 1")
         check(self.corrector_steps >= 0, "corrector_steps", "must be >= 0")
         check(self.snr > 0, "snr", "must be > 0")
         check(0 < self.ode_tolerance < 1, "ode_tolerance", "must be in (0, 1)")
@@ -107,15 +111,22 @@ def score_fn(unet: nn.Module, cfg: ScoreSDEConfig, process: sdelib.SDE,
 
 class SDESampler(nn.Module):
     """(z ~ N(0, I) (B, C, H, W), labels) → samples in [−1, 1]: the probability-flow ODE from
-    the prior point z·prior_std (deterministic: gm's exported generator)."""
+    the prior point z·prior_std, deterministic. ``fixed_steps`` None: torchdiffeq's adaptive
+    RK45 at ``ode_tolerance`` (``sampler: ode``); an int: that many Heun steps
+    (:func:`gm.sde.heun_sample`), which :func:`torch.export.export` can trace: gm's exported
+    generator (``export_steps``)."""
 
-    def __init__(self, unet: nn.Module, cfg: ScoreSDEConfig):
+    def __init__(self, unet: nn.Module, cfg: ScoreSDEConfig, fixed_steps: int | None = None):
         super().__init__()
-        self.unet, self.cfg = unet, cfg
+        self.unet, self.cfg, self.fixed_steps = unet, cfg, fixed_steps
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         process = self.cfg.process()
         score = score_fn(self.unet, self.cfg, process, labels)
+        if self.fixed_steps is not None:
+            x = sdelib.heun_sample(process, score, z * process.prior_std(), self.fixed_steps,
+                                   self.cfg.sample_eps)  # fmt: skip
+            return x.clamp(-1, 1)
         tol = self.cfg.ode_tolerance
         x = sdelib.ode_sample(process, score, tuple(z.shape), self.cfg.sample_eps, tol, tol,
                               x=z * process.prior_std())  # fmt: skip
@@ -163,7 +174,9 @@ class ScoreSDE(GenerativeModel):
         return (self.info.channels, self.info.resolution, self.info.resolution)
 
     def generator(self, nets=None):
-        return SDESampler((nets or {}).get("unet", self.unet), self.cfg)
+        """The exported generator: the probability-flow ODE in ``export_steps`` Heun steps."""
+        unet = (nets or {}).get("unet", self.unet)
+        return SDESampler(unet, self.cfg, self.cfg.export_steps)
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, nets=None):
@@ -175,7 +188,7 @@ class ScoreSDE(GenerativeModel):
         shape = (n, *self.latent_shape())
         z = torch.randn(shape, generator=generator).to(device)
         if self.cfg.sampler == "ode":
-            return self.generator(nets)(z, labels)
+            return SDESampler(unet, self.cfg)(z, labels)
         score = score_fn(unet, self.cfg, self.process, labels)
         x = sdelib.pc_sample(self.process, score, shape, self.cfg.predictor,
                              self.cfg.corrector_steps, self.cfg.snr, self.cfg.sample_steps,
