@@ -35,7 +35,7 @@ TINY = {
              "conditional": True, "guidance": 1.0},
     "sde": {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
             "dropout": 0.0, "sample_steps": 5, "conditional": True, "ode_tolerance": 1e-3,
-            "export_steps": 3},
+            "heun_steps": 3},
     # paired families (16x16 targets; SR from 4x4 inputs)
     "srgan": {"scale": 4, "width": 8, "blocks": 2, "ndf": 4, "d_dense": 8,
               "content_loss": "pixel", "pretrain_steps": 0},

@@ -164,7 +164,8 @@ def test_bits_per_dim_dequantizes_8_bit_images():
 
 
 TINY = {"width": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
-        "dropout": 0.0, "sample_steps": 6, "conditional": True, "ode_tolerance": 1e-3}  # fmt: skip
+        "dropout": 0.0, "sample_steps": 6, "conditional": True, "ode_tolerance": 1e-3,
+        "heun_steps": 4}  # fmt: skip
 
 
 def _model(**kw):
@@ -180,12 +181,12 @@ def _batch(seed=0):
 
 
 @pytest.mark.parametrize("kind", ["vp", "subvp", "ve"])
-def test_the_family_trains_samples_with_both_samplers_and_reports_bits_per_dim(kind):
+def test_the_family_trains_samples_with_every_sampler_and_reports_bits_per_dim(kind):
     trainer = _model(sde=kind, sigma_max=4.0, likelihood_weighting=kind == "subvp")
     losses = [trainer.train_step(_batch(i))["loss/dsm"] for i in range(25)]
     assert sum(losses[-5:]) < sum(losses[:5])
     model = trainer.model
-    for sampler in ("pc", "ode"):
+    for sampler in ("pc", "ode", "heun"):
         object.__setattr__(model.cfg, "sampler", sampler)
         x = model.sample(
             3, labels=torch.tensor([0, 1, 0]), generator=torch.Generator().manual_seed(0)
@@ -202,5 +203,9 @@ def test_bad_sde_settings_name_the_key():
         from_dict(ScoreSDEConfig, {"sde": "cld"}, "sde")
     with pytest.raises(ConfigError, match="sde.sigma_max"):
         from_dict(ScoreSDEConfig, {"sigma_min": 1.0, "sigma_max": 0.5}, "sde")
+    with pytest.raises(ConfigError, match="sde.sampler"):
+        from_dict(ScoreSDEConfig, {"sampler": "ddim"}, "sde")
+    with pytest.raises(ConfigError, match="sde.heun_steps"):
+        from_dict(ScoreSDEConfig, {"heun_steps": 0}, "sde")
     with pytest.raises(ConfigError, match="sde.snr"):
         from_dict(ScoreSDEConfig, {"snr": 0}, "sde")

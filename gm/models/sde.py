@@ -13,7 +13,8 @@ matching, t ~ U(eps, 1), x_t = mean(t)·x_0 + std(t)·z:
 for the VP, sub-VP or VE SDE (:mod:`gm.sde`, published schedules as defaults). Sampling:
 predictor–corrector (``sampler: pc``; reverse diffusion or Euler–Maruyama predictor, a
 Langevin corrector at ``snr``) or the probability-flow ODE (``sampler: ode``, torchdiffeq's
-RK45). ``bits_per_dim`` is the exact likelihood of the probability-flow ODE with the
+RK45; ``sampler: heun``, ``heun_steps`` fixed Heun steps, which is also the exported
+generator). ``bits_per_dim`` is the exact likelihood of the probability-flow ODE with the
 Hutchinson–Skilling trace estimator and uniform dequantization, which ``evaluate@`` reports.
 Class-conditional like ``ddpm``: label dropout ``p_uncond`` while training and classifier-free
 guidance ``guidance`` at sampling.
@@ -55,16 +56,16 @@ class ScoreSDEConfig:
     p_uncond: float = 0.1
     guidance: float = 0.0
     # sampling
-    sampler: Literal["pc", "ode"] = "pc"
+    sampler: Literal["pc", "ode", "heun"] = "pc"
     predictor: Literal["reverse_diffusion", "euler_maruyama"] = "reverse_diffusion"
     corrector_steps: int = 1  # Langevin steps per predictor step (0: none)
     snr: float = 0.16  # the corrector's signal-to-noise ratio (paper, VE on CIFAR-10)
     sample_steps: int = 1000  # predictor steps (paper: N = 1000)
     sample_eps: float = 1e-3  # samplers stop at this t
     ode_tolerance: float = 1e-5  # rtol = atol of the ODE solver, sampling and likelihood
-    # Heun steps of the exported generator's probability-flow ODE (a fixed-step solver:
-    # torch.export cannot trace the adaptive one); each step is two score evaluations
-    export_steps: int = 50
+    # sampler heun, and always the exported generator: the probability-flow ODE in this many
+    # fixed Heun steps (torch.export cannot trace the adaptive solver); 2 score evaluations each
+    heun_steps: int = 50
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-4, betas=(0.9, 0.999), grad_clip=1.0)
     )
@@ -76,7 +77,9 @@ class ScoreSDEConfig:
         check(0 < self.eps < 0.1, "eps", f"{self.eps} not in (0, 0.1)")
         check(0 < self.sample_eps < 0.1, "sample_eps", f"{self.sample_eps} not in (0, 0.1)")
         check(self.sample_steps >= 1, "sample_steps", "must be >= 1")
-        check(self.export_steps >= 1, "export_steps", "must be >= 1")
+        check(self.heun_steps >= 1, "heun_steps", "must be >= 1")
+        check(self.sampler in ("pc", "ode", "heun"), "sampler",
+              f"{self.sampler!r}: must be pc, ode or heun")  # fmt: skip
         check(self.corrector_steps >= 0, "corrector_steps", "must be >= 0")
         check(self.snr > 0, "snr", "must be > 0")
         check(0 < self.ode_tolerance < 1, "ode_tolerance", "must be in (0, 1)")
@@ -114,7 +117,7 @@ class SDESampler(nn.Module):
     the prior point z·prior_std, deterministic. ``fixed_steps`` None: torchdiffeq's adaptive
     RK45 at ``ode_tolerance`` (``sampler: ode``); an int: that many Heun steps
     (:func:`gm.sde.heun_sample`), which :func:`torch.export.export` can trace: gm's exported
-    generator (``export_steps``)."""
+    generator (``heun_steps``)."""
 
     def __init__(self, unet: nn.Module, cfg: ScoreSDEConfig, fixed_steps: int | None = None):
         super().__init__()
@@ -174,9 +177,9 @@ class ScoreSDE(GenerativeModel):
         return (self.info.channels, self.info.resolution, self.info.resolution)
 
     def generator(self, nets=None):
-        """The exported generator: the probability-flow ODE in ``export_steps`` Heun steps."""
+        """The exported generator: the probability-flow ODE in ``heun_steps`` Heun steps."""
         unet = (nets or {}).get("unet", self.unet)
-        return SDESampler(unet, self.cfg, self.cfg.export_steps)
+        return SDESampler(unet, self.cfg, self.cfg.heun_steps)
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None, nets=None):
@@ -189,6 +192,8 @@ class ScoreSDE(GenerativeModel):
         z = torch.randn(shape, generator=generator).to(device)
         if self.cfg.sampler == "ode":
             return SDESampler(unet, self.cfg)(z, labels)
+        if self.cfg.sampler == "heun":
+            return SDESampler(unet, self.cfg, self.cfg.heun_steps)(z, labels)
         score = score_fn(unet, self.cfg, self.process, labels)
         x = sdelib.pc_sample(self.process, score, shape, self.cfg.predictor,
                              self.cfg.corrector_steps, self.cfg.snr, self.cfg.sample_steps,
