@@ -40,7 +40,9 @@ def test_log_determinant_equals_the_brute_force_jacobians(kind):
                                                  z[i])  # fmt: skip
         sign, brute = torch.linalg.slogdet(jac)
         assert sign != 0
-        assert logdet[i].item() == pytest.approx(brute.item(), abs=1e-9)
+        # relative too: a saturated IAF gate gives log-determinants near -28, where slogdet of
+        # the brute-force Jacobian keeps ~1e-10 of relative precision (seen: 2.4e-9 apart)
+        assert logdet[i].item() == pytest.approx(brute.item(), rel=1e-8, abs=1e-9)
 
 
 def test_planar_and_radial_parameters_keep_the_maps_invertible():
