@@ -280,12 +280,14 @@ def test_tune_stage_asha_stops_a_bad_lr_and_best_params_round_trip_into_dvc_exp_
 
 
 def result_lines(folder: Path) -> dict[str, int]:
-    """Reports per trial, from Tune's result.json files (trial id → lines)."""
+    """Distinct steps reported per trial, from Tune's result.json files (trial id → count).
+    Distinct, not lines: a driver killed after a trial reported a step but before that step's
+    checkpoint was kept makes the resumed trial report the step again (at least once)."""
     out = {}
     for f in folder.glob("tune/*/_trial_*/result.json"):
-        lines = f.read_text().splitlines()
-        if lines:
-            out[json.loads(lines[-1])["trial_id"]] = len(lines)
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        if rows:
+            out[rows[-1]["trial_id"]] = len({row["step"] for row in rows})
     return out
 
 
