@@ -193,7 +193,7 @@ class ScoreSDE(GenerativeModel):
         if self.cfg.sampler == "ode":
             return SDESampler(unet, self.cfg)(z, labels)
         if self.cfg.sampler == "heun":
-            return SDESampler(unet, self.cfg, self.cfg.heun_steps)(z, labels)
+            return self.generator(nets)(z, labels)
         score = score_fn(unet, self.cfg, self.process, labels)
         x = sdelib.pc_sample(self.process, score, shape, self.cfg.predictor,
                              self.cfg.corrector_steps, self.cfg.snr, self.cfg.sample_steps,
