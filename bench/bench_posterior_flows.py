@@ -24,13 +24,15 @@ def run(
     dataset: str, flow: str, seed: int, steps: int, batch: int, width: int
 ) -> tuple[float, float]:
     from gm.config import from_dict
+    from gm.data.parquet import level_path
     from gm.data.readers import to_unit_range
-    from gm.metrics.evaluate import _split_store
+    from gm.data.rowstore import RowStore
     from gm.registry import families
     from gm.train.loop import Trainer
     from gm.train.protocol import Batch, DataInfo
 
-    train, test = _split_store(dataset, 32, "train"), _split_store(dataset, 32, "test")
+    level = level_path(dataset, 32)
+    train, test = (RowStore(level, ("image",), split=s, mode="auto") for s in ("train", "test"))
     x_tr, y_tr = [], []
     for pixels, labels in train.batches(None, 500):
         x_tr.append(to_unit_range(pixels))
