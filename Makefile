@@ -42,12 +42,12 @@ data: $(STAMP)
 	gm data verify --dvc-file data.dvc
 
 repro: data
-	dvc repro
+	gm with-ray -- dvc repro
 
 # A preset is one DVC experiment of the root pipeline (gm/preset.py): nothing is declared on
 # main that only the preset makes, so `dvc status` after `make repro` is clean.
 repro-long: repro
-	python -m gm.preset presets/long/params.yaml --name long
+	gm with-ray -- python -m gm.preset presets/long/params.yaml --name long
 
 # The browser test opens the MLflow UI in Debian's headless Chromium: installed here when it is
 # missing on a Debian machine where we are root (CI); elsewhere that one test is skipped.

@@ -127,6 +127,13 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _cmd_with_ray(args) -> int:
+    from gm.cluster import params_cpus, run_with_ray
+
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    return run_with_ray(cmd, params_cpus(args.params))
+
+
 def _cmd_models(args) -> int:
     from gm.registry import families
 
@@ -609,6 +616,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the registered model families and their papers.",
     )
     models.set_defaults(func=_cmd_models)
+
+    wr = sub.add_parser(
+        "with-ray",
+        help="run a command (dvc repro) with one local Ray that all its stages attach to",
+        description="Start a local Ray, run COMMAND with RAY_ADDRESS pointing to it, and stop "
+        "it when COMMAND ends: each Ray stage of `dvc repro` attaches instead of starting and "
+        "stopping its own (about 11 s saved per stage on 2 cores). The Ray has the machine's "
+        "CPUs, or more where a job of --params asks for more. With RAY_ADDRESS already set, "
+        "COMMAND runs on that cluster unchanged. Exits with COMMAND's status.",
+        epilog="example:\n  gm with-ray -- dvc repro          (what `make repro` runs)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    wr.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    wr.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command")
+    wr.set_defaults(func=_cmd_with_ray)
     return ap
 
 

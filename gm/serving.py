@@ -38,6 +38,7 @@ def save_model(path: str, pytorch_model, mlflow_model=None, **kwargs) -> None:
     from mlflow.models import Model
 
     mlflow_model = mlflow_model or Model()
+    kwargs.pop("validate_serving_input", None)  # Model.log's own option (gm.train.job)
     mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, **kwargs)
     pyfunc.add_to_model(
         mlflow_model,

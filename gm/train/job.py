@@ -445,4 +445,8 @@ def _log_model(handle, name: str, module, signature, example, metadata: dict) ->
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             metadata=metadata,
+            # MLflow would load the saved graph back and run the example, and only warn if
+            # that fails: 10 to 18 s for the unrolled samplers (ebm, ddpm, sde), no gate.
+            # tests/test_models_contract.py and test_audit.py run the logged models instead.
+            validate_serving_input=False,
         )
