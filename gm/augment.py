@@ -225,6 +225,22 @@ def _translation(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def same_draws(fn, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``fn`` (an :class:`Augment`) applied to each tensor with the same random draws: the
+    RNG of the tensors' device is reset to one state before each call, so aligned images of
+    the same batch size (B, C, H, W, any C) get the same transform image by image. Afterwards
+    the RNG is where one call leaves it."""
+    dev = xs[0].device
+    cuda = dev.type == "cuda"
+    state = torch.cuda.get_rng_state(dev) if cuda else torch.get_rng_state()
+    out = []
+    for i, x in enumerate(xs):
+        if i:
+            torch.cuda.set_rng_state(state, dev) if cuda else torch.set_rng_state(state)
+        out.append(fn(x))
+    return tuple(out)
+
+
 def mirror(batch, seed: int, step: int, rank: int = 0):
     """Dataset x-flip (``run.mirror``, as in Progressive GAN and StyleGAN): half the images of
     the batch, chosen from (seed, rank, step) alone, flipped left-right with their pyramid

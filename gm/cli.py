@@ -292,6 +292,7 @@ def _cmd_evaluate(args) -> int:
         log_to_mlflow,
         render_results,
         resolve_model,
+        unavailable_warning,
     )
     from gm.tracking import repo_root
 
@@ -315,6 +316,9 @@ def _cmd_evaluate(args) -> int:
     if args.out:
         write_json(args.out, results)
     log_to_mlflow(root, results)  # on the model's own run, as evaluate@ does
+    warning = unavailable_warning(results)
+    if warning:
+        print(warning, file=sys.stderr)
     print(json.dumps(results, indent=2) if args.json else render_results(results))
     return 0
 

@@ -6,6 +6,10 @@ import os
 
 from gm.errors import GmError
 
+# Set by `gm with-ray` in the command it runs: RAY_ADDRESS is then this machine's own local Ray,
+# not a cluster (gm.data.prepare keeps small folders in-process, as without it).
+LOCAL_RAY_ENV = "GM_RAY_LOCAL"
+
 
 def init_ray(need_cpus: float = 0.0) -> None:
     """Attach to ``RAY_ADDRESS`` when set, else start a local Ray sized for the job.
@@ -90,6 +94,7 @@ def run_with_ray(cmd: list[str], need_cpus: float = 0.0) -> int:
     try:
         env = dict(os.environ)  # init_ray set RAY_API_SERVER_ADDRESS; Ray its RAY_AUTH_MODE
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        env[LOCAL_RAY_ENV] = "1"
         return _call(cmd, env)
     finally:
         ray.shutdown()

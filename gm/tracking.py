@@ -589,7 +589,9 @@ def register_champion(
     """Register a run's exported generator as a version of the registered model ``gm-<job>``
     (once per run: a rerun of the evaluation finds its version again) and move the
     ``champion`` alias to it when its ``metric`` beats the current champion's, or when there
-    is none. Returns what was done, or None when the run has no generator or no ``metric``."""
+    is none. Where ``results`` has the metric's 95 % interval (``<metric>_ci_low``/``_high``),
+    the whole interval must beat it. Returns what was done, or None when the run has no
+    generator or no ``metric``."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -629,10 +631,13 @@ def register_champion(
         best = float(current.tags.get(f"eval.{metric}", "nan"))
     except MlflowException:
         current, best = None, float("nan")
+    # With an interval (the evaluation's bootstrap), the whole interval must beat the
+    # champion's value: a difference the sampling noise could undo moves nothing.
+    edge = results.get(f"{metric}_ci_high" if lower else f"{metric}_ci_low", value)
     wins = (
         current is None
         or best != best  # the champion has no value of this metric
-        or (value < best if lower else value > best)
+        or (value < best and edge < best if lower else value > best and edge > best)
     )
     if current is not None and current.version == version.version:
         wins = True  # already the champion

@@ -4,6 +4,7 @@ written as a DVC metrics file and logged to the model's own MLflow run."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from gm import params
 from gm.cli import guarded
@@ -13,7 +14,7 @@ from gm.errors import ConfigError
 @guarded
 def main(argv: list[str] | None = None) -> int:
     from gm.io import write_json
-    from gm.metrics.evaluate import evaluate_checkpoint, log_to_mlflow
+    from gm.metrics.evaluate import evaluate_checkpoint, log_to_mlflow, unavailable_warning
     from gm.tracking import register_champion, repo_root
 
     ap = argparse.ArgumentParser(prog="pipelines.evaluate", description=__doc__)
@@ -31,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {"name": args.name, "dataset": p.train[args.name].dataset, **results}
     write_json(args.out, results)
     log_to_mlflow(repo_root(), results)
+    warning = unavailable_warning(results)
+    if warning:
+        print(warning, file=sys.stderr)
     champ = None
-    if p.evaluate.champion_metric:
+    if p.evaluate.champion_metric in results.get("unavailable", {}):
+        pass  # no number, no move (the warning said so)
+    elif p.evaluate.champion_metric:
         champ = register_champion(repo_root(), args.name, results, p.evaluate.champion_metric)
     shown = ", ".join(
         f"{k} {results[k]:.4g} (real {results[k + '_baseline']:.4g})"

@@ -12,15 +12,43 @@ from gm.errors import DataError
 
 def rank(evals: list[dict]) -> list[dict]:
     """Models grouped by dataset (numbers of different feature networks do not compare), each
-    group sorted by FID (lower is better), then KID, then name; ``rank`` is within the group."""
+    group sorted by FID (lower is better), then KID, then name; ``rank`` is within the group.
+    A model whose FID interval (``fid_ci_low``/``fid_ci_high``, the evaluation's bootstrap)
+    overlaps the interval of the first model of the rank above shares that rank: a tie, not an
+    order the sampling noise could reverse. A model without an FID (too few images) has none.
+    """
     inf = float("inf")
     out = sorted(
         evals, key=lambda e: (e.get("dataset", ""), e.get("fid", inf), e.get("kid", inf), e["name"])
     )
-    for i, e in enumerate(out):
-        same = i > 0 and out[i - 1].get("dataset") == e.get("dataset")
-        e["rank"] = out[i - 1]["rank"] + 1 if same else 1
+    seen: dict[str, int] = {}
+    leader: dict[str, dict] = {}
+    for e in out:
+        if "fid" in (e.get("unavailable") or {}):
+            continue  # no FID to rank by (too few images): shown unranked
+        ds = e.get("dataset", "")
+        seen[ds] = seen.get(ds, 0) + 1
+        top = leader.get(ds)
+        tied = top is not None and (
+            e.get("fid") == top.get("fid")
+            or e.get("fid_ci_low", inf) <= top.get("fid_ci_high", -inf)
+        )
+        if tied:
+            e["rank"] = top["rank"]
+        else:
+            e["rank"] = seen[ds]
+            leader[ds] = e
     return out
+
+
+def _tied(evals: list[dict]) -> set[tuple[str, int]]:
+    """(dataset, rank) pairs that more than one model holds."""
+    count: dict[tuple[str, int], int] = {}
+    for e in evals:
+        if "rank" in e:
+            key = (e.get("dataset", ""), e["rank"])
+            count[key] = count.get(key, 0) + 1
+    return {k for k, n in count.items() if n > 1}
 
 
 def table(evals: list[dict]) -> str:
@@ -37,20 +65,32 @@ def table(evals: list[dict]) -> str:
     ]
     head = "| dataset | rank | model | family | step | " + " | ".join(c[1] for c in cols) + " |"
     lines = [head, "|" + "---|" * (5 + len(cols))]
+    # metric → what precision_recall etc. withhold (gm.metrics.quality.MIN_IMAGES)
+    owner = {"precision": "precision_recall", "recall": "precision_recall"}
+    withheld = []
+    ties = _tied(evals)
     for e in evals:
         cells = []
+        missing = e.get("unavailable") or {}
         for key, _ in cols:
+            if owner.get(key, key) in missing:
+                cells.append("n/a¹")
+                continue
             if key not in e:
                 cells.append("–")
                 continue
             scale = 1e3 if key == "kid" else 1.0
             base = e.get(f"{key}_baseline")
             cell = f"{e[key] * scale:.3g}"
+            if f"{key}_ci_low" in e:
+                cell += f" [{e[f'{key}_ci_low'] * scale:.3g}, {e[f'{key}_ci_high'] * scale:.3g}]"
             if base is not None:
                 cell += f" (real {base * scale:.3g})"
             cells.append(cell)
+        if missing:
+            withheld.append(f"{e['name']}: {', '.join(missing)} ({next(iter(missing.values()))})")
         lines.append(
-            f"| {e.get('dataset', '')} | {e['rank']} | {e['name']} | {e['family']} | "
+            f"| {e.get('dataset', '')} | {_rank_cell(e, ties)} | {e['name']} | {e['family']} | "
             f"{e['step']} | " + " | ".join(cells) + " |"
         )
     ex = {e["extractor"]["sha256"][:12]: e["extractor"] for e in evals}
@@ -62,6 +102,23 @@ def table(evals: list[dict]) -> str:
         + ", ".join(f"`{k}` ({v['path']}, {v['resize']})" for k, v in ex.items())
         + ".",
     ]
+    if any("fid_ci_low" in e for e in evals):
+        notes += [
+            "",
+            "Brackets: 95 % intervals of each number's sampling uncertainty at these counts "
+            "(FID, precision, recall: bootstrap over real and generated images; KID: ±1.96 "
+            "standard deviations over its subsets; conditional accuracy: Wilson). They do not "
+            "include the spread across training seeds or machines, which is larger. Models "
+            "whose FID intervals overlap share a rank (`2=`).",
+        ]
+    if withheld:
+        notes += [
+            "",
+            "¹ Not computed: too few images for the metric to mean anything (minimums in "
+            "docs/evaluation.md); such a model is not ranked and no champion alias moves on it. "
+            + "; ".join(withheld)
+            + ".",
+        ]
     if any("ood_auc_noise" in e for e in evals):
         notes += [
             "",
@@ -70,6 +127,12 @@ def table(evals: list[dict]) -> str:
             "(Du & Mordatch 2019); 0.5 is chance, 1 a perfect detector.",
         ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _rank_cell(e: dict, ties: set[tuple[str, int]]) -> str:
+    if "rank" not in e:
+        return "–"
+    return f"{e['rank']}=" if (e.get("dataset", ""), e["rank"]) in ties else str(e["rank"])
 
 
 @guarded

@@ -121,6 +121,15 @@ def test_champion_alias_moves_only_when_the_metric_improves(tmp_path, monkeypatc
     assert tracking.register_champion(tmp_path, "acc", acc, "conditional_accuracy")["champion"]
     acc2 = {"mlflow_run_id": run2, "conditional_accuracy": 0.5, "step": 4}
     assert not tracking.register_champion(tmp_path, "acc", acc2, "conditional_accuracy")["champion"]
+    # With its 95 % interval, a better value moves the alias only if the whole interval wins.
+    assert tracking.register_champion(tmp_path, "ci", {"mlflow_run_id": run1, "fid": 5.0,
+                                                       "step": 4})["champion"]  # fmt: skip
+    noisy = {"mlflow_run_id": run2, "fid": 4.0, "fid_ci_low": 3.0, "fid_ci_high": 5.5, "step": 4}
+    r = tracking.register_champion(tmp_path, "ci", noisy)
+    assert (r["champion"], r["previous"]) == (False, 1)  # 4.0 < 5.0, but within the noise
+    clear = noisy | {"fid_ci_low": 3.5, "fid_ci_high": 4.8}
+    assert tracking.register_champion(tmp_path, "ci", clear)["champion"]
+    assert int(client.get_model_version_by_alias("gm-ci", "champion").version) == 2
     # A run without a generator, or without the metric, registers nothing.
     bare = tracking.RunHandle.open(tmp_path, "bare", None, {}, {}).run_id
     assert tracking.register_champion(tmp_path, "bare", {"mlflow_run_id": bare, "fid": 1.0,

@@ -93,16 +93,28 @@ def make_ada(name="cgan", kind="ada", target=0.6):
     return Trainer(fam.build(cfg, INFO), ema_beta=0.9), cfg
 
 
-@pytest.mark.parametrize("name", ["dcgan", "cgan", "progan", "stylegan", "srgan"])
+ADVERSARIAL = ["dcgan", "cgan", "progan", "stylegan", "lapgan", "srgan", "pix2pix", "cyclegan"]
+
+
+def ada_p(metrics: dict) -> tuple[float, bool]:
+    """The last ADA p a step logged (LAPGAN logs it under each level's D phase: D4/ada_p ...)
+    and whether r_t was logged beside it."""
+    keys = sorted(k for k in metrics if k.endswith("/ada_p"))
+    assert keys, sorted(metrics)
+    return metrics[keys[-1]], keys[-1].replace("ada_p", "ada_r_t") in metrics
+
+
+@pytest.mark.parametrize("name", ADVERSARIAL)
 def test_ada_training_logs_p_and_a_checkpoint_resumes_with_the_same_p(name, tmp_path):
     # the tiny growing models change resolution every few steps: a lower target for them
     trainer, cfg = make_ada(name, target=0.6 if name in ("dcgan", "cgan") else 0.2)
     for _ in range(12):  # one batch over and over: D overfits it, r_t > target, p rises
         m = trainer.train_step(batch(seed=0, trainer=trainer))
-        if m["D/ada_p"] > 0:
+        if ada_p(m)[0] > 0:
             break
     p = trainer.model.augment.p.clone()
-    assert m["D/ada_p"] == float(p) and 0 < float(p) <= 1 and "D/ada_r_t" in m
+    logged, with_r_t = ada_p(m)
+    assert logged == float(p) and 0 < float(p) <= 1 and with_r_t
     save_checkpoint(tmp_path / "c.pt", name, cfg, INFO, trainer.state_dict())
     payload = load_checkpoint(tmp_path / "c.pt", family=name)
     model, _, _ = build_from_checkpoint(payload)
@@ -130,11 +142,43 @@ def test_mirror_flips_half_the_batch_the_same_way_at_the_same_step():
     assert not torch.equal(mirror(b, seed=0, step=6).images, one.images)
 
 
-@pytest.mark.parametrize("name", ["dcgan", "progan", "stylegan", "srgan"])
+@pytest.mark.parametrize("name", ["dcgan", "progan", "stylegan", "lapgan", "srgan", "pix2pix",
+                                  "cyclegan"])  # fmt: skip
 def test_diffaugment_trains_every_phase(name):
     trainer, _ = make_ada(name, "diffaug")
     first = trainer.train_step(batch(seed=0, trainer=trainer))
     for i in range(7):
         last = trainer.train_step(batch(seed=i, trainer=trainer))
-    assert "D/ada_p" not in last and {"loss/D", "loss/G"} <= set(first) & set(last)
+    losses = {k for k in first if k.startswith("loss/")}
+    assert {k[5] for k in losses} == {"D", "G"}  # loss/D…, loss/G… (LAPGAN: one per level)
+    assert losses <= set(last) and not any(k.endswith("ada_p") for k in last)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["ada", "diffaug"])
+def test_aligned_images_get_the_same_transform_image_by_image(kind):
+    """pix2pix's (input, output) and LAPGAN's (image, low-pass band) are shown to D
+    transformed alike: equal inputs stay equal, each image differently from the others."""
+    from gm.augment import same_draws
+
+    aug = Augment(kind)
+    aug.p.fill_(1.0)
+    x = images(n=8, c=3, side=16, seed=4)
+    torch.manual_seed(0)
+    a, b = same_draws(aug, x, x.clone())
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    c, d = same_draws(aug, x, x.clone())
+    assert torch.equal(c, d) and not torch.equal(c, a)  # the next call draws anew
+    same = x[:1].expand(8, -1, -1, -1).contiguous()  # one image 8 times: 8 transforms
+    e, f = same_draws(aug, same, same.clone())
+    assert torch.equal(e, f) and not all(torch.equal(e[0], e[i]) for i in range(1, 8))
+
+
+def test_without_augment_the_paired_discriminators_see_the_tensors_themselves():
+    """augment: none (the default) keeps the pipeline's numbers: nothing is resampled."""
+    for name in ("lapgan", "pix2pix", "cyclegan"):
+        trainer, _ = make_ada(name, "none")
+        assert trainer.model.augment is None
+        x = images(n=4, c=3, side=16)
+        one, two = trainer.model.augmented_pair(x, -x)
+        assert one is x and torch.equal(two, -x)

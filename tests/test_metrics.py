@@ -241,7 +241,7 @@ def test_evaluation_with_inception_features_logs_their_hash(digits, inception_we
     save_checkpoint(tmp_path / "m.pt", "cvae", mcfg, DataInfo(16, 1, 10), trainer.state_dict())
     path, _ = inception_weights
     ev = EvalConfig(num_samples=24, metrics=("fid", "kid", "inception_score"),
-                    inception_weights=str(path))  # fmt: skip
+                    inception_weights=str(path), min_images=2)  # fmt: skip
     r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", digits, ev)
     assert r["extractor"]["kind"] == "inception-v3"
     assert r["extractor"]["sha256"] == sha256_file(path)
@@ -348,3 +348,107 @@ def test_classifier_evaluation_and_kid_probe_stream_the_same_numbers(digits, tmp
     numbers = lambda r: {k: v for k, v in r.items() if isinstance(v, float)}  # noqa: E731
     assert numbers(em) == numbers(es) and em["fid"] > 0
     assert torch.equal(km, ks)
+
+
+def test_too_few_images_make_distribution_metrics_unavailable_not_numbers(toy_dataset, tmp_path):
+    """A 30-image dataset (3 test images): FID, KID, precision/recall and IS are withheld with
+    the reason and the counts, the rest is computed; a warning names the dataset."""
+    from gm.config import from_dict
+    from gm.metrics.evaluate import evaluate_checkpoint, render_results, unavailable_warning
+    from gm.registry import families
+    from gm.train.checkpoint import save_checkpoint
+    from gm.train.loop import Trainer
+    from gm.train.protocol import DataInfo
+
+    cfg = ClassifierConfig(width=4, features=8, steps=5, batch_size=8)
+    net, report = train_classifier(toy_dataset, 16, cfg, progress=False)
+    save_classifier(tmp_path / "c.pt", net, cfg, report)
+    fam = families()["cgan"]
+    mcfg = from_dict(fam.config, {"z_dim": 8, "ngf": 8, "ndf": 8, "embed_dim": 4}, "cgan")
+    info = DataInfo(16, 3, 3)
+    save_checkpoint(
+        tmp_path / "m.pt", "cgan", mcfg, info, Trainer(fam.build(mcfg, info)).state_dict()
+    )
+    r = evaluate_checkpoint(
+        tmp_path / "m.pt", tmp_path / "c.pt", toy_dataset, EvalConfig(num_samples=20)
+    )
+    assert set(r["unavailable"]) == {"fid", "kid", "precision_recall", "inception_score"}
+    assert not {"fid", "fid_baseline", "kid", "precision", "recall", "inception_score"} & set(r)
+    assert 0 <= r["conditional_accuracy"] <= 1  # needs no distribution: still computed
+    why = r["unavailable"]["fid"]
+    assert (
+        why.startswith("needs >= 50 images per set; 'ds' gave ")
+        and f"{r['num_real']} real test" in why
+    )
+    r["dataset"] = "toy"
+    warning = unavailable_warning(r)
+    assert warning.startswith(
+        "warning: toy: fid, kid, precision_recall, inception_score not computed"
+    )
+    assert "no champion alias moves" in warning
+    table = render_results(r)
+    assert any(line.split()[:2] == ["fid", "unavailable"] for line in table.splitlines())
+    # with enough images every metric is a number, and no "unavailable" key is written
+    r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", toy_dataset,
+                            EvalConfig(num_samples=20, min_images=2))  # fmt: skip
+    assert "unavailable" not in r and r["fid"] >= 0 and unavailable_warning(r) is None
+
+
+def test_the_summary_leaves_withheld_metrics_unranked_with_the_reason():
+    from pipelines.summary import rank, table
+
+    ex = {"sha256": "a" * 64, "path": "c.pt", "resize": "none"}
+    base = {"dataset": "toy", "family": "dcgan", "step": 5, "extractor": ex}
+    evals = rank([
+        base | {"name": "b", "fid": 30.0, "fid_baseline": 3.0},
+        base | {"name": "tiny", "conditional_accuracy": 0.5,
+                "unavailable": {"fid": "needs >= 50 images per set; 'toy' gave 3 real test",
+                                "precision_recall": "needs >= 50 images per set"}},
+        base | {"name": "a", "fid": 20.0, "fid_baseline": 3.0},
+    ])  # fmt: skip
+    assert [(e["name"], e.get("rank")) for e in evals] == [("a", 1), ("b", 2), ("tiny", None)]
+    text = table(evals)
+    row = next(line for line in text.splitlines() if "| tiny |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "–" and cells[5] == "n/a¹" and cells[7:9] == ["n/a¹", "n/a¹"]
+    assert "¹ Not computed" in text and "tiny: fid, precision_recall (needs >= 50" in text
+
+
+def test_bootstrap_intervals_cover_the_value_and_narrow_with_more_images():
+    from gm.metrics.quality import bootstrap_interval, fid, precision_recall, wilson
+
+    g = torch.Generator().manual_seed(0)
+    width = []
+    for n in (60, 480):
+        real, fake = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g) + 0.3
+        ((lo, hi),) = bootstrap_interval(fid, real, fake, 60, seed=1)
+        assert lo < fid(real, fake) < hi
+        width.append(hi - lo)
+        assert bootstrap_interval(fid, real, fake, 60, seed=1) == [(lo, hi)]  # seeded
+    assert width[1] < 0.6 * width[0]  # about 1/sqrt(8) of it: 8x the images
+    (p_lo, p_hi), (r_lo, r_hi) = bootstrap_interval(precision_recall, real, fake, 30)
+    p, r = precision_recall(real, fake)
+    assert p_lo <= p <= p_hi and r_lo <= r <= r_hi
+    lo, hi = wilson(0, 20)
+    assert lo == pytest.approx(0.0, abs=1e-12) and 0.1 < hi < 0.2
+    lo, hi = wilson(10, 20)
+    assert lo == pytest.approx(1 - hi) and hi - lo < wilson(5, 10)[1] - wilson(5, 10)[0]
+
+
+def test_the_summary_ties_models_whose_fid_intervals_overlap():
+    from pipelines.summary import rank, table
+
+    ex = {"sha256": "a" * 64, "path": "c.pt", "resize": "none"}
+    base = {"dataset": "d", "family": "dcgan", "step": 5, "extractor": ex, "fid_baseline": 3.0}
+    evals = rank([
+        base | {"name": "a", "fid": 20.0, "fid_ci_low": 18.0, "fid_ci_high": 23.0},
+        base | {"name": "b", "fid": 22.0, "fid_ci_low": 19.0, "fid_ci_high": 26.0},  # overlaps a
+        base | {"name": "c", "fid": 30.0, "fid_ci_low": 27.0, "fid_ci_high": 33.0},
+        base | {"name": "e", "fid": 31.0, "fid_ci_low": 28.0, "fid_ci_high": 34.0},  # overlaps c
+        base | {"name": "f", "fid": 50.0, "fid_ci_low": 45.0, "fid_ci_high": 55.0},
+    ])  # fmt: skip
+    assert [e["rank"] for e in evals] == [1, 1, 3, 3, 5]
+    rows = {line.split("|")[3].strip(): line.split("|")[2].strip()
+            for line in table(evals).splitlines() if line.startswith("| d |")}  # fmt: skip
+    assert rows == {"a": "1=", "b": "1=", "c": "3=", "e": "3=", "f": "5"}
+    assert "20 [18, 23] (real 3)" in table(evals) and "share a rank" in table(evals)

@@ -258,3 +258,61 @@ def test_training_outlives_an_mlflow_server_that_goes_away_and_flushes_when_it_r
         assert [x.value for x in client.get_metric_history(r.info.run_id, "start_step")] == [0]
     finally:
         stop_process_group(server[0])
+
+
+def test_with_ray_gives_every_stage_of_a_command_one_ray_sized_for_its_params(tmp_path):
+    # `make repro` runs `gm with-ray -- dvc repro`: each stage attaches to one local Ray
+    # instead of starting its own; it has the CPUs the params' biggest job asks for, the
+    # command's exit status comes back, and the Ray is gone afterwards.
+    import os
+    import socket
+
+    import yaml
+
+    from .conftest import BIN
+
+    params = {"datasets": {"toy": {"top_resolution": 16}},
+              "train": {"big": {"family": "dcgan", "dataset": "toy",
+                                "run": {"num_workers": 3, "cpus_per_worker": 2}}}}  # fmt: skip
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "stage.py").write_text(
+        "import json, os, sys\n"
+        "from gm.cluster import init_ray\n"
+        "init_ray()\n"
+        "import ray\n"
+        "ctx = ray.get_runtime_context()\n"
+        "print(json.dumps({'env': os.environ['RAY_ADDRESS'], 'gcs': ctx.gcs_address,\n"
+        "                  'cpus': ray.cluster_resources()['CPU'],\n"
+        "                  'local': os.environ.get('GM_RAY_LOCAL')}))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    script = f"{BIN / 'python'} stage.py > a.json && {BIN / 'python'} stage.py > b.json; exit 3"
+    r = subprocess.run([BIN / "gm", "with-ray", "--", "sh", "-c", script], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 3, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a == b and a["gcs"] == a["env"], (a, b)  # both stages on the same Ray
+    assert a["local"] == "1"  # marked this machine's own (gm.data.prepare stays in-process)
+    assert a["cpus"] == max(os.cpu_count() or 1, 6)
+    host, port = a["gcs"].rsplit(":", 1)
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=5):
+        pass  # its GCS stopped with the command
+
+
+def test_with_ray_leaves_a_command_on_the_cluster_ray_address_names(tmp_path):
+    import os
+
+    from .conftest import BIN
+
+    env = os.environ | {"RAY_ADDRESS": "10.0.0.7:6379"}
+    cmd = [BIN / "gm", "with-ray", "--", "sh", "-c", "echo $RAY_ADDRESS"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "10.0.0.7:6379", r.stderr[-2000:]
+    assert "Started a local Ray" not in r.stderr
+    r = subprocess.run([BIN / "gm", "with-ray", "--", "no-such-command-here"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: with-ray: cannot run 'no-such-command-here' (No such file or directory)"
+    )

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import gm
+from gm.cluster import LOCAL_RAY_ENV
 from gm.config import to_dict
 from gm.data.archives import IMAGE_SUFFIXES, RawItem, read_members, scan_archives
 from gm.data.config import DatasetConfig
@@ -317,14 +318,17 @@ def _ray_batches(items: list[RawItem], cfg: DatasetConfig, workers: int) -> Iter
 
 
 def resolve_workers(workers: int | None, n_items: int) -> int:
-    """``None`` (auto): Ray Data with one task per CPU of the cluster when ``RAY_ADDRESS`` is
-    set or there are at least :data:`RAY_MIN_ITEMS` inputs, else 0 (this process). A number:
-    0 = this process, n >= 1 = Ray Data with at most n tasks at a time."""
+    """``None`` (auto): Ray Data with one task per CPU of the cluster when ``RAY_ADDRESS`` names
+    a cluster or there are at least :data:`RAY_MIN_ITEMS` inputs, else 0 (this process). The
+    one local Ray of ``gm with-ray`` (``GM_RAY_LOCAL`` set) is this machine, not a cluster: a
+    small folder stays in this process there too, as it would without it. A number: 0 = this
+    process, n >= 1 = Ray Data with at most n tasks at a time."""
     if workers is not None:
         if workers < 0:
             raise DataError(f"workers={workers}: expected 0 (this process) or Ray tasks >= 1")
         return workers
-    if os.environ.get("RAY_ADDRESS") or n_items >= RAY_MIN_ITEMS:
+    cluster = os.environ.get("RAY_ADDRESS") and not os.environ.get(LOCAL_RAY_ENV)
+    if cluster or n_items >= RAY_MIN_ITEMS:
         import ray
 
         from gm.cluster import init_ray

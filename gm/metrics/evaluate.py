@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from gm.config import check
 from gm.metrics.classifier import ClassifierConfig
-from gm.metrics.quality import METRICS, EvalSets, get
+from gm.metrics.quality import METRICS, EvalSets, get, unavailable
 
 DEFAULT_METRICS = tuple(METRICS)
 
@@ -38,11 +38,20 @@ class EvalConfig:
     # (gm-<job>) and moves the `champion` alias to the version with the best value of this
     # metric (lower wins for fid, kid, bits_per_dim; higher for the others); '' = no registry.
     champion_metric: str = "fid"
+    # FID, KID, precision/recall and IS need this many images in every set (real test, real
+    # train subset, generated), else they are reported unavailable (gm.metrics.quality)
+    min_images: int = 50
+    # bootstrap resamples for 95 % intervals of FID, precision and recall (conditional
+    # accuracy: Wilson; KID: its subsets' spread); the summary ranks and the champion alias
+    # moves only where intervals separate. 0: no intervals
+    bootstrap: int = 200
 
     def __post_init__(self):
         r = self.max_resolution
         check(r >= 4 and r & (r - 1) == 0, "max_resolution", f"{r} is not a power of two >= 4")
         check(self.num_samples >= 10, "num_samples", "must be >= 10")
+        check(self.min_images >= 2, "min_images", "must be >= 2 (k-NN and covariances need 2)")
+        check(self.bootstrap == 0 or self.bootstrap >= 20, "bootstrap", "must be 0 or >= 20")
         for name in self.metrics:
             get(name)  # an unknown name lists the known ones
         known = ("fid", "kid", "bits_per_dim", "precision", "recall", "conditional_accuracy",
@@ -199,10 +208,17 @@ def evaluate_checkpoint(
         bpd,
         label_logits=label_logits,
         ood_energies=ood,
+        bootstrap=cfg.bootstrap,
+        seed=cfg.seed,
     )
+    counts = {"real test": len(test), "real train": n, "generated": len(fake_x)}
+    missing = unavailable(cfg.metrics, counts, Path(dataset_dir).name, cfg.min_images)
     results: dict[str, Any] = {}
     for name in cfg.metrics:
-        results |= get(name)(sets)
+        if name not in missing:
+            results |= get(name)(sets)
+    if missing:  # only then: the default pipeline's metrics files keep their keys
+        results["unavailable"] = missing
     results |= {
         "num_samples": n,
         "num_real": len(test),
@@ -212,6 +228,17 @@ def evaluate_checkpoint(
         "extractor": {**extractor, "resize": resize},
     }
     return results
+
+
+def unavailable_warning(results: dict[str, Any]) -> str | None:
+    """The warning ``evaluate`` prints when metrics were withheld for too few images: the
+    dataset, the metrics and the counts; None when every metric was computed."""
+    missing = results.get("unavailable") or {}
+    if not missing:
+        return None
+    reason = next(iter(missing.values()))
+    return (f"warning: {results.get('dataset', '?')}: {', '.join(missing)} not computed "
+            f"({reason}); no champion alias moves on them")  # fmt: skip
 
 
 def log_to_mlflow(root, results: dict[str, Any]) -> None:
@@ -239,7 +266,9 @@ def log_to_mlflow(root, results: dict[str, Any]) -> None:
         RunTag("eval.extractor", ex["kind"]),
         RunTag("eval.extractor_sha256", ex["sha256"]),
         RunTag("eval.resize", ex["resize"]),
-    ]
+        *(RunTag(f"eval.{k}", f"unavailable: {why}")
+          for k, why in (results.get("unavailable") or {}).items()),
+    ]  # fmt: skip
     client.log_batch(run_id, metrics=metrics, tags=tags)
 
 
@@ -326,9 +355,12 @@ def render_results(results: dict[str, Any]) -> str:
         if isinstance(v, float) and not k.endswith("_baseline"):
             base = results.get(f"{k}_baseline")
             rows.append((k, f"{v:.4g}", f"{base:.4g}" if isinstance(base, float) else "-"))
+    for k in results.get("unavailable") or {}:
+        rows.append((k, "unavailable", "-"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip() for r in rows]
     ex = results["extractor"]
     lines.append(f"({results['num_samples']} samples, {results['num_real']} real test images; "
                  f"features: {ex['kind']}, resize {ex['resize']})")  # fmt: skip
+    lines += [f"{k} unavailable: {why}" for k, why in (results.get("unavailable") or {}).items()]
     return "\n".join(lines)

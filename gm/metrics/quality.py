@@ -159,6 +159,23 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, border: int = 0, y_channel: b
     return float(structural_similarity_index_measure(pred.float(), target.float(), data_range=2.0))
 
 
+# Metrics of two image distributions: reported only when every set (real test split, real train
+# subset, generated samples) has at least ``evaluate.min_images`` images (default 50). Below
+# that, FID's and KID's bias and spread and precision/recall's k-NN manifolds swamp the
+# differences between models (docs/evaluation.md): the metric is unavailable, with the reason.
+DISTRIBUTION_METRICS = ("fid", "kid", "precision_recall", "inception_score")
+
+
+def unavailable(metrics, counts: dict[str, int], dataset: str, minimum: int) -> dict[str, str]:
+    """{metric: reason} for each of ``metrics`` (:data:`DISTRIBUTION_METRICS`) that ``counts``
+    (images per set, by set name) cannot support: a set under ``minimum``. Empty otherwise."""
+    if min(counts.values(), default=0) >= minimum:
+        return {}
+    have = ", ".join(f"{v} {k}" for k, v in counts.items())
+    why = f"needs >= {minimum} images per set; {dataset!r} gave {have}"
+    return {name: why for name in metrics if name in DISTRIBUTION_METRICS}
+
+
 @dataclass
 class EvalSets:
     """What the metrics read. Features: (N, F); logits: (N, K)."""
@@ -179,30 +196,78 @@ class EvalSets:
     paired_y_channel: bool = False  # on luma (SR convention) instead of all channels
     # Energy-based models: energies (N,) of the test split and of out-of-distribution sets
     ood_energies: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    bootstrap: int = 0  # resamples for the 95 % intervals of FID, precision, recall (0: none)
+    seed: int = 0
+
+
+def bootstrap_interval(
+    fn, real: torch.Tensor, fake: torch.Tensor, resamples: int, seed: int = 0, level: float = 0.95
+) -> list[tuple[float, float]]:
+    """Percentile bootstrap interval (Efron & Tibshirani 1993) of each value ``fn(real, fake)``
+    returns (a float or a tuple of floats): both feature sets (N, F) are resampled with
+    replacement ``resamples`` times (seeded) and the central ``level`` share of the values is
+    kept. The sampling uncertainty of a metric at this sample count, not the training
+    seed's. Returns [(low, high)] per value."""
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(resamples):
+        i = torch.randint(len(real), (len(real),), generator=g)
+        j = torch.randint(len(fake), (len(fake),), generator=g)
+        v = fn(real[i], fake[j])
+        values.append(v if isinstance(v, tuple) else (v,))
+    table = torch.tensor(values, dtype=torch.float64)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return [tuple(float(x) for x in torch.quantile(col, q)) for col in table.T]
+
+
+def _ci(out: dict[str, float], name: str, interval: tuple[float, float]) -> None:
+    out[f"{name}_ci_low"], out[f"{name}_ci_high"] = interval
 
 
 def _fid(s: EvalSets) -> dict[str, float]:
-    return {"fid": fid(s.real, s.fake), "fid_baseline": fid(s.real, s.baseline)}
+    out = {"fid": fid(s.real, s.fake), "fid_baseline": fid(s.real, s.baseline)}
+    if s.bootstrap:
+        _ci(out, "fid", bootstrap_interval(fid, s.real, s.fake, s.bootstrap, s.seed)[0])
+    return out
 
 
 def _kid(s: EvalSets) -> dict[str, float]:
     mean, std = kid(s.real, s.fake)
     base, base_std = kid(s.real, s.baseline)
-    return {"kid": mean, "kid_std": std, "kid_baseline": base, "kid_baseline_std": base_std}
+    out = {"kid": mean, "kid_std": std, "kid_baseline": base, "kid_baseline_std": base_std}
+    if s.bootstrap:  # KID's own spread over subsets: mean ± 1.96 std
+        _ci(out, "kid", (mean - 1.96 * std, mean + 1.96 * std))
+    return out
 
 
 def _pr(s: EvalSets) -> dict[str, float]:
     p, r = precision_recall(s.real, s.fake)
     pb, rb = precision_recall(s.real, s.baseline)
-    return {"precision": p, "recall": r, "precision_baseline": pb, "recall_baseline": rb}
+    out = {"precision": p, "recall": r, "precision_baseline": pb, "recall_baseline": rb}
+    if s.bootstrap:
+        ci = bootstrap_interval(precision_recall, s.real, s.fake, s.bootstrap, s.seed)
+        _ci(out, "precision", ci[0])
+        _ci(out, "recall", ci[1])
+    return out
 
 
 def _cond(s: EvalSets) -> dict[str, float]:
     if s.fake_labels is None:
         return {}
     logits = s.fake_logits if s.label_logits is None else s.label_logits
-    acc = (logits.argmax(1) == s.fake_labels).float().mean()
-    return {"conditional_accuracy": float(acc)}
+    hits = (logits.argmax(1) == s.fake_labels).float()
+    out = {"conditional_accuracy": float(hits.mean())}
+    if s.bootstrap:  # a share of n samples: the Wilson score interval (95 %)
+        _ci(out, "conditional_accuracy", wilson(float(hits.sum()), len(hits)))
+    return out
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) of a binomial proportion: ``successes`` of ``n``."""
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
 
 
 def _is(s: EvalSets) -> dict[str, float]:

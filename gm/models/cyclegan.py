@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
 from gm.models.dcgan import dcgan_init
 from gm.models.paired import Clamped, ImagePool, PairedGAN, PatchGAN
@@ -105,7 +106,7 @@ class DiscriminatorPair(nn.Module):
 
 
 @dataclass(frozen=True)
-class CycleGANConfig:
+class CycleGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     ngf: int = 64
     ndf: int = 64
     blocks: int = 0  # residual blocks per generator; 0 = the paper's: 6 below 256², 9 from it
@@ -125,6 +126,7 @@ class CycleGANConfig:
         check(self.lambda_identity >= 0, "lambda_identity", "must be >= 0")
         check(self.pool_size >= 0, "pool_size", "must be >= 0")
         check(0 <= self.decay_start <= 1, "decay_start", "must be in [0, 1]")
+        check_augment(self)
 
 
 def lsgan(pred: torch.Tensor, real: bool) -> torch.Tensor:
@@ -145,6 +147,9 @@ class CycleGAN(PairedGAN):
         shape = (info.channels, info.resolution, info.resolution)
         self.pool_a, self.pool_b = ImagePool(cfg.pool_size, shape), ImagePool(cfg.pool_size, shape)
         self._fakes: tuple | None = None  # this step's (inputs, fake_a, fake_b) for D
+        # What D_A and D_B see; one ADA p for both. LSGAN's D aims at 1 (real) and 0 (fake),
+        # so ADA's r_t is taken of sign(D(real) − ½), the sign heuristic's midpoint.
+        self.augment = build_augment(cfg)
 
     def pair_source(self) -> PairSource:
         return PairSource("aligned.parquet", "a", "b", unpaired_file="unpaired.parquet")
@@ -163,7 +168,7 @@ class CycleGAN(PairedGAN):
         cfg = self.cfg
         if phase == "G":
             out = nets["G"](a, b, identity=cfg.lambda_identity > 0)
-            pred_a, pred_b = nets["D"](out["fake_a"], out["fake_b"])
+            pred_a, pred_b = nets["D"](self.augmented(out["fake_a"]), self.augmented(out["fake_b"]))
             adversarial = lsgan(pred_b, True) + lsgan(pred_a, True)
             cycle = F.l1_loss(out["rec_a"], a) + F.l1_loss(out["rec_b"], b)
             loss = adversarial + cfg.lambda_cycle * cycle
@@ -182,10 +187,14 @@ class CycleGAN(PairedGAN):
         self._fakes = None
         fake_a, fake_b = self.pool_a.query(fake_a), self.pool_b.query(fake_b)
         n_a, n_b = len(a), len(b)
-        pred_a, pred_b = nets["D"](torch.cat([a, fake_a]), torch.cat([b, fake_b]))
+        seen_a = self.augmented(torch.cat([a, fake_a]))
+        seen_b = self.augmented(torch.cat([b, fake_b]))
+        pred_a, pred_b = nets["D"](seen_a, seen_b)
         loss_a = 0.5 * (lsgan(pred_a[:n_a], True) + lsgan(pred_a[n_a:], False))
         loss_b = 0.5 * (lsgan(pred_b[:n_b], True) + lsgan(pred_b[n_b:], False))
-        return loss_a + loss_b, {"D_A": loss_a.item(), "D_B": loss_b.item()}
+        extra = {"D_A": loss_a.item(), "D_B": loss_b.item()}
+        self.observe_real(torch.cat([pred_a[:n_a].flatten(), pred_b[:n_b].flatten()]) - 0.5, extra)
+        return loss_a + loss_b, extra
 
     def translators(self, nets=None) -> dict[str, nn.Module]:
         G = (nets or {}).get("G", self.G)

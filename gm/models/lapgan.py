@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
@@ -103,7 +104,7 @@ class ResidualD(nn.Module):
 
 
 @dataclass(frozen=True)
-class LAPGANConfig:
+class LAPGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     levels: int = 3  # pyramid levels: e.g. 32 → 16 → 8 (the paper's CIFAR-10 model)
     z_dim: int = 100  # noise of the coarsest level
     coarse_hidden: int = 600  # width of the coarsest MLPs
@@ -114,6 +115,7 @@ class LAPGANConfig:
     def __post_init__(self):
         for name in ("levels", "z_dim", "coarse_hidden", "width"):
             check(getattr(self, name) >= 1, name, "must be >= 1")
+        check_augment(self)
 
 
 class LAPGAN(GenerativeModel):
@@ -134,6 +136,10 @@ class LAPGAN(GenerativeModel):
             nets[f"G{r}"] = ResidualG(c, cfg.width)
             nets[f"D{r}"] = ResidualD(c, cfg.width)
         self.nets = nn.ModuleDict(nets)
+        # One pipeline (one ADA p, steered by every level's D) for what each D sees: the
+        # coarsest images, and at finer levels the image and its low-pass band transformed
+        # together, the residual taken after (so a colour shift moves no residual).
+        self.augment = build_augment(cfg)
 
     def trainable(self) -> dict[str, nn.Module]:
         return dict(self.nets.items())
@@ -165,13 +171,21 @@ class LAPGAN(GenerativeModel):
         def fake_of():
             return G(z) if low is None else G(z, low)
 
+        def judge(h):  # D of a residual h (or a coarsest image), through the augmentation
+            if low is None or self.augment is None:
+                return D(self.augmented(h), low)
+            image, band = self.augmented_pair(low + h, low)
+            return D(image - band, band)
+
         if kind == "D":
             with torch.no_grad():
                 fake = fake_of()
-            d_real, d_fake = D(real, low), D(fake, low)
+            d_real, d_fake = judge(real), judge(fake)
             loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-            return loss, {"D_real": d_real.mean().item(), "D_fake": d_fake.mean().item()}
-        return F.softplus(-D(fake_of(), low)).mean(), {}
+            extra = {"D_real": d_real.mean().item(), "D_fake": d_fake.mean().item()}
+            self.observe_real(d_real, extra)
+            return loss, extra
+        return F.softplus(-judge(fake_of())).mean(), {}
 
     def latent_shape(self):
         return (self.cfg.z_dim + sum(r * r for r in self.res[:-1]),)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
 from gm.models.dcgan import dcgan_init
 from gm.models.paired import PairedGAN, PatchGAN
@@ -71,7 +72,7 @@ class UNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class Pix2PixConfig:
+class Pix2PixConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     ngf: int = 64  # U-Net's first layer
     ndf: int = 64  # PatchGAN's first layer
     depth: int = 0  # U-Net stride-2 layers; 0 = log2(resolution), down to 1×1 as the paper
@@ -87,6 +88,7 @@ class Pix2PixConfig:
         check(self.depth >= 0, "depth", "must be >= 0 (0: down to 1x1)")
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         check(self.lambda_l1 >= 0, "lambda_l1", "must be >= 0")
+        check_augment(self)
 
 
 class Pix2Pix(PairedGAN):
@@ -100,6 +102,8 @@ class Pix2Pix(PairedGAN):
         self.G = UNet(c, c, depth, cfg.ngf, cfg.dropout)
         self.D = PatchGAN(2 * c, cfg.ndf, cfg.d_layers, norm="batch")
         dcgan_init(self)  # the paper's N(0, 0.02), inherited from DCGAN
+        # the conditional PatchGAN sees (input, output) pairs: both get the same transform
+        self.augment = build_augment(cfg)
 
     def pair_source(self) -> PairSource:
         return PairSource("aligned.parquet", "a", "b")
@@ -112,13 +116,15 @@ class Pix2Pix(PairedGAN):
         if phase == "D":
             with torch.no_grad():
                 fake = nets["G"](a)
-            real_logit = nets["D"](torch.cat([a, b], 1))
-            fake_logit = nets["D"](torch.cat([a, fake], 1))
+            real_logit = nets["D"](torch.cat(self.augmented_pair(a, b), 1))
+            fake_logit = nets["D"](torch.cat(self.augmented_pair(a, fake), 1))
             loss = 0.5 * (F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean())
-            return loss, {"D_real": real_logit.mean().item(), "D_fake": fake_logit.mean().item()}
+            extra = {"D_real": real_logit.mean().item(), "D_fake": fake_logit.mean().item()}
+            self.observe_real(real_logit, extra)
+            return loss, extra
         fake = nets["G"](a)
-        adversarial = F.softplus(-nets["D"](torch.cat([a, fake], 1))).mean()
-        l1 = F.l1_loss(fake, b)
+        adversarial = F.softplus(-nets["D"](torch.cat(self.augmented_pair(a, fake), 1))).mean()
+        l1 = F.l1_loss(fake, b)  # on the images themselves, never augmented
         return adversarial + self.cfg.lambda_l1 * l1, {
             "l1": l1.item(),
             "adversarial": adversarial.item(),

@@ -117,6 +117,18 @@ class GenerativeModel(nn.Module):
         augment = getattr(self, "augment", None)
         return x if augment is None else augment(x)
 
+    def augmented_pair(self, x: torch.Tensor, y: torch.Tensor):
+        """``(x', y')``: one random transform of the ``model.augment`` pipeline applied to both
+        (B, C, H, W) tensors, image by image (the same flip, shift, colour and cutout), for a
+        discriminator that judges two aligned images together: pix2pix's (input, output),
+        LAPGAN's (image, its low-pass band). ``(x, y)`` without augmentation."""
+        augment = getattr(self, "augment", None)
+        if augment is None:
+            return x, y
+        from gm.augment import same_draws
+
+        return same_draws(augment, x, y)
+
     def observe_real(self, d_real: torch.Tensor, extra: dict[str, float]) -> None:
         """ADA's statistic from D's logits of the real images of a step; adds ``ada_p`` and
         ``ada_r_t`` to the phase's ``extra`` metrics."""
