@@ -99,7 +99,7 @@ ADVERSARIAL = ["dcgan", "cgan", "progan", "stylegan", "lapgan", "srgan", "pix2pi
 def ada_p(metrics: dict) -> tuple[float, bool]:
     """The last ADA p a step logged (LAPGAN logs it under each level's D phase: D4/ada_p ...)
     and whether r_t was logged beside it."""
-    keys = sorted(k for k in metrics if k.endswith("/ada_p"))
+    keys = [k for k in metrics if k.endswith("/ada_p")]  # in phase order: the last is newest
     assert keys, sorted(metrics)
     return metrics[keys[-1]], keys[-1].replace("ada_p", "ada_r_t") in metrics
 
@@ -108,7 +108,7 @@ def ada_p(metrics: dict) -> tuple[float, bool]:
 def test_ada_training_logs_p_and_a_checkpoint_resumes_with_the_same_p(name, tmp_path):
     # the tiny growing models change resolution every few steps: a lower target for them
     trainer, cfg = make_ada(name, target=0.6 if name in ("dcgan", "cgan") else 0.2)
-    for _ in range(12):  # one batch over and over: D overfits it, r_t > target, p rises
+    for _ in range(80):  # one batch over and over: D overfits it, r_t > target, p rises
         m = trainer.train_step(batch(seed=0, trainer=trainer))
         if ada_p(m)[0] > 0:
             break
@@ -149,9 +149,9 @@ def test_diffaugment_trains_every_phase(name):
     first = trainer.train_step(batch(seed=0, trainer=trainer))
     for i in range(7):
         last = trainer.train_step(batch(seed=i, trainer=trainer))
-    losses = {k for k in first if k.startswith("loss/")}
-    assert {k[5] for k in losses} == {"D", "G"}  # loss/D…, loss/G… (LAPGAN: one per level)
-    assert losses <= set(last) and not any(k.endswith("ada_p") for k in last)
+    for m in (first, last):  # loss/D…, loss/G… (LAPGAN: one per level; StyleGAN: + Dreg)
+        assert {k[5] for k in m if k.startswith("loss/")} == {"D", "G"}
+    assert not any(k.endswith("ada_p") for k in last)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 

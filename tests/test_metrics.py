@@ -130,7 +130,7 @@ def test_domain_classifier_learns_digits_and_round_trips(digits, tmp_path):
 
 def test_evaluation_of_a_checkpoint_sits_beside_its_baseline(digits, tmp_path):
     from gm.config import from_dict
-    from gm.metrics.evaluate import evaluate_checkpoint
+    from gm.metrics.evaluate import evaluate_checkpoint, unavailable_warning
     from gm.registry import families
     from gm.train.checkpoint import save_checkpoint
     from gm.train.loop import Trainer
@@ -148,6 +148,9 @@ def test_evaluation_of_a_checkpoint_sits_beside_its_baseline(digits, tmp_path):
     r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", digits, ev)
     # An untrained model is far from the data; real train images are close to real test ones.
     assert r["fid"] > 2 * r["fid_baseline"] and r["kid"] > r["kid_baseline"]
+    # enough images (171 test): every metric a number with its interval, nothing withheld
+    assert "unavailable" not in r and unavailable_warning(r) is None
+    assert r["fid_ci_low"] < r["fid"] < r["fid_ci_high"]
     assert r["precision"] < r["precision_baseline"]
     assert 0.0 <= r["conditional_accuracy"] <= 0.5  # about chance for an untrained model
     assert r["bits_per_dim"] > 0 and r["num_samples"] == 200
@@ -388,10 +391,6 @@ def test_too_few_images_make_distribution_metrics_unavailable_not_numbers(toy_da
     assert "no champion alias moves" in warning
     table = render_results(r)
     assert any(line.split()[:2] == ["fid", "unavailable"] for line in table.splitlines())
-    # with enough images every metric is a number, and no "unavailable" key is written
-    r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", toy_dataset,
-                            EvalConfig(num_samples=20, min_images=2))  # fmt: skip
-    assert "unavailable" not in r and r["fid"] >= 0 and unavailable_warning(r) is None
 
 
 def test_the_summary_leaves_withheld_metrics_unranked_with_the_reason():
@@ -414,21 +413,30 @@ def test_the_summary_leaves_withheld_metrics_unranked_with_the_reason():
     assert "¹ Not computed" in text and "tiny: fid, precision_recall (needs >= 50" in text
 
 
-def test_bootstrap_intervals_cover_the_value_and_narrow_with_more_images():
+def test_bootstrap_intervals_match_the_spread_of_fresh_draws_and_narrow_with_more_images():
+    """The interval's width is calibrated: FID of 30 independent draws of both sets spreads
+    about as much as the bootstrap of one draw says (half-width / 1.96 vs their standard
+    deviation), and 8x the images narrow it."""
+    import statistics
+
     from gm.metrics.quality import bootstrap_interval, fid, precision_recall, wilson
 
     g = torch.Generator().manual_seed(0)
-    width = []
-    for n in (60, 480):
-        real, fake = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g) + 0.3
-        ((lo, hi),) = bootstrap_interval(fid, real, fake, 60, seed=1)
-        assert lo < fid(real, fake) < hi
-        width.append(hi - lo)
-        assert bootstrap_interval(fid, real, fake, 60, seed=1) == [(lo, hi)]  # seeded
-    assert width[1] < 0.6 * width[0]  # about 1/sqrt(8) of it: 8x the images
+
+    def draw(n):
+        return torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g) + 0.3
+
+    spread = statistics.stdev(fid(*draw(200)) for _ in range(30))
+    real, fake = draw(200)
+    ((lo, hi),) = bootstrap_interval(fid, real, fake, 100, seed=1)
+    assert lo < fid(real, fake) < hi
+    assert 0.5 < (hi - lo) / 3.92 / spread < 2.0
+    assert bootstrap_interval(fid, real, fake, 100, seed=1) == [(lo, hi)]  # seeded
+    ((lo8, hi8),) = bootstrap_interval(fid, *draw(1600), 100, seed=1)
+    assert hi8 - lo8 < 0.6 * (hi - lo)  # about 1/sqrt(8) of it
     (p_lo, p_hi), (r_lo, r_hi) = bootstrap_interval(precision_recall, real, fake, 30)
     p, r = precision_recall(real, fake)
-    assert p_lo <= p <= p_hi and r_lo <= r <= r_hi
+    assert p_lo < p < p_hi and r_lo < r < r_hi
     lo, hi = wilson(0, 20)
     assert lo == pytest.approx(0.0, abs=1e-12) and 0.1 < hi < 0.2
     lo, hi = wilson(10, 20)

@@ -203,11 +203,14 @@ class EvalSets:
 def bootstrap_interval(
     fn, real: torch.Tensor, fake: torch.Tensor, resamples: int, seed: int = 0, level: float = 0.95
 ) -> list[tuple[float, float]]:
-    """Percentile bootstrap interval (Efron & Tibshirani 1993) of each value ``fn(real, fake)``
-    returns (a float or a tuple of floats): both feature sets (N, F) are resampled with
-    replacement ``resamples`` times (seeded) and the central ``level`` share of the values is
-    kept. The sampling uncertainty of a metric at this sample count, not the training
-    seed's. Returns [(low, high)] per value."""
+    """Bootstrap interval (Efron & Tibshirani 1993) of each value ``fn(real, fake)`` returns
+    (a float or a tuple of floats): both feature sets (N, F) are resampled with replacement
+    ``resamples`` times (seeded); the central ``level`` share of the resampled values gives
+    the spread below and above their median, laid around the value itself. (Resampling with
+    replacement repeats images, which raises FID and shrinks k-NN radii: the raw percentiles
+    sit off the value, often wholly above it for FID; their spread does not.) The sampling
+    uncertainty of a metric at this sample count, not the training seed's. Returns
+    [(low, high)] per value."""
     g = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(resamples):
@@ -215,9 +218,15 @@ def bootstrap_interval(
         j = torch.randint(len(fake), (len(fake),), generator=g)
         v = fn(real[i], fake[j])
         values.append(v if isinstance(v, tuple) else (v,))
+    point = fn(real, fake)
+    point = point if isinstance(point, tuple) else (point,)
     table = torch.tensor(values, dtype=torch.float64)
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    return [tuple(float(x) for x in torch.quantile(col, q)) for col in table.T]
+    q = torch.tensor([(1 - level) / 2, 0.5, (1 + level) / 2], dtype=torch.float64)
+    out = []
+    for v, col in zip(point, table.T, strict=True):
+        lo, mid, hi = (float(x) for x in torch.quantile(col, q))
+        out.append((v - (mid - lo), v + (hi - mid)))
+    return out
 
 
 def _ci(out: dict[str, float], name: str, interval: tuple[float, float]) -> None:
