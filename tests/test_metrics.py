@@ -437,6 +437,12 @@ def test_bootstrap_intervals_match_the_spread_of_fresh_draws_and_narrow_with_mor
     (p_lo, p_hi), (r_lo, r_hi) = bootstrap_interval(precision_recall, real, fake, 30)
     p, r = precision_recall(real, fake)
     assert p_lo < p < p_hi and r_lo < r < r_hi
+    from gm.metrics.quality import EvalSets, get
+
+    sets = EvalSets(real, real.clone(), real.clone(), torch.zeros(200, 2), None,
+                    torch.zeros(200, 2), bootstrap=30)  # fmt: skip
+    pr = get("precision_recall")(sets)  # a perfect copy: precision 1, its interval within [0, 1]
+    assert pr["precision"] == 1.0 and 0 <= pr["precision_ci_low"] <= pr["precision_ci_high"] <= 1
     lo, hi = wilson(0, 20)
     assert lo == pytest.approx(0.0, abs=1e-12) and 0.1 < hi < 0.2
     lo, hi = wilson(10, 20)

@@ -255,8 +255,8 @@ def _pr(s: EvalSets) -> dict[str, float]:
     out = {"precision": p, "recall": r, "precision_baseline": pb, "recall_baseline": rb}
     if s.bootstrap:
         ci = bootstrap_interval(precision_recall, s.real, s.fake, s.bootstrap, s.seed)
-        _ci(out, "precision", ci[0])
-        _ci(out, "recall", ci[1])
+        for name, (lo, hi) in zip(("precision", "recall"), ci, strict=True):
+            _ci(out, name, (max(lo, 0.0), min(hi, 1.0)))  # shares: within [0, 1]
     return out
 
 
