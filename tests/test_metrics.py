@@ -428,14 +428,15 @@ def test_bootstrap_intervals_match_the_spread_of_fresh_draws_and_narrow_with_mor
 
     spread = statistics.stdev(fid(*draw(200)) for _ in range(30))
     real, fake = draw(200)
-    ((lo, hi),) = bootstrap_interval(fid, real, fake, 100, seed=1)
+    ((lo, hi),) = bootstrap_interval(fid, real, fake, fid(real, fake), 100, seed=1)
     assert lo < fid(real, fake) < hi
     assert 0.5 < (hi - lo) / 3.92 / spread < 2.0
-    assert bootstrap_interval(fid, real, fake, 100, seed=1) == [(lo, hi)]  # seeded
-    ((lo8, hi8),) = bootstrap_interval(fid, *draw(1600), 100, seed=1)
+    assert bootstrap_interval(fid, real, fake, fid(real, fake), 100, seed=1) == [(lo, hi)]
+    real8, fake8 = draw(1600)
+    ((lo8, hi8),) = bootstrap_interval(fid, real8, fake8, fid(real8, fake8), 100, seed=1)
     assert hi8 - lo8 < 0.6 * (hi - lo)  # about 1/sqrt(8) of it
-    (p_lo, p_hi), (r_lo, r_hi) = bootstrap_interval(precision_recall, real, fake, 30)
     p, r = precision_recall(real, fake)
+    (p_lo, p_hi), (r_lo, r_hi) = bootstrap_interval(precision_recall, real, fake, (p, r), 30)
     assert p_lo < p < p_hi and r_lo < r < r_hi
     from gm.metrics.quality import EvalSets, get
 

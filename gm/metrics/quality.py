@@ -201,16 +201,22 @@ class EvalSets:
 
 
 def bootstrap_interval(
-    fn, real: torch.Tensor, fake: torch.Tensor, resamples: int, seed: int = 0, level: float = 0.95
+    fn,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    value,
+    resamples: int,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> list[tuple[float, float]]:
-    """Bootstrap interval (Efron & Tibshirani 1993) of each value ``fn(real, fake)`` returns
-    (a float or a tuple of floats): both feature sets (N, F) are resampled with replacement
-    ``resamples`` times (seeded); the central ``level`` share of the resampled values gives
-    the spread below and above their median, laid around the value itself. (Resampling with
-    replacement repeats images, which raises FID and shrinks k-NN radii: the raw percentiles
-    sit off the value, often wholly above it for FID; their spread does not.) The sampling
-    uncertainty of a metric at this sample count, not the training seed's. Returns
-    [(low, high)] per value."""
+    """Bootstrap interval (Efron & Tibshirani 1993) of each ``value`` = ``fn(real, fake)``
+    (a float or a tuple of floats, computed by the caller): both feature sets (N, F) are
+    resampled with replacement ``resamples`` times (seeded); the central ``level`` share of
+    the resampled values gives the spread below and above their median, laid around the value
+    itself. (Resampling with replacement repeats images, which raises FID and shrinks k-NN
+    radii: the raw percentiles sit off the value, often wholly above it for FID; their spread
+    does not.) The sampling uncertainty of a metric at this sample count, not the training
+    seed's. Returns [(low, high)] per value."""
     g = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(resamples):
@@ -218,8 +224,7 @@ def bootstrap_interval(
         j = torch.randint(len(fake), (len(fake),), generator=g)
         v = fn(real[i], fake[j])
         values.append(v if isinstance(v, tuple) else (v,))
-    point = fn(real, fake)
-    point = point if isinstance(point, tuple) else (point,)
+    point = value if isinstance(value, tuple) else (value,)
     table = torch.tensor(values, dtype=torch.float64)
     q = torch.tensor([(1 - level) / 2, 0.5, (1 + level) / 2], dtype=torch.float64)
     out = []
@@ -236,7 +241,8 @@ def _ci(out: dict[str, float], name: str, interval: tuple[float, float]) -> None
 def _fid(s: EvalSets) -> dict[str, float]:
     out = {"fid": fid(s.real, s.fake), "fid_baseline": fid(s.real, s.baseline)}
     if s.bootstrap:
-        _ci(out, "fid", bootstrap_interval(fid, s.real, s.fake, s.bootstrap, s.seed)[0])
+        ci = bootstrap_interval(fid, s.real, s.fake, out["fid"], s.bootstrap, s.seed)
+        _ci(out, "fid", ci[0])
     return out
 
 
@@ -254,7 +260,7 @@ def _pr(s: EvalSets) -> dict[str, float]:
     pb, rb = precision_recall(s.real, s.baseline)
     out = {"precision": p, "recall": r, "precision_baseline": pb, "recall_baseline": rb}
     if s.bootstrap:
-        ci = bootstrap_interval(precision_recall, s.real, s.fake, s.bootstrap, s.seed)
+        ci = bootstrap_interval(precision_recall, s.real, s.fake, (p, r), s.bootstrap, s.seed)
         for name, (lo, hi) in zip(("precision", "recall"), ci, strict=True):
             _ci(out, name, (max(lo, 0.0), min(hi, 1.0)))  # shares: within [0, 1]
     return out
