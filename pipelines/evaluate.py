@@ -35,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     warning = unavailable_warning(results)
     if warning:
         print(warning, file=sys.stderr)
-    champ = None
-    if p.evaluate.champion_metric in results.get("unavailable", {}):
-        pass  # no number, no move (the warning said so)
-    elif p.evaluate.champion_metric:
+    champ = None  # a withheld metric is no key of results: register_champion moves nothing
+    if p.evaluate.champion_metric:
         champ = register_champion(repo_root(), args.name, results, p.evaluate.champion_metric)
     shown = ", ".join(
         f"{k} {results[k]:.4g} (real {results[k + '_baseline']:.4g})"
