@@ -94,6 +94,10 @@ def test_repository_params_are_valid():
             "train.gan.run.steps: must be >= 1",
         ),
         (
+            lambda d: d["train"]["gan"].update(run={"kid_samples": 4}),
+            "train.gan.run.kid_samples: must be >= 8",
+        ),
+        (
             lambda d: d["train"]["gan"].update(run={"batch_size": "64"}),
             "train.gan.run.batch_size: expected an integer",
         ),

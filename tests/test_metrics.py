@@ -351,7 +351,7 @@ def test_classifier_evaluation_and_kid_probe_stream_the_same_numbers(digits, tmp
     assert all(torch.equal(wm[k], ws[k]) for k in wm) and rm == rs
     numbers = lambda r: {k: v for k, v in r.items() if isinstance(v, float)}  # noqa: E731
     assert numbers(em) == numbers(es) and em["fid"] > 0
-    assert torch.equal(km, ks)
+    assert torch.equal(km, ks) and km.shape[0] == 64  # run.kid_samples: the probe's size
 
 
 def test_too_few_images_make_distribution_metrics_unavailable_not_numbers(toy_dataset, tmp_path):

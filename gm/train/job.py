@@ -120,7 +120,7 @@ def source_hash() -> str:
 # The params a continued run may change (the budget; run_key leaves them out of its identity).
 # A phase schedule's last phase runs until run.steps, so its description changes with it.
 BUDGET_PARAMS = ("run.steps", "run.max_failures", "run.init_from", "run.log_every", "run.data",
-                 "schedule.")  # fmt: skip
+                 "run.kid_samples", "schedule.")  # fmt: skip
 
 
 def run_key(
@@ -129,7 +129,7 @@ def run_key(
     """``files``: SHA-256 of the local files the job reads (VGG weights, ``run.init_from``):
     their content, not their path, is part of the identity."""
     run = to_dict(cfg.run)
-    for not_identity in ("steps", "max_failures", "init_from", "log_every", "data"):
+    for not_identity in ("steps", "max_failures", "init_from", "log_every", "data", "kid_samples"):
         run.pop(not_identity)
     ident = {
         "files": files,

@@ -61,6 +61,10 @@ class RunSettings:
     # dataset x-flip (Progressive GAN, StyleGAN): half of each batch flipped left-right, chosen
     # from (seed, rank, step), so a resumed run sees the same batches (gm.augment.mirror)
     mirror: bool = False
+    # samples (and as many validation images) of the in-training KID at each checkpoint, when
+    # the stage has a domain classifier: its cost is this many samples (an unrolled sampler's
+    # many network calls each); evaluate@ scores the final model on evaluate.num_samples
+    kid_samples: int = 256
 
     @property
     def curve_every(self) -> int:
@@ -72,6 +76,7 @@ class RunSettings:
         check(0.0 <= self.ema_beta < 1.0, "ema_beta", "must be in [0, 1)")
         check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: unlimited)")
         check(self.log_every >= 0, "log_every", "must be >= 0 (0: steps / 50)")
+        check(self.kid_samples >= 8, "kid_samples", "must be >= 8 (KID needs subsets)")
 
 
 def shard_indices(n: int, step: int, batch_size: int, rank: int, world: int, seed: int):
@@ -281,7 +286,8 @@ def run_loop(config: dict[str, Any], host) -> None:
     elif rank == 0 and config.get("classifier"):
         from gm.metrics.evaluate import KidProbe
 
-        kid_probe = KidProbe(config["classifier"], config["dataset_dir"], info, seed=run.seed)
+        kid_probe = KidProbe(config["classifier"], config["dataset_dir"], info, n=run.kid_samples,
+                             seed=run.seed)  # fmt: skip
 
     def preview():
         if paired_probe is not None:
