@@ -573,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
         "models:/gm-NAME/VERSION). Conditional models cycle through the classes unless "
         "--label picks one.",
         epilog="examples: gm sample models:/gm-dcgan@champion --n 64 --out grid.png\n"
-        "          gm sample models/stylegan/checkpoint.pt --truncation 0.7 --out s.png",
+        "          gm sample models/stylegan/checkpoint.pt --truncation 0.7 --out s.png\n"
+        "          gm sample models/cgan/checkpoint.pt --n 10 --interpolate 8 --out strips.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     smp.add_argument("model", help="a checkpoint.pt or an MLflow model URI")
@@ -588,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smp.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     smp.add_argument("--nrow", type=int, help="images per row (default: √n)")
+    smp.add_argument(
+        "--interpolate",
+        type=int,
+        metavar="STEPS",
+        help="latent interpolation strips instead: --n rows of STEPS images each, spherical "
+        "interpolation between two latents per row, one class per row",
+    )
     smp.add_argument("--out", required=True, help="the PNG grid to write")
     smp.set_defaults(func=_cmd_sample)
 

@@ -5,6 +5,11 @@
 moves w toward its running mean (w̄ + ψ(w − w̄), Karras et al. 2019); every other generator,
 and an exported StyleGAN (whose graph fixes ψ at its training value), samples its latent at
 temperature ψ (z·ψ), the form used for flows and Glow.
+
+``--interpolate S`` draws strips instead: each row walks from one latent to another in S
+images along the great circle between them (spherical interpolation, White 2016, "Sampling
+Generative Networks": Gaussian latents concentrate near a sphere, where a straight line
+would pass through the unlikely interior), at one class per row.
 """
 
 from __future__ import annotations
@@ -124,6 +129,45 @@ def sample(
     return torch.cat(out).clamp(-1, 1)
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between latents ``a`` and ``b`` (each (*shape)) at fractions
+    ``t`` (T,) → (T, *shape); the straight line where the two are (anti)parallel."""
+    fa, fb = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(fa, fb) / (fa.norm() * fb.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1, 1))
+    t = t.double()[:, None]
+    if omega.abs() < 1e-6 or (torch.pi - omega).abs() < 1e-6:
+        out = (1 - t) * fa + t * fb
+    else:
+        out = (torch.sin((1 - t) * omega) * fa + torch.sin(t * omega) * fb) / torch.sin(omega)
+    return out.to(a.dtype).reshape(len(t), *a.shape)
+
+
+@torch.no_grad()
+def interpolate(g: Generator, rows: int, steps: int, label: int | None = None,
+                truncation: float = 1.0, seed: int = 0) -> torch.Tensor:  # fmt: skip
+    """(rows · steps, C, H, W) images in [-1, 1]: ``rows`` strips, each ``steps`` samples
+    along :func:`slerp` between two latents drawn from ``seed``, one class per row (``label``
+    for all, else each class in turn). Raises ConfigError for ``steps`` < 2."""
+    if steps < 2:
+        raise ConfigError(f"--interpolate {steps}: a strip needs >= 2 images")
+    if not 0.0 <= truncation <= 1.0:
+        raise ConfigError(f"--truncation {truncation}: must be in [0, 1] (1 = none)")
+    gen = torch.Generator().manual_seed(seed)
+    ends = torch.randn(rows, 2, *g.latent_shape, generator=gen)
+    if not g.truncates_w:
+        ends = ends * truncation
+    t = torch.linspace(0, 1, steps)
+    z = torch.cat([slerp(a, b, t) for a, b in ends])
+    labels = labels_for(g, rows, label).repeat_interleave(steps)
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(z), 64):
+            out.append(g.fn(z[start : start + 64], labels[start : start + 64]))
+    return torch.cat(out).clamp(-1, 1)
+
+
 def main_sample(args) -> int:
     from PIL import Image
 
@@ -139,9 +183,16 @@ def main_sample(args) -> int:
     if g.family == "stylegan" and not g.truncates_w and args.truncation != 1.0:
         print(f"note: {args.model} is an exported StyleGAN: ψ applies to z; pass its "
               "checkpoint for w-space truncation", file=sys.stderr)  # fmt: skip
-    images = sample(g, args.n, args.label, args.truncation, args.seed)
-    grid = image_grid(images, nrow=args.nrow or math.ceil(math.sqrt(args.n)))
+    steps = getattr(args, "interpolate", None)
+    if steps is not None:
+        images = interpolate(g, args.n, steps, args.label, args.truncation, args.seed)
+        grid = image_grid(images, nrow=steps)
+        what = f"{args.n} interpolation strips of {steps} images"
+    else:
+        images = sample(g, args.n, args.label, args.truncation, args.seed)
+        grid = image_grid(images, nrow=args.nrow or math.ceil(math.sqrt(args.n)))
+        what = f"{args.n} samples"
     with atomic_path(out) as tmp:
         Image.fromarray(grid).save(tmp, format="PNG")
-    print(f"{out}: {args.n} samples of {g.name}")
+    print(f"{out}: {what} of {g.name}")
     return 0

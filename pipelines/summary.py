@@ -102,6 +102,16 @@ def table(evals: list[dict]) -> str:
         + ", ".join(f"`{k}` ({v['path']}, {v['resize']})" for k, v in ex.items())
         + ".",
     ]
+    if any("conditional_accuracy_baseline" in e for e in evals):
+        notes += [
+            "",
+            "Conditional accuracy's real baseline: the domain classifier's accuracy on the "
+            "real test images at the model's resolution, shown to it exactly as the samples "
+            "are: "
+            + "; ".join(f"{e['name']} {e['conditional_presentation']}" for e in evals
+                        if "conditional_presentation" in e and "conditional_accuracy" in e)
+            + ".",
+        ]  # fmt: skip
     if any("fid_ci_low" in e for e in evals):
         notes += [
             "",

@@ -60,6 +60,34 @@ def test_sample_grid_from_a_checkpoint_is_seeded_and_labels_are_checked(tmp_path
     assert "PNG" in capsys.readouterr().err
 
 
+def test_interpolation_strips_walk_the_sphere_between_two_samples(tmp_path, capsys):
+    """`gm sample --interpolate S`: each row starts and ends at two latents of the seed and
+    walks between them on the sphere, one class per row."""
+    from gm.sample import interpolate, slerp
+
+    a, b = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    path = slerp(a, b, torch.linspace(0, 1, 5))
+    assert torch.allclose(path[0], a, atol=1e-6) and torch.allclose(path[-1], b, atol=1e-6)
+    norms = path.norm(dim=1)  # on the great circle: norms between the ends', no dip inside
+    assert norms.min() >= min(a.norm(), b.norm()) - 1e-5
+    assert (path[2].norm() - (a + b).norm() / 2) > 0.05 * a.norm()  # a line would dip here
+    ckpt, _ = checkpoint(tmp_path, "cgan")
+    g = load_generator(str(ckpt))
+    strips = interpolate(g, 3, 4, seed=5)
+    assert strips.shape == (12, 3, 16, 16)
+    again = interpolate(g, 3, 4, seed=5)
+    assert torch.equal(strips, again) and not torch.equal(strips[0], strips[3])
+    ends = torch.randn(3, 2, *g.latent_shape, generator=torch.Generator().manual_seed(5))
+    first = g.fn(ends[1, :1], torch.tensor([1])).clamp(-1, 1)  # row 1 starts at its latent
+    assert torch.allclose(strips[4:5], first, atol=1e-5)
+    out = tmp_path / "strips.png"
+    assert main(["sample", str(ckpt), "--n", "3", "--interpolate", "4", "--out", str(out)]) == 0
+    assert read_png(out).shape == (3 * 18 + 2, 4 * 18 + 2, 3)  # a row per strip
+    assert "3 interpolation strips of 4 images" in capsys.readouterr().out
+    assert main(["sample", str(ckpt), "--interpolate", "1", "--out", str(out)]) == 2
+    assert "--interpolate 1: a strip needs >= 2 images" in capsys.readouterr().err
+
+
 def test_unconditional_models_refuse_a_label_and_truncation_zero_is_the_mean(tmp_path, capsys):
     ckpt, _ = checkpoint(tmp_path, "dcgan")
     assert main(["sample", str(ckpt), "--label", "0", "--out", str(tmp_path / "x.png")]) == 2

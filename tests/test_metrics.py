@@ -128,6 +128,50 @@ def test_domain_classifier_learns_digits_and_round_trips(digits, tmp_path):
         load_classifier(tmp_path / "bad.pt")
 
 
+def test_classifier_learns_lower_levels_as_evaluation_shows_them(digits, tmp_path):
+    """With ``levels``, the classifier also learns 8x8 images upsampled to 16x16 as evaluation
+    shows an 8x8 model's samples: it reports its accuracy per level, classifies those better
+    than a classifier that never saw them, and evaluation says which case a model is in."""
+    from gm.config import from_dict
+    from gm.data.readers import to_unit_range
+    from gm.errors import ConfigError
+    from gm.metrics.classifier import present
+    from gm.metrics.evaluate import _split_store, evaluate_checkpoint
+    from gm.registry import families
+    from gm.train.checkpoint import save_checkpoint
+    from gm.train.loop import Trainer
+    from gm.train.protocol import DataInfo
+
+    with pytest.raises(ConfigError, match="levels: 12 is not a power of two"):
+        ClassifierConfig(levels=(12,))
+    accuracy = {}
+    for levels in ((), (8,)):
+        cfg = ClassifierConfig(width=8, features=32, steps=150, batch_size=64, lr=0.003,
+                               levels=levels)  # fmt: skip
+        net, report = train_classifier(digits, 16, cfg, progress=False)
+        save_classifier(tmp_path / f"c{len(levels)}.pt", net, cfg, report)
+        test = _split_store(digits, 8, "test")
+        with torch.no_grad():
+            x = present(to_unit_range(next(test.batches(None, 10_000))[0]), 16)
+            accuracy[levels] = (net(x).argmax(1) == test.labels).float().mean().item()
+    assert set(report["test_accuracy_by_level"]) == {"8", "16"}
+    # (batches of other sizes may flip an argmax at a tie: at most one image here or there)
+    assert report["test_accuracy_by_level"]["8"] == pytest.approx(accuracy[(8,)], abs=0.012)
+    assert report["test_accuracy_by_level"]["16"] == report["test_accuracy"] >= 0.85
+    assert accuracy[(8,)] > accuracy[()] + 0.02, accuracy
+    fam = families()["cvae"]
+    mcfg = from_dict(fam.config, {"z_dim": 4, "width": 8, "embed_dim": 4}, "cvae")
+    info = DataInfo(8, 1, 10)
+    save_checkpoint(tmp_path / "m.pt", "cvae", mcfg, info,
+                    Trainer(fam.build(mcfg, info)).state_dict())  # fmt: skip
+    ev = EvalConfig(num_samples=50, metrics=("conditional_accuracy",), bootstrap=0)
+    for n, learned in ((1, "a level the classifier learned"), (0, "never saw")):
+        r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / f"c{n}.pt", digits, ev)
+        assert r["conditional_presentation"].startswith("8x8 resized to 16x16, ")
+        assert learned in r["conditional_presentation"]
+        assert r["conditional_accuracy_baseline"] == pytest.approx(accuracy[(8,) * n], abs=0.012)
+
+
 def test_evaluation_of_a_checkpoint_sits_beside_its_baseline(digits, tmp_path):
     from gm.config import from_dict
     from gm.metrics.evaluate import evaluate_checkpoint, unavailable_warning
@@ -155,6 +199,10 @@ def test_evaluation_of_a_checkpoint_sits_beside_its_baseline(digits, tmp_path):
     assert 0.0 <= r["conditional_accuracy"] <= 0.5  # about chance for an untrained model
     assert r["bits_per_dim"] > 0 and r["num_samples"] == 200
     assert r["extractor"]["resize"] == "none" and r["extractor"]["sha256"]
+    # its real baseline: the classifier on the real test images, shown as the samples are (at
+    # its own resolution here: its reported test accuracy)
+    assert r["conditional_accuracy_baseline"] == pytest.approx(report["test_accuracy"])
+    assert r["conditional_presentation"] == "16x16: the classifier's resolution"
 
 
 def _rank0_only_metrics(rank, port, out):
@@ -184,13 +232,15 @@ def test_metrics_on_one_rank_of_a_process_group_do_not_wait_for_the_others(tmp_p
     assert torch.isfinite(values).all()
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    """Inception-v3 weights made here (random init) in torchvision's state-dict format."""
+def _made_inception(tmp_path_factory, fid: bool):
+    """Inception-v3 weights made here (random init): torchvision's state-dict format (1000
+    classes, auxiliary head) or the FID Inception's (1008 classes, pt_inception-2015-12-05's
+    layout, which torch-fidelity and pytorch-fid load)."""
     from torchvision.models import inception_v3
 
     torch.manual_seed(0)
-    net = inception_v3(weights=None, aux_logits=True, init_weights=True)
+    net = inception_v3(weights=None, aux_logits=not fid, init_weights=True,
+                       num_classes=1008 if fid else 1000)  # fmt: skip
     for m in net.modules():  # calibrate batch norm so activations stay O(1), like trained weights
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
@@ -198,9 +248,20 @@ def inception_weights(tmp_path_factory):
         net.train()(torch.rand(4, 3, 299, 299) * 2 - 1)
         net.fc.weight.mul_(1e-3)  # moderate logits, so that softmax never underflows
     net.eval()
-    path = tmp_path_factory.mktemp("inception") / "inception_v3.pth"
+    name = "pt_inception.pth" if fid else "inception_v3.pth"
+    path = tmp_path_factory.mktemp("inception") / name
     torch.save(net.state_dict(), path)
     return path, net
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    return _made_inception(tmp_path_factory, fid=False)
+
+
+@pytest.fixture(scope="module")
+def fid_inception_weights(tmp_path_factory):
+    return _made_inception(tmp_path_factory, fid=True)
 
 
 def test_inception_loads_local_weights_and_matches_torchvision(inception_weights, tmp_path):
@@ -226,7 +287,53 @@ def test_inception_loads_local_weights_and_matches_torchvision(inception_weights
         load_inception(tmp_path / "missing.pth")
 
 
-def test_evaluation_with_inception_features_logs_their_hash(digits, inception_weights, tmp_path):
+def test_fid_inception_weights_run_torch_fidelity_network_with_the_clean_resize(
+    fid_inception_weights, tmp_path
+):
+    """A 1008-class file is the FID Inception: its features are torch-fidelity's own (the
+    network papers' FIDs use) on 299x299 8-bit images, smaller images are resized by PIL's
+    bicubic filter per channel (clean-fid), and the logits are the bias-free ones of its IS."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from gm.errors import DataError
+    from gm.io import sha256_file
+    from gm.metrics.inception import CLEAN_RESIZE, FidInceptionFeatures, load_inception
+
+    path, _ = fid_inception_weights
+    net, desc = load_inception(path)
+    assert desc == {"kind": "fid-inception-2015-12-05", "path": str(path),
+                    "sha256": sha256_file(path), "resize": CLEAN_RESIZE}  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (2, 3, 299, 299), generator=g, dtype=torch.uint8)
+    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                            feature_extractor_weights_path=str(path))  # fmt: skip
+    with torch.no_grad():
+        ref_f, ref_logits = reference(u8)
+        feats = net.features(u8.float() / 127.5 - 1)
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    assert torch.allclose(feats, ref_f, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(net.head(feats), ref_logits, rtol=1e-4, atol=1e-3)
+    # the resize: 8-bit values kept at 299, a flat image stays flat, a ramp stays a ramp
+    assert torch.equal(FidInceptionFeatures.clean_resize(u8.float() / 127.5 - 1), u8.float())
+    flat = FidInceptionFeatures.clean_resize(torch.full((1, 1, 16, 16), 0.2))
+    assert flat.shape == (1, 1, 299, 299) and torch.allclose(flat, torch.tensor(153.0))
+    ramp = torch.linspace(-1, 1, 32).expand(1, 1, 32, 32)
+    row = FidInceptionFeatures.clean_resize(ramp)[0, 0, 150]
+    assert (row[1:] >= row[:-1] - 1e-3).all() and row[0] < 20 and row[-1] > 235
+    with torch.no_grad():  # grey images: repeated to RGB
+        assert net.features(torch.rand(1, 1, 32, 32) * 2 - 1).shape == (1, 2048)
+    state = torch.load(path, weights_only=True)
+    state["Mixed_7c.branch_pool.conv.weight"] = torch.zeros(3, 3)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(DataError, match="bad.pth: weights do not fit the FID Inception"):
+        load_inception(bad)
+
+
+@pytest.mark.parametrize("fid", [False, True], ids=["torchvision", "fid-inception"])
+def test_evaluation_with_inception_features_logs_their_hash(
+    digits, inception_weights, fid_inception_weights, tmp_path, fid
+):
     from gm.config import from_dict
     from gm.io import sha256_file
     from gm.metrics.evaluate import evaluate_checkpoint
@@ -242,14 +349,15 @@ def test_evaluation_with_inception_features_logs_their_hash(digits, inception_we
     mcfg = from_dict(fam.config, {"z_dim": 4, "width": 8, "embed_dim": 4}, "cvae")
     trainer = Trainer(fam.build(mcfg, DataInfo(16, 1, 10)))
     save_checkpoint(tmp_path / "m.pt", "cvae", mcfg, DataInfo(16, 1, 10), trainer.state_dict())
-    path, _ = inception_weights
+    path, _ = fid_inception_weights if fid else inception_weights
     ev = EvalConfig(num_samples=24, metrics=("fid", "kid", "inception_score"),
                     inception_weights=str(path), min_images=2,
                     bootstrap=0)  # fmt: skip  # 2048-d: each FID resample's sqrtm costs ~2.5 s
     r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", digits, ev)
-    assert r["extractor"]["kind"] == "inception-v3"
+    kind, resize = (("fid-inception-2015-12-05", "clean-fid: 8-bit, PIL bicubic per channel ->299")
+                    if fid else ("inception-v3", "bilinear-antialias ->299"))  # fmt: skip
+    assert r["extractor"]["kind"] == kind and r["extractor"]["resize"] == resize
     assert r["extractor"]["sha256"] == sha256_file(path)
-    assert r["extractor"]["resize"] == "bilinear-antialias ->299"
     assert r["fid"] >= 0 and r["fid_baseline"] >= 0 and r["inception_score"] >= 1.0
 
 

@@ -34,11 +34,17 @@ class ClassifierConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    # lower pyramid levels the classifier also learns, each image shown as evaluation shows a
+    # sample of that resolution (resized up to the classifier's; gm.metrics.evaluate): a model
+    # trained at 16x16 is then scored in a feature space that has seen 16x16 images
+    levels: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("width", "features", "steps", "batch_size"):
             check(getattr(self, name) >= 1, name, "must be >= 1")
         check(self.lr > 0, "lr", "must be > 0")
+        for r in self.levels:
+            check(r >= 4 and not r & (r - 1), "levels", f"{r} is not a power of two >= 4")
 
 
 class DomainClassifier(nn.Module):
@@ -72,10 +78,22 @@ class DomainClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+def present(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, C, r, r) in [-1, 1] as the classifier of resolution ``size`` sees them:
+    resized by bilinear interpolation with antialiasing, clamped to [-1, 1] (unchanged at
+    ``size``). Evaluation shows samples and real images the same way."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(-1, 1)
+
+
 def train_classifier(
     dataset_dir: str | os.PathLike, resolution: int, cfg: ClassifierConfig, progress: bool = True
 ) -> tuple[DomainClassifier, dict]:
-    """Train on the train split; returns the network (eval mode) and its test-split report."""
+    """Train on the train split; returns the network (eval mode) and its test-split report:
+    ``test_accuracy`` at ``resolution``, and with ``cfg.levels`` the accuracy at each level
+    shown as evaluation shows it (``test_accuracy_by_level``). Each training image is drawn
+    at one of the levels, uniformly. A level the pyramid lacks is a DataError naming it."""
     from tqdm import tqdm
 
     from gm.data.parquet import level_path
@@ -83,16 +101,26 @@ def train_classifier(
     from gm.data.rowstore import RowStore, shard_positions
 
     torch.manual_seed(cfg.seed)
-    path = level_path(dataset_dir, resolution)
+    levels = sorted({resolution, *(r for r in cfg.levels if r < resolution)})
+    for r in levels:
+        if not level_path(dataset_dir, r).is_file():
+            raise DataError(f"{dataset_dir}: no {r}x{r} level for evaluate.classifier.levels")
     try:  # in memory for small splits, streamed (bounded) for large ones
-        train = RowStore(path, ("image",), split="train", mode="auto")
-        test = RowStore(path, ("image",), split="test", mode="auto")
+        train = {r: RowStore(level_path(dataset_dir, r), ("image",), split="train", mode="auto")
+                 for r in levels}  # fmt: skip
+        test = {r: RowStore(level_path(dataset_dir, r), ("image",), split="test", mode="auto")
+                for r in levels}  # fmt: skip
     except DataError:
         raise DataError(
             f"{dataset_dir}: the classifier needs non-empty train and test splits"
         ) from None
+    top, top_test = train[resolution], test[resolution]
+    for r in levels:  # the same images in the same order at every level
+        if not torch.equal(train[r].labels, top.labels):
+            raise DataError(f"{dataset_dir}: level {r} does not list the images of level "
+                            f"{resolution} in the same order")  # fmt: skip
     num_classes = len(json.loads((Path(dataset_dir) / "manifest.json").read_text())["classes"])
-    channels = train.shape("image")[-1]
+    channels = top.shape("image")[-1]
     net = DomainClassifier(cfg, resolution, channels, num_classes)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
@@ -104,30 +132,46 @@ def train_classifier(
         disable=not progress,
         mininterval=1.0 if sys.stderr.isatty() else 15.0,  # a log file gets few lines
     )
+    g = torch.Generator().manual_seed(cfg.seed)
     for step in bar:  # the windowed per-epoch shuffle of training (gm.data.rowstore)
-        idx = shard_positions(len(train), step, cfg.batch_size, 0, 1, cfg.seed, train.window)
-        train.prefetch(shard_positions(len(train), step + 1, cfg.batch_size, 0, 1, cfg.seed,
-                                       train.window))  # fmt: skip
-        cols, labels = train.take(idx)
-        loss = F.cross_entropy(net(to_unit_range(cols["image"])), labels)
+        idx = shard_positions(len(top), step, cfg.batch_size, 0, 1, cfg.seed, top.window)
+        nxt = shard_positions(len(top), step + 1, cfg.batch_size, 0, 1, cfg.seed, top.window)
+        for store in train.values():
+            store.prefetch(nxt)
+        cols, labels = top.take(idx)
+        x = to_unit_range(cols["image"])
+        if len(levels) > 1:  # each image at a level drawn uniformly, shown at `resolution`
+            pick = torch.randint(len(levels), (len(idx),), generator=g)
+            for k, r in enumerate(levels[:-1]):
+                rows = (pick == k).nonzero().flatten()
+                if len(rows):
+                    low, _ = train[r].take(idx[rows])
+                    x[rows] = present(to_unit_range(low["image"]), resolution)
+        loss = F.cross_entropy(net(x), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     net.eval()
-    correct = 0
+    by_level = {}
     with torch.no_grad():
-        for pixels, labels in test.batches(None, 512):
-            correct += (net(to_unit_range(pixels)).argmax(1) == labels).sum().item()
+        for r in levels:
+            correct = 0
+            for pixels, labels in test[r].batches(None, 512):
+                x = present(to_unit_range(pixels), resolution)
+                correct += (net(x).argmax(1) == labels).sum().item()
+            by_level[str(r)] = correct / len(top_test)
     info = {"resolution": resolution, "channels": channels, "num_classes": num_classes}
     report = {
-        "test_accuracy": correct / len(test),
+        "test_accuracy": by_level[str(resolution)],
         "chance_accuracy": 1.0 / num_classes,
-        "train_size": len(train),
-        "test_size": len(test),
+        "train_size": len(top),
+        "test_size": len(top_test),
         **info,
     }
+    if len(levels) > 1:
+        report["test_accuracy_by_level"] = by_level
     return net, report
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gm.config import check
 from gm.metrics.classifier import ClassifierConfig
@@ -64,9 +63,9 @@ class EvalConfig:
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(-1, 1)
+    from gm.metrics.classifier import present
+
+    return present(x, size)
 
 
 @torch.no_grad()
@@ -155,12 +154,22 @@ def evaluate_checkpoint(
         )
 
     resize = "none" if size == info.resolution else f"bilinear-antialias {info.resolution}->{size}"
+    # how the domain classifier sees this model's images: at its own resolution, at a lower
+    # level it learned (evaluate.classifier.levels), or upsampled from a level it never saw
+    learned = extractor.get("test_accuracy_by_level") or {str(size): None}
+    presentation = (
+        f"{info.resolution}x{info.resolution}: the classifier's resolution"
+        if size == info.resolution
+        else f"{info.resolution}x{info.resolution} resized to {size}x{size}, "
+        + ("a level the classifier learned" if str(info.resolution) in learned
+           else "a level the classifier never saw (add it to evaluate.classifier.levels)")
+    )  # fmt: skip
     net, net_size = clf, size  # the feature network of FID, KID, precision/recall and IS
     if cfg.inception_weights:  # loaded (and checked) before any sampling
-        from gm.metrics.inception import RESIZE, load_inception
+        from gm.metrics.inception import load_inception
 
         net, extractor = load_inception(cfg.inception_weights)
-        net_size, resize = None, RESIZE
+        net_size, resize = None, extractor.pop("resize")
 
     # real images are read in batches and only their features kept (memory: features)
     test = _split_store(dataset_dir, info.resolution, "test")
@@ -178,7 +187,10 @@ def evaluate_checkpoint(
         fakes.append(trainer.sample(count, lab, seed=cfg.seed * 100_003 + i))
     fake_x = torch.cat(fakes)
     _, label_logits = _embed(clf, fake_x, size)  # conditional accuracy: the domain classifier
-    real_f, _ = _embed_rows(net, test, None, net_size, batch=100)
+    real_f, real_logits = _embed_rows(net, test, None, net_size, batch=100)
+    real_label_logits = None
+    if model.conditional and "conditional_accuracy" in cfg.metrics:  # its real baseline
+        real_label_logits = real_logits if net is clf else _embed_rows(clf, test, None, size)[1]
     base_f, base_logits = _embed_rows(net, train, pick, net_size, batch=100)
     fake_f, fake_logits = _embed(net, fake_x, net_size, batch=100)
 
@@ -207,6 +219,8 @@ def evaluate_checkpoint(
         base_logits,
         bpd,
         label_logits=label_logits,
+        real_label_logits=real_label_logits,
+        real_labels=test.labels if real_label_logits is not None else None,
         ood_energies=ood,
         bootstrap=cfg.bootstrap,
         seed=cfg.seed,
@@ -226,6 +240,7 @@ def evaluate_checkpoint(
         "family": payload["family"],
         "mlflow_run_id": payload["extra"].get("mlflow_run_id", ""),
         "extractor": {**extractor, "resize": resize},
+        "conditional_presentation": presentation,
     }
     return results
 
@@ -266,6 +281,8 @@ def log_to_mlflow(root, results: dict[str, Any]) -> None:
         RunTag("eval.extractor", ex["kind"]),
         RunTag("eval.extractor_sha256", ex["sha256"]),
         RunTag("eval.resize", ex["resize"]),
+        *([RunTag("eval.conditional_presentation", results["conditional_presentation"])]
+          if "conditional_presentation" in results else []),
         *(RunTag(f"eval.{k}", f"unavailable: {why}")
           for k, why in (results.get("unavailable") or {}).items()),
     ]  # fmt: skip

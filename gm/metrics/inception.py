@@ -1,15 +1,23 @@
 """Inception-v3 as the feature network of FID/KID/precision-recall and the Inception Score,
 when its weights exist on this machine (``params.yaml: evaluate.inception_weights``).
 
-Nothing is downloaded: the weights are a local file in torchvision's ``inception_v3`` state-dict
-format (e.g. ``inception_v3_google-0cc3c7bd.pth``, with or without the auxiliary classifier).
-Images in [-1, 1] (grey images repeated to three channels) are resized to 299×299 (bilinear,
-antialiased) and fed as they are: the Google weights expect [-1, 1] inputs, which is what
-torchvision's ``transform_input`` produces from ImageNet-normalized ones. Features: the 2048-d
-global-average-pooled ``Mixed_7c``; logits: the 1000-way ``fc``.
+Nothing is downloaded: the weights are a local file, in one of two formats, told apart by the
+classifier's width:
 
-These are torchvision's Inception weights, not the TF graph of the original FID code
-(``pt_inception-2015-12-05``): numbers are comparable across gm runs, not to papers' FIDs.
+- **FID Inception** (1008 classes): the TF graph ``pt_inception-2015-12-05`` of the original
+  FID code (Heusel et al. 2017) as converted for PyTorch by pytorch-fid and torch-fidelity
+  (``pt_inception-2015-12-05-6726825d.pth``, ``weights-inception-2015-12-05-6726825d.pth``),
+  run by torch-fidelity's ``FeatureExtractorInceptionV3``. Images are quantized to 8 bits (as a
+  saved PNG would be) and resized to 299×299 as clean-fid recommends (Parmar et al. 2022: PIL
+  bicubic on each channel in floating point, antialiased), then fed as (x − 128) / 128. FIDs
+  computed this way are comparable with published numbers on the same data and sample counts.
+- **torchvision** ``inception_v3`` (1000 classes, e.g. ``inception_v3_google-0cc3c7bd.pth``,
+  with or without the auxiliary classifier): images in [-1, 1] resized to 299×299 (bilinear,
+  antialiased) and fed as they are. Comparable across gm runs, not with papers' FIDs.
+
+Grey images are repeated to three channels. Features: the 2048-d global-average-pooled
+``Mixed_7c``; logits: the ``fc`` layer (FID Inception: without its bias, torch-fidelity's
+``logits_unbiased``, as its Inception Score uses).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from gm.io import sha256_file
 
 SIZE = 299
 RESIZE = f"bilinear-antialias ->{SIZE}"
+CLEAN_RESIZE = f"clean-fid: 8-bit, PIL bicubic per channel ->{SIZE}"
+FID_CLASSES = 1008  # the TF graph's classifier (1000 ImageNet classes and 8 unused)
 
 
 class InceptionFeatures(nn.Module):
@@ -58,15 +68,70 @@ class InceptionFeatures(nn.Module):
         return self.head(self.features(x))
 
 
-def load_inception(path: str | os.PathLike) -> tuple[InceptionFeatures, dict]:
-    """(network in eval mode, description: kind, path, sha256) from a local weights file."""
+class FidInceptionFeatures(nn.Module):
+    """The FID Inception (torch-fidelity's ``FeatureExtractorInceptionV3``, weights from a local
+    file): (B, C, H, W) images in [-1, 1] → 2048-d features, resized as clean-fid does."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+        )
+        self.num_features = 2048
+
+    @staticmethod
+    def clean_resize(x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [-1, 1] → (B, C, 299, 299) float32 pixel values in [0, 255]:
+        rounded to 8 bits, then each channel resized by PIL's bicubic filter in float mode
+        (clean-fid's ``clean`` resize; identity at 299×299)."""
+        import numpy as np
+        from PIL import Image
+
+        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        out = np.empty((*u8.shape[:2], SIZE, SIZE), dtype=np.float32)
+        for i, image in enumerate(u8):
+            for c, plane in enumerate(image):
+                pil = Image.fromarray(plane.astype(np.float32), mode="F")
+                out[i, c] = np.asarray(pil.resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+        return torch.from_numpy(out)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.clean_resize(x.detach().cpu().float())
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = (x.to(next(self.net.parameters()).device) - 128) / 128
+        n = self.net
+        for layer in (
+            n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.MaxPool_1,
+            n.Conv2d_3b_1x1, n.Conv2d_4a_3x3, n.MaxPool_2,
+            n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c,
+            n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c,
+        ):  # fmt: skip
+            x = layer(x)
+        return torch.flatten(n.AvgPool(x), 1)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.net.fc.weight.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def load_inception(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """(network in eval mode, description: kind, path, sha256, resize) from a local weights
+    file: the FID Inception when its classifier has 1008 classes, else torchvision's. A missing
+    file is a ConfigError; a file that is not an Inception-v3 state dict (or holds anything but
+    tensors) a DataError naming it."""
     from torchvision.models import inception_v3
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
             f"evaluate.inception_weights: {path} does not exist (Inception-v3 weights are never "
-            "downloaded; put torchvision's inception_v3 state dict there, or set it to '')"
+            "downloaded; put the FID Inception (pt_inception-2015-12-05) or torchvision's "
+            "inception_v3 state dict there, or set it to '')"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,6 +143,18 @@ def load_inception(path: str | os.PathLike) -> tuple[InceptionFeatures, dict]:
         raise DataError(f"{path}: not torchvision's inception_v3 state-dict format")
     aux = any(k.startswith("AuxLogits.") for k in state)
     classes = state["fc.weight"].shape[0] if "fc.weight" in state else 1000
+    if classes == FID_CLASSES and not aux:
+        # loaded with weights_only above: the file holds tensors only, so torch-fidelity's own
+        # (unrestricted) torch.load of it runs no pickled code
+        try:
+            net = FidInceptionFeatures(path)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0:2]
+            msg = f"{path}: weights do not fit the FID Inception ({' '.join(first)})"
+            raise DataError(msg) from None
+        desc = {"kind": "fid-inception-2015-12-05", "path": str(path),
+                "sha256": sha256_file(path), "resize": CLEAN_RESIZE}  # fmt: skip
+        return net.eval(), desc
     net = inception_v3(
         weights=None, aux_logits=aux, init_weights=False, num_classes=classes, transform_input=False
     )
@@ -86,5 +163,6 @@ def load_inception(path: str | os.PathLike) -> tuple[InceptionFeatures, dict]:
     except RuntimeError as e:
         first = str(e).splitlines()[0:2]
         raise DataError(f"{path}: weights do not fit Inception-v3 ({' '.join(first)})") from None
-    desc = {"kind": "inception-v3", "path": str(path), "sha256": sha256_file(path)}
+    desc = {"kind": "inception-v3", "path": str(path), "sha256": sha256_file(path),
+            "resize": RESIZE}  # fmt: skip
     return InceptionFeatures(net).eval(), desc

@@ -188,6 +188,10 @@ class EvalSets:
     baseline_logits: torch.Tensor
     bits_per_dim: float | None = None  # test-split bits/dim of a likelihood model
     label_logits: torch.Tensor | None = None  # domain classifier on `fake` (else fake_logits)
+    # the domain classifier on the real test images, shown as the samples are, and their labels:
+    # the real baseline of the conditional accuracy
+    real_label_logits: torch.Tensor | None = None
+    real_labels: torch.Tensor | None = None
     # Paired models: outputs, aligned targets and a baseline's outputs (e.g. bicubic upscaling)
     paired_output: torch.Tensor | None = None
     paired_target: torch.Tensor | None = None
@@ -274,6 +278,9 @@ def _cond(s: EvalSets) -> dict[str, float]:
     out = {"conditional_accuracy": float(hits.mean())}
     if s.bootstrap:  # a share of n samples: the Wilson score interval (95 %)
         _ci(out, "conditional_accuracy", wilson(float(hits.sum()), len(hits)))
+    if s.real_label_logits is not None and s.real_labels is not None:
+        real = (s.real_label_logits.argmax(1) == s.real_labels).float().mean()
+        out["conditional_accuracy_baseline"] = float(real)
     return out
 
 
