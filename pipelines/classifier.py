@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from gm import params
-from gm.cli import guarded
+from gm.cli import exit_now, guarded
 from gm.errors import ConfigError
 
 
@@ -38,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

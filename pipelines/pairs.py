@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gm import params
-from gm.cli import guarded
+from gm.cli import exit_now, guarded
 from gm.data.pairs import build_pairs
 from gm.errors import ConfigError
 
@@ -28,4 +28,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gm import params
-from gm.cli import WORKERS_HELP, guarded
+from gm.cli import WORKERS_HELP, exit_now, guarded
 from gm.data.prepare import prepare_dataset
 from gm.errors import ConfigError
 
@@ -36,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

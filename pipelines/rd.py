@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from gm import params
-from gm.cli import guarded
+from gm.cli import exit_now, guarded
 from gm.errors import ConfigError
 
 
@@ -138,4 +138,4 @@ def _log_mlflow(root, name: str, cfg, result: dict, metrics: dict, out: Path) ->
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

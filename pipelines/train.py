@@ -7,7 +7,7 @@ import argparse
 import os
 
 from gm import params
-from gm.cli import guarded
+from gm.cli import exit_now, guarded
 from gm.errors import ConfigError
 
 
@@ -54,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

@@ -7,7 +7,7 @@ import argparse
 import os
 
 from gm import params
-from gm.cli import guarded
+from gm.cli import exit_now, guarded
 
 
 @guarded
@@ -57,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())

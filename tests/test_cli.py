@@ -116,3 +116,17 @@ def test_train_rejects_bad_models_and_keys_before_any_work(tmp_path, capsys, arg
     code = main([*argv, "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_exit_now_flushes_output_and_returns_the_code():
+    """Stages end through exit_now (os._exit after flushing): the exit status and every line
+    written, including buffered stdout and logging, reach the caller."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; from gm.cli import exit_now; print('out'); "
+            "sys.stderr.write('err\\n'); logging.basicConfig(stream=sys.stdout); "
+            "logging.warning('logged'); exit_now(3)")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and r.stdout.split() == ["out", "WARNING:root:logged"]
+    assert r.stderr.strip() == "err"

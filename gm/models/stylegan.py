@@ -118,15 +118,20 @@ class StyleSynthesis(nn.Module):
             self.layers.append(StyleLayer(nf(r), nf(r), w_dim))
         self.to_rgb = nn.ModuleList(EqConv2d(nf(4 * 2**i), channels, 1, gain=1.0) for i in range(n))
 
-    def forward(self, ws: torch.Tensor, level: int, alpha: float = 1.0, noise_gen=None):
-        """``ws``: (B, layers, w_dim) with at least num_layers(level) layers."""
+    def forward(self, ws: torch.Tensor, level: int, alpha: float = 1.0, noise_gen=None,
+                noises=None):  # fmt: skip
+        """``ws``: (B, layers, w_dim) with at least num_layers(level) layers. ``noises``: the
+        per-pixel noise input of each layer, (B or 1, 1, side, side), instead of fresh draws
+        (the projector optimizes them, gm.project)."""
         x = self.const.expand(ws.shape[0], -1, -1, -1)
         prev = x
         for i in range(num_layers(level)):
             if i % 2 == 0 and i > 0:
                 prev = x
             noise = None
-            if noise_gen is not None:  # seeded noise inputs (fixed sample grids)
+            if noises is not None:
+                noise = noises[i]
+            elif noise_gen is not None:  # seeded noise inputs (fixed sample grids)
                 side = 4 * 2 ** (i // 2)
                 noise = torch.randn(ws.shape[0], 1, side, side, generator=noise_gen)
                 noise = noise.to(ws.device)
