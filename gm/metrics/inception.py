@@ -38,6 +38,19 @@ CLEAN_RESIZE = f"clean-fid: 8-bit, PIL bicubic per channel ->{SIZE}"
 FID_CLASSES = 1008  # the TF graph's classifier (1000 ImageNet classes and 8 unused)
 
 
+def pool_features(net: nn.Module, x: torch.Tensor, pools: tuple[str, str, str]) -> torch.Tensor:
+    """Inception-v3's 2048-d pooled ``Mixed_7c`` features of 299×299 inputs ``x``: the layers
+    both formats share, with ``pools`` naming their two max-pools and the final average pool
+    (torchvision and torch-fidelity name them differently)."""
+    names = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", pools[0], "Conv2d_3b_1x1",
+             "Conv2d_4a_3x3", pools[1], "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+             "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b",
+             "Mixed_7c")  # fmt: skip
+    for name in names:
+        x = getattr(net, name)(x)
+    return torch.flatten(getattr(net, pools[2])(x), 1)
+
+
 class InceptionFeatures(nn.Module):
     """(B, C, H, W) images in [-1, 1] → 2048-d pool features; :meth:`head` gives the logits."""
 
@@ -51,15 +64,7 @@ class InceptionFeatures(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != SIZE or x.shape[-2] != SIZE:
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True)
-        n = self.net
-        for layer in (
-            n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1,
-            n.Conv2d_3b_1x1, n.Conv2d_4a_3x3, n.maxpool2,
-            n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c,
-            n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c,
-        ):  # fmt: skip
-            x = layer(x)
-        return torch.flatten(n.avgpool(x), 1)
+        return pool_features(self.net, x, ("maxpool1", "maxpool2", "avgpool"))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return self.net.fc(features)
@@ -102,15 +107,7 @@ class FidInceptionFeatures(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = (x.to(next(self.net.parameters()).device) - 128) / 128
-        n = self.net
-        for layer in (
-            n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.MaxPool_1,
-            n.Conv2d_3b_1x1, n.Conv2d_4a_3x3, n.MaxPool_2,
-            n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b, n.Mixed_6c,
-            n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c,
-        ):  # fmt: skip
-            x = layer(x)
-        return torch.flatten(n.AvgPool(x), 1)
+        return pool_features(self.net, x, ("MaxPool_1", "MaxPool_2", "AvgPool"))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         return features @ self.net.fc.weight.T
