@@ -148,10 +148,10 @@ def main_project(args) -> int:
     import sys
     from pathlib import Path
 
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
     from tqdm import tqdm
 
+    from gm.apply import read_image
     from gm.io import atomic_path
     from gm.train.checkpoint import load_checkpoint, trainer_from_checkpoint
     from gm.train.samples import image_grid
@@ -167,16 +167,10 @@ def main_project(args) -> int:
     trainer, info = trainer_from_checkpoint(payload)
     G, level, alpha = stylegan_parts(trainer.model, trainer.sampling_nets())
     side = 4 * 2**level
-    try:
-        with Image.open(args.image) as im:
-            im = im.convert("L" if info.channels == 1 else "RGB")
-            if im.size != (side, side):
-                im = im.resize((side, side), Image.Resampling.LANCZOS)
-            pixels = np.asarray(im, dtype=np.float32)
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"{args.image}: not a readable image ({e})") from None
-    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-    target = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+    target = read_image(Path(args.image), info.channels)  # the datasets' decoding policy
+    if target.shape[-1] != side or target.shape[-2] != side:
+        target = F.interpolate(target[None], size=(side, side), mode="bicubic",
+                               antialias=True)[0].clamp(-1, 1)  # fmt: skip
     bar = tqdm(total=cfg.steps, desc="project", unit="step", disable=args.json)
     result = project(
         G,

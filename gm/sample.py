@@ -107,6 +107,18 @@ def labels_for(g: Generator, n: int, label: int | None) -> torch.Tensor:
     return torch.full((n,), label, dtype=torch.long)
 
 
+def _generate(g: Generator, z: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """``g`` on latents ``z`` and ``labels``, 64 at a time, clamped to [-1, 1]. A generator that
+    draws noise inside (the EBM's Langevin chains) draws it from torch's global RNG: seeded
+    here too, without disturbing the caller's stream."""
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(z), 64):
+            out.append(g.fn(z[start : start + 64], labels[start : start + 64]))
+    return torch.cat(out).clamp(-1, 1)
+
+
 @torch.no_grad()
 def sample(
     g: Generator, n: int, label: int | None = None, truncation: float = 1.0, seed: int = 0
@@ -119,14 +131,7 @@ def sample(
     z = torch.randn(n, *g.latent_shape, generator=gen)
     if not g.truncates_w:
         z = z * truncation
-    out = []
-    # a generator that draws noise inside (the EBM's Langevin chains) draws it from torch's
-    # global RNG: seeded here too, without disturbing the caller's stream
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, n, 64):
-            out.append(g.fn(z[start : start + 64], labels[start : start + 64]))
-    return torch.cat(out).clamp(-1, 1)
+    return _generate(g, z, labels, seed)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -160,12 +165,7 @@ def interpolate(g: Generator, rows: int, steps: int, label: int | None = None,
     t = torch.linspace(0, 1, steps)
     z = torch.cat([slerp(a, b, t) for a, b in ends])
     labels = labels_for(g, rows, label).repeat_interleave(steps)
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(z), 64):
-            out.append(g.fn(z[start : start + 64], labels[start : start + 64]))
-    return torch.cat(out).clamp(-1, 1)
+    return _generate(g, z, labels, seed)
 
 
 def main_sample(args) -> int:

@@ -85,7 +85,7 @@ def test_gm_project_writes_target_and_reconstruction_and_refuses_bad_input(tmp_p
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     assert main(["project", str(bad), "--model", str(ckpt), "--out", str(tmp_path / "x.png")]) == 2
-    assert "bad.png: not a readable image" in capsys.readouterr().err
+    assert "bad.png: not an image" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
     dc, dcfg = make("dcgan")
     save_checkpoint(tmp_path / "dcgan.pt", "dcgan", dcfg, INFO, dc.state_dict())

@@ -62,19 +62,15 @@ class EvalConfig:
         )
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    from gm.metrics.classifier import present
-
-    return present(x, size)
-
-
 @torch.no_grad()
 def _embed(clf, images: torch.Tensor, size: int | None, batch: int = 500):
     """(features, logits) of ``images``; ``size`` None: the network resizes itself."""
+    from gm.metrics.classifier import present
+
     feats, logits = [], []
     for start in range(0, len(images), batch):
         x = images[start : start + batch].float()
-        x = x if size is None else _resize(x, size)
+        x = x if size is None else present(x, size)
         f = clf.features(x)
         feats.append(f)
         logits.append(clf.head(f))
