@@ -299,7 +299,7 @@ def read_image(path: Path, channels: int) -> torch.Tensor:
         pixels = decode(str(path), channels, background=(255,) * channels)
     except BadImage as e:
         raise DataError(f"{path}: {e.reason}") from None
-    return to_unit_range(pixels[None])[0]
+    return to_unit_range(pixels[None].copy())[0]  # a writable copy for torch
 
 
 def write_image(path: Path, image: torch.Tensor) -> None:

@@ -355,6 +355,12 @@ def _cmd_project(args) -> int:
     return main_project(args)
 
 
+def _cmd_detect(args) -> int:
+    from gm.detect import main_detect
+
+    return main_detect(args)
+
+
 def _apply_parser(sub, name: str, help_: str, description: str, example: str):
     cmd = sub.add_parser(
         name,
@@ -643,6 +649,24 @@ def build_parser() -> argparse.ArgumentParser:
     prj.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     prj.add_argument("--json", action="store_true", help="one JSON line instead of text")
     prj.set_defaults(func=_cmd_project)
+
+    det = sub.add_parser(
+        "detect",
+        help="score images with a real-vs-generated detector (deep-fake detection)",
+        description="The probability that each image was generated, from a detector trained by "
+        "the detect@<dataset> stage (models/detectors/<dataset>/detector.pt): a table of file, "
+        "P(generated) and the verdict at the detector's calibrated threshold, or --json. "
+        "Folders are searched for image files; images are resized to the detector's "
+        "resolution. Unreadable files are listed on stderr with the reason and the rest are "
+        "scored; the exit status is 1 when no file could be scored. The detector knows only "
+        "the models it was trained against (docs/evaluation.md).",
+        epilog="example: gm detect samples.png photos/ --model models/detectors/emoji/detector.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    det.add_argument("images", nargs="+", help="image files or folders of them")
+    det.add_argument("--model", required=True, help="a detector.pt of the detect stage")
+    det.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    det.set_defaults(func=_cmd_detect)
 
     ev = sub.add_parser(
         "evaluate",

@@ -15,7 +15,8 @@ from gm.data.config import DatasetConfig, PairConfig
 from gm.errors import ConfigError
 
 # Sections later stages own are added here as they land.
-SECTIONS = ("datasets", "pairs", "train", "train_paired", "train_codec", "evaluate", "tune", "rd")
+SECTIONS = ("datasets", "pairs", "train", "train_paired", "train_codec", "evaluate", "tune", "rd",
+            "detect")  # fmt: skip
 # Sections of training jobs (gm.train.job.TrainConfig), in the order job names are looked up.
 JOB_SECTIONS = ("train", "train_paired", "train_codec")
 
@@ -30,6 +31,11 @@ class Params:
     tune: dict[str, Any]  # name → gm.tune.SearchConfig
     train_codec: dict[str, Any]  # name → gm.train.job.TrainConfig (learned codecs)
     rd: dict[str, Any]  # name → gm.metrics.rd.RDConfig
+    detect: dict[str, Any]  # name → gm.detect.DetectConfig
+
+    def jobs_of(self, dataset: str) -> list[str]:
+        """Names of the ``train`` jobs (sampling models) on ``dataset``, in file order."""
+        return [name for name, cfg in self.train.items() if cfg.dataset == dataset]
 
     def job(self, name: str) -> tuple[str, Any]:
         """(section, TrainConfig) of training job ``name`` (train, train_paired, train_codec)."""
@@ -60,8 +66,10 @@ def _parse(raw: dict[str, Any]) -> Params:
     tune_raw = raw.get("tune") or {}
     codec_raw = raw.get("train_codec") or {}
     rd_raw = raw.get("rd") or {}
+    detect_raw = raw.get("detect") or {}
     for key, node in (
         ("tune", tune_raw),
+        ("detect", detect_raw),
         ("train_codec", codec_raw),
         ("rd", rd_raw),
         ("datasets", datasets_raw),
@@ -104,10 +112,29 @@ def _parse(raw: dict[str, Any]) -> Params:
             if name in seen:
                 raise ConfigError(f"{section}.{name}: a job of that name is in {seen[name]} too")
             seen[name] = section
-    result = Params(datasets, pairs, train, evaluate, paired, {}, codecs, {})
+    result = Params(datasets, pairs, train, evaluate, paired, {}, codecs, {}, {})
     result.tune.update(_parse_tune(tune_raw, result))
     result.rd.update(_parse_rd(rd_raw, result))
+    result.detect.update(_parse_detect(detect_raw, result))
     return result
+
+
+def _parse_detect(raw: dict[str, Any], p: Params) -> dict[str, Any]:
+    """Detection stages: a dataset whose train jobs' samples a detector learns to tell from
+    its real images."""
+    from gm.detect import DetectConfig
+
+    out = {}
+    for name, node in raw.items():
+        _check_name("detect", name)
+        where = f"detect.{name}"
+        cfg = from_dict(DetectConfig, node or {}, where)
+        _check_dataset(where, cfg.dataset, p)
+        if not p.jobs_of(cfg.dataset):
+            raise ConfigError(f"{where}.dataset: no job of train samples {cfg.dataset}; "
+                              "the detector needs a model's samples")  # fmt: skip
+        out[name] = cfg
+    return out
 
 
 def _parse_rd(raw: dict[str, Any], p: Params) -> dict[str, Any]:
@@ -120,9 +147,7 @@ def _parse_rd(raw: dict[str, Any], p: Params) -> dict[str, Any]:
         _check_name("rd", name)
         where = f"rd.{name}"
         cfg = from_dict(RDConfig, node or {}, where)
-        if cfg.dataset not in p.datasets:
-            raise ConfigError(f"{where}.dataset: {cfg.dataset!r} is not a key of datasets "
-                              f"({', '.join(p.datasets) or 'none'})")  # fmt: skip
+        _check_dataset(where, cfg.dataset, p)
         if p.datasets[cfg.dataset].channels != 3:
             raise ConfigError(f"{where}.dataset: {cfg.dataset} is not RGB (channels: "
                               f"{p.datasets[cfg.dataset].channels}); the baselines code "
@@ -238,6 +263,12 @@ def _parse_paired(raw: dict[str, Any], pairs: dict[str, PairConfig]) -> dict[str
             )
         out[name] = cfg
     return out
+
+
+def _check_dataset(where: str, dataset: str, p: Params) -> None:
+    if dataset not in p.datasets:
+        raise ConfigError(f"{where}.dataset: {dataset!r} is not a key of datasets "
+                          f"({', '.join(p.datasets) or 'none'})")  # fmt: skip
 
 
 def _check_name(section: str, name: object) -> None:

@@ -24,6 +24,20 @@ VEGA_LITE = "5.21"
 TEMPLATE = Path(__file__).resolve().parents[1] / ".dvc" / "html" / "offline.html"
 
 
+def figure_image(fig):
+    """A matplotlib figure rendered to an RGB PIL image (the figure is closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
 def curve_columns(columns: list[str] | set[str]) -> list[str]:
     """The history columns worth a chart, in a stable order: losses (``loss/*``), ``kid``,
     the first learning rate (``lr/*``; a family's modules share their schedule), images/s,

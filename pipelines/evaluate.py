@@ -24,11 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classifier", required=True, help="the dataset's classifier.pt")
     ap.add_argument("--dataset", required=True, help="prepared dataset folder")
     ap.add_argument("--out", required=True, help="metrics JSON to write (atomically)")
+    ap.add_argument("--samples", help="also write the generated images here (Parquet, for the "
+                    "detect stage)")  # fmt: skip
     args = ap.parse_args(argv)
     p = params.load(args.params)
     if args.name not in p.train:
         raise ConfigError(f"{args.params}: train.{args.name}: no such training job")
-    results = evaluate_checkpoint(args.checkpoint, args.classifier, args.dataset, p.evaluate)
+    results = evaluate_checkpoint(
+        args.checkpoint, args.classifier, args.dataset, p.evaluate, samples_path=args.samples
+    )
     results = {"name": args.name, "dataset": p.train[args.name].dataset, **results}
     write_json(args.out, results)
     log_to_mlflow(repo_root(), results)

@@ -139,6 +139,75 @@ def table(evals: list[dict]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def merge_detection(evals: list[dict], reports: list[dict]) -> None:
+    """Each model's detectability from the detect@ reports into its evaluation dict, as
+    ``detect_<metric>`` (``detect_auc``, ``detect_accuracy``, ``detect_auc_jpeg75`` ...)."""
+    by_name = {e["name"]: e for e in evals}
+    for rep in reports:
+        for job, row in rep.get("models", {}).items():
+            e = by_name.get(job)
+            if e is None:
+                continue
+            if "unavailable" in row:
+                e["detect_unavailable"] = row["unavailable"]
+                continue
+            e |= {f"detect_{k}": v for k, v in row.items()
+                  if isinstance(v, float) and not isinstance(v, bool)}  # fmt: skip
+
+
+def detection_table(evals: list[dict], reports: list[dict]) -> str:
+    """Markdown: how detectable each model's images are (detect@ reports), '' when none."""
+    rows = [e for e in evals if any(k.startswith("detect_") for k in e)]
+    if not rows:
+        return ""
+    conds = []
+    for rep in reports:
+        conds += [c for c in rep.get("conditions", []) if c != "clean" and c not in conds]
+    key = {c: "detect_auc_loo" if c == "leave-one-family-out" else f"detect_auc_{c}"
+           for c in conds}  # fmt: skip
+    label = {c: "AUC, family unseen" if c == "leave-one-family-out" else f"AUC after {c}"
+             for c in conds}  # fmt: skip
+    lines = [
+        "| dataset | model | family | ROC-AUC | AP | accuracy (C2ST) | "
+        + " | ".join(label[c] for c in conds)
+        + " |",
+        "|" + "---|" * (6 + len(conds)),
+    ]
+    ci = lambda e, k: (f"{e[k]:.3f} [{e[k + '_ci_low']:.3f}, {e[k + '_ci_high']:.3f}]"  # noqa: E731
+                       if k + "_ci_low" in e else f"{e[k]:.3f}")  # fmt: skip
+    for e in rows:
+        if "detect_unavailable" in e:
+            lines.append(
+                f"| {e.get('dataset', '')} | {e['name']} | {e['family']} | n/a¹ | "
+                + " | ".join("n/a¹" for _ in range(2 + len(conds)))
+                + " |"
+            )
+            continue
+        cells = [ci(e, "detect_auc"), f"{e['detect_ap']:.3f}", ci(e, "detect_accuracy")]
+        cells += [f"{e[key[c]]:.3f}" if key[c] in e else "–" for c in conds]
+        lines.append(f"| {e.get('dataset', '')} | {e['name']} | {e['family']} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    res = ", ".join(f"{r['dataset']} {r['resolution']}x{r['resolution']} (threshold "
+                    f"{r['threshold']:.3g})" for r in reports)  # fmt: skip
+    notes = [
+        "",
+        "A small CNN per dataset (detect@<dataset>, gm.detect; " + res + ") learned to tell "
+        "real train images from 60 % of every model's evaluation samples; each model is "
+        "scored on its held-out samples against the real test images at its resolution. "
+        "ROC-AUC 0.5 and accuracy 0.5 mean the detector cannot tell the model's images from "
+        "real ones (accuracy: balanced, at the threshold calibrated on validation images: "
+        "the two-sample classifier test); 1 means every image is caught. Brackets: 95 % "
+        "bootstrap intervals over the held-out images. The perturbed columns apply JPEG or a "
+        "resize to real and generated test images alike; 'family unseen' is a detector "
+        "trained without any sample of that family. Limits: docs/evaluation.md.",
+    ]
+    unavailable = [e for e in rows if "detect_unavailable" in e]
+    if unavailable:
+        notes += ["", "¹ " + "; ".join(f"{e['name']}: {e['detect_unavailable']}"
+                                        for e in unavailable) + "."]  # fmt: skip
+    return "\n".join(lines + notes) + "\n"
+
+
 def _rank_cell(e: dict, ties: set[tuple[str, int]]) -> str:
     if "rank" not in e:
         return "–"
@@ -151,14 +220,22 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="pipelines.summary", description=__doc__)
     ap.add_argument("--evals", required=True, help="folder of evaluate@<name> JSON files")
+    ap.add_argument("--detect", help="folder of detect@<dataset> JSON reports (optional)")
     ap.add_argument("--out", required=True, help="folder for summary.md and summary.json")
     args = ap.parse_args(argv)
     files = sorted(Path(args.evals).glob("*.json"))
     if not files:
         raise DataError(f"{args.evals}: no evaluation files")
     evals = rank([json.loads(f.read_text()) for f in files])
+    detect = []
+    if args.detect:
+        detect = [json.loads(f.read_text()) for f in sorted(Path(args.detect).glob("*.json"))]
+        merge_detection(evals, detect)
     out = Path(args.out)
     text = table(evals)
+    found = detection_table(evals, detect)
+    if found:
+        text += "\n## How detectable each model's images are\n\n" + found
     write_text(out / "summary.md", "# Trained models, ranked by FID within each dataset\n\n" + text)
     write_json(
         out / "summary.json",

@@ -59,6 +59,21 @@ def toy_dataset(raw_folder, tmp_path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """The real digits dataset up to 16x16 (levels 4, 8, 16; materialized from scikit-learn,
+    like the default)."""
+    from gm.data.config import DatasetConfig
+    from gm.data.prepare import prepare_dataset
+    from gm.data.sources import materialize
+
+    root = tmp_path_factory.mktemp("digits")
+    materialize(root / "raw", only=["digits"], progress=False)
+    cfg = DatasetConfig(top_resolution=16, channels=1, undersize="upscale", resample="bicubic")
+    prepare_dataset(root / "raw/digits", root / "ds", cfg, progress=False)
+    return root / "ds"
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session (never attaches to a cluster)."""

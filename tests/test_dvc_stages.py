@@ -72,6 +72,17 @@ PARAMS = {
     "tune": {},  # dvc.yaml's foreach stages need every section they iterate, even empty
     "train_codec": {},
     "rd": {},
+    # mechanics only: 12 samples leave 2 held out (min_images 2)
+    "detect": {
+        "toy": {
+            "dataset": "toy",
+            "steps": 4,
+            "batch_size": 4,
+            "min_images": 2,
+            "bootstrap": 0,
+            "leave_one_out": False,
+        }
+    },  # fmt: skip
 }
 
 
@@ -117,6 +128,7 @@ def test_repro_builds_everything_then_does_nothing(repo):
         "classifier@toy",
         "classifier@gray",
         "evaluate@toy_gan",
+        "detect@toy",
         "summary",
     }
     for f in (
@@ -131,19 +143,28 @@ def test_repro_builds_everything_then_does_nothing(repo):
         "models/toy_sr_gan/samples.png",
         "models/classifiers/toy/classifier.pt",
         "reports/eval/toy_gan.json",
+        "samples/toy/toy_gan.parquet",
+        "models/detectors/toy/detector.pt",
+        "reports/detect/toy.json",
+        "reports/detect/toy.png",
         "reports/summary.md",
     ):
         assert (repo / f).is_file(), f
     # DVC's .gitignore beside each file output survives the stages: no output shows in git
     status = sh(["git", "status", "--porcelain", "--untracked-files=all"], repo).stdout
-    outputs = [x for x in status.splitlines() if x[3:].startswith(("models/", "datasets/"))]
+    outs = ("models/", "datasets/", "samples/")
+    outputs = [x for x in status.splitlines() if x[3:].startswith(outs)]
     assert not [x for x in outputs if x.endswith((".pt", ".png", ".parquet"))], outputs
     assert not [x for x in outputs if x.startswith(" D")], outputs  # no .gitignore deleted
     metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert metrics[""]["data"]["models/toy_gan/metrics.json"]["data"]["step"] == 4
     evaluated = metrics[""]["data"]["reports/eval/toy_gan.json"]["data"]
     assert evaluated["fid"] > 0 and "fid_baseline" in evaluated
-    assert "| toy | 1 | toy_gan | cgan | 4 |" in (repo / "reports/summary.md").read_text()
+    summary = (repo / "reports/summary.md").read_text()
+    assert "| toy | 1 | toy_gan | cgan | 4 |" in summary
+    detected = metrics[""]["data"]["reports/detect/toy.json"]["data"]["models"]["toy_gan"]
+    assert 0 <= detected["auc"] <= 1
+    assert f"| toy | toy_gan | cgan | {detected['auc']:.3f}" in summary
     # dvc plots: a chart per curve of each training, a point per logged step, and no warning
     r = sh(["dvc", "plots", "show", "--json"], repo)
     assert "failed to load" not in r.stdout + r.stderr
@@ -196,6 +217,7 @@ def test_repro_builds_everything_then_does_nothing(repo):
     assert ran(sh(["dvc", "repro"], repo).stdout) == {
         "train@toy_gan",
         "evaluate@toy_gan",
+        "detect@toy",
         "summary",
     }
     metrics = json.loads((repo / "models/toy_gan/metrics.json").read_text())

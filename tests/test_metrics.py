@@ -8,8 +8,6 @@ import json
 import pytest
 import torch
 
-from gm.data.config import DatasetConfig
-from gm.data.prepare import prepare_dataset
 from gm.errors import ConfigError
 from gm.metrics import quality
 from gm.metrics.classifier import (
@@ -102,18 +100,6 @@ def test_paired_metrics_in_the_registry_sit_beside_their_baseline():
     assert r["psnr"] > r["psnr_baseline"] and r["ssim"] > r["ssim_baseline"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The real digits dataset at 16x16 (materialized from scikit-learn, like the default)."""
-    from gm.data.sources import materialize
-
-    root = tmp_path_factory.mktemp("digits")
-    materialize(root / "raw", only=["digits"], progress=False)
-    cfg = DatasetConfig(top_resolution=16, channels=1, undersize="upscale", resample="bicubic")
-    prepare_dataset(root / "raw/digits", root / "ds", cfg, progress=False)
-    return root / "ds"
-
-
 def test_domain_classifier_learns_digits_and_round_trips(digits, tmp_path):
     cfg = ClassifierConfig(width=8, features=32, steps=250, batch_size=64, lr=0.003)
     net, report = train_classifier(digits, 16, cfg, progress=False)
@@ -189,7 +175,8 @@ def test_evaluation_of_a_checkpoint_sits_beside_its_baseline(digits, tmp_path):
     trainer = Trainer(fam.build(mcfg, info))
     save_checkpoint(tmp_path / "m.pt", "cvae", mcfg, info, trainer.state_dict())
     ev = EvalConfig(num_samples=200)
-    r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", digits, ev)
+    r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", digits, ev,
+                            samples_path=tmp_path / "s.parquet")  # fmt: skip
     # An untrained model is far from the data; real train images are close to real test ones.
     assert r["fid"] > 2 * r["fid_baseline"] and r["kid"] > r["kid_baseline"]
     # enough images (171 test): every metric a number with its interval, nothing withheld
@@ -203,6 +190,14 @@ def test_evaluation_of_a_checkpoint_sits_beside_its_baseline(digits, tmp_path):
     # its own resolution here: its reported test accuracy)
     assert r["conditional_accuracy_baseline"] == pytest.approx(report["test_accuracy"])
     assert r["conditional_presentation"] == "16x16: the classifier's resolution"
+    # the samples it scored, kept for the detect stage: 8-bit, labelled, split 6/2/2
+    from gm.detect import open_samples
+
+    kept = open_samples(tmp_path / "s.parquet")
+    sizes = {k: len(v) for k, v in kept.splits.items()}
+    assert sizes == {"train": 120, "val": 40, "test": 40} and kept.resolution == 16
+    assert kept.meta["family"] == "cvae" and kept.meta["step"] == 0
+    assert sorted(kept.splits["train"].labels.unique().tolist()) == list(range(10))
 
 
 def _rank0_only_metrics(rank, port, out):

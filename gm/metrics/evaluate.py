@@ -123,7 +123,11 @@ def evaluate_checkpoint(
     classifier: str | os.PathLike,
     dataset_dir: str | os.PathLike,
     cfg: EvalConfig,
+    samples_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
+    """The model's metrics (``cfg.metrics``) beside their real baselines, with the extractor
+    and resize used. ``samples_path``: also write the generated images there (8-bit Parquet,
+    :func:`gm.detect.write_samples`), for the detect stage."""
     from gm.data.readers import to_unit_range
     from gm.metrics.classifier import load_classifier
     from gm.train.checkpoint import load_checkpoint, trainer_from_checkpoint
@@ -182,6 +186,13 @@ def evaluate_checkpoint(
         count = min(250, n - start)
         fakes.append(trainer.sample(count, lab, seed=cfg.seed * 100_003 + i))
     fake_x = torch.cat(fakes)
+    if samples_path is not None:
+        from gm.detect import write_samples
+
+        meta = {"family": payload["family"], "step": payload["trainer"]["step"],
+                "mlflow_run_id": payload["extra"].get("mlflow_run_id", ""),
+                "seed": cfg.seed}  # fmt: skip
+        write_samples(samples_path, fake_x, labels, meta)
     _, label_logits = _embed(clf, fake_x, size)  # conditional accuracy: the domain classifier
     real_f, real_logits = _embed_rows(net, test, None, net_size, batch=100)
     real_label_logits = None

@@ -313,7 +313,6 @@ def plot_rd(result: dict[str, Any], title: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
     curves = [(b.upper() if b != "jpeg2000" else "JPEG 2000", pts, "o-", 1.2)
@@ -334,11 +333,9 @@ def plot_rd(result: dict[str, Any], title: str):
                  f"BD-rate of the learned codec vs {result['anchor'].upper()}: {bd_text}",
                  fontsize=10)  # fmt: skip
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    from gm.plots import figure_image
+
+    return figure_image(fig)
 
 
 def rd_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
