@@ -58,7 +58,7 @@ class DetectConfig:
     dataset: str = ""  # a key of datasets: its real images and its models' samples
     width: int = 8  # the CNN's first conv width (doubled per downsampling)
     features: int = 64
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 32  # real and generated images each, per step
     lr: float = 2e-3
     weight_decay: float = 1e-4

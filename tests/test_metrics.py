@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gm.errors import ConfigError
+from gm.errors import ConfigError, DataError
 from gm.metrics import quality
 from gm.metrics.classifier import (
     ClassifierConfig,
@@ -571,3 +571,39 @@ def test_the_summary_ties_models_whose_fid_intervals_overlap():
             for line in table(evals).splitlines() if line.startswith("| d |")}  # fmt: skip
     assert rows == {"a": "1=", "b": "1=", "c": "3=", "e": "3=", "f": "5"}
     assert "20 [18, 23] (real 3)" in table(evals) and "share a rank" in table(evals)
+
+
+def test_fid_is_torchmetrics_fid_and_bits_per_dim_can_use_a_test_subset(digits, tmp_path):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from gm.config import from_dict
+    from gm.metrics.evaluate import evaluate_checkpoint
+    from gm.metrics.quality import _Features, fid
+    from gm.registry import families
+    from gm.train.checkpoint import save_checkpoint
+    from gm.train.loop import Trainer
+    from gm.train.protocol import DataInfo
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(60, 16, generator=g), torch.randn(90, 16, generator=g) * 1.3 + 0.2
+    m = FrechetInceptionDistance(feature=_Features(16), sync_on_compute=False)
+    m.update(real.double(), real=True)
+    m.update(fake.double(), real=False)
+    assert fid(real, fake) == pytest.approx(float(m.compute()), rel=1e-9)
+    with pytest.raises(DataError, match="FID needs >= 2 samples"):
+        fid(real[:1], fake)
+    cfg = ClassifierConfig(width=8, features=32, steps=10, batch_size=64)
+    net, report = train_classifier(digits, 16, cfg, progress=False)
+    save_classifier(tmp_path / "c.pt", net, cfg, report)
+    fam = families()["cvae"]
+    mcfg = from_dict(fam.config, {"z_dim": 4, "width": 8, "embed_dim": 4}, "cvae")
+    save_checkpoint(tmp_path / "m.pt", "cvae", mcfg, DataInfo(16, 1, 10),
+                    Trainer(fam.build(mcfg, DataInfo(16, 1, 10))).state_dict())  # fmt: skip
+    runs = {}
+    for k in (0, 20):
+        ev = EvalConfig(num_samples=20, metrics=("bits_per_dim",), likelihood_images=k,
+                        min_images=2, bootstrap=0)  # fmt: skip
+        runs[k] = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", digits, ev)
+    assert runs[20]["bits_per_dim_images"] == 20
+    assert runs[0]["bits_per_dim_images"] == runs[0]["num_real"] > 20
+    assert runs[20]["bits_per_dim"] != runs[0]["bits_per_dim"] and runs[20]["bits_per_dim"] > 0
