@@ -49,8 +49,9 @@ from gm.config import check
 from gm.errors import DataError
 
 KIND = "gm-detector"
-# sample rows by their place in a fixed permutation, modulo 10: TRAIN_MOD train, VAL_MOD val
-TRAIN_MOD, VAL_MOD = range(6), range(6, 8)
+# sample rows, by their place in a fixed permutation modulo 10: below TRAIN_TENTHS train, then
+# VAL_TENTHS val, the rest test
+TRAIN_TENTHS, VAL_TENTHS = 6, 2
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,11 @@ class DetectConfig:
 
 def sample_splits(n: int) -> np.ndarray:
     """The split of each of ``n`` sample rows: a fixed permutation of the positions taken
-    modulo 10 (:data:`TRAIN_MOD` train, :data:`VAL_MOD` val, the rest test), so that 6, 2 and
+    modulo 10 (:data:`TRAIN_TENTHS` train, :data:`VAL_TENTHS` val, the rest test), so that 6, 2 and
     2 in 10 rows go to each and the classes asked for in turn (``i % num_classes``) mix."""
     pos = np.random.default_rng(0).permutation(n) % 10
-    return np.where(pos < len(TRAIN_MOD), "train", np.where(pos < VAL_MOD.stop, "val", "test"))
+    val = TRAIN_TENTHS + VAL_TENTHS
+    return np.where(pos < TRAIN_TENTHS, "train", np.where(pos < val, "val", "test"))
 
 
 def write_samples(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor | None,
@@ -525,11 +527,10 @@ def log_to_mlflow(root, report: dict[str, Any], detector_sha256: str) -> int:
 # gm detect
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
 def image_files(paths: list[str]) -> list[Path]:
-    """Files named, and image files (by suffix) under folders named, in order."""
+    """Files named, and image files (the datasets' suffixes) under folders named, in order."""
+    from gm.data.archives import IMAGE_SUFFIXES
+
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
