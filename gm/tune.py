@@ -218,6 +218,8 @@ def check_search(search: SearchConfig, job, where: str) -> None:
             f"{where}.job: trials train in one process each; {search.job} has "
             f"run.num_workers {job.run.num_workers}: search with 1 worker per trial"
         )
+    if search.metric == "kid" and not job.run.kid_samples:
+        raise ConfigError(f"{where}.metric: kid, but {search.job} has run.kid_samples 0 (no KID)")
 
 
 def overrides(section: str, job_name: str, values: dict[str, Any], job) -> dict[str, Any]:

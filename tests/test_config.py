@@ -95,7 +95,7 @@ def test_repository_params_are_valid():
         ),
         (
             lambda d: d["train"]["gan"].update(run={"kid_samples": 4}),
-            "train.gan.run.kid_samples: must be >= 8",
+            "train.gan.run.kid_samples: must be 0 (off) or >= 8",
         ),
         (
             lambda d: d["train"]["gan"].update(run={"batch_size": "64"}),

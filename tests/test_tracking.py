@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -160,6 +161,15 @@ def test_one_run_per_training_with_metrics_images_model_and_lineage(
     assert len(client.search_runs([run.info.experiment_id])) == 1
     steps = [x.step for x in client.get_metric_history(run.info.run_id, "loss/G")]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+    # run.kid_samples 0: the same stage with its classifier but no in-training KID
+    job = tiny_job(steps=2)
+    job = dataclasses.replace(job, run=dataclasses.replace(job.run, kid_samples=0))
+    off = project / "models/no_kid"
+    m3 = run_job("no_kid", job, ds, off, project, progress=False, classifier=project / "clf.pt")
+    assert "kid" not in m3 and "kid" not in next(csv.DictReader((off / "history.csv").open()))
+    assert client.get_metric_history(m3["mlflow_run_id"], "kid") == []
+    assert not (off / "plots" / "kid.csv").exists()
 
 
 @pytest.mark.slow

@@ -93,6 +93,10 @@ def test_searched_keys_must_exist_in_the_jobs_config_and_give_valid_configs():
     two_workers = dcgan_job(num_workers=2)
     with pytest.raises(ConfigError, match="one process each"):
         check_search(ok, two_workers, "tune.t")
+    no_kid = dcgan_job(kid_samples=0)  # the in-training KID is off: nothing to rank by
+    with pytest.raises(ConfigError, match=r"tune\.t\.metric: kid, but toy has run.kid_samples 0"):
+        check_search(ok, no_kid, "tune.t")
+    check_search(SearchConfig(job="toy", metric="loss/G", space=ok.space), no_kid, "tune.t")
 
 
 def test_params_tune_section_names_an_existing_job(tmp_path):

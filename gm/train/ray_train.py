@@ -63,7 +63,8 @@ class RunSettings:
     mirror: bool = False
     # samples (and as many validation images) of the in-training KID at each checkpoint, when
     # the stage has a domain classifier: its cost is this many samples (an unrolled sampler's
-    # many network calls each); evaluate@ scores the final model on evaluate.num_samples
+    # many network calls each); evaluate@ scores the final model on evaluate.num_samples.
+    # 0: no in-training KID (a one-checkpoint run whose evaluate@ stage scores it anyway)
     kid_samples: int = 256
 
     @property
@@ -76,7 +77,8 @@ class RunSettings:
         check(0.0 <= self.ema_beta < 1.0, "ema_beta", "must be in [0, 1)")
         check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: unlimited)")
         check(self.log_every >= 0, "log_every", "must be >= 0 (0: steps / 50)")
-        check(self.kid_samples >= 8, "kid_samples", "must be >= 8 (KID needs subsets)")
+        check(self.kid_samples == 0 or self.kid_samples >= 8, "kid_samples",
+              "must be 0 (off) or >= 8 (KID needs subsets)")  # fmt: skip
 
 
 def shard_indices(n: int, step: int, batch_size: int, rank: int, world: int, seed: int):
@@ -283,7 +285,7 @@ def run_loop(config: dict[str, Any], host) -> None:
         from gm.metrics.paired import PairedProbe
 
         paired_probe = PairedProbe(config["dataset_dir"], source)
-    elif rank == 0 and config.get("classifier"):
+    elif rank == 0 and config.get("classifier") and run.kid_samples:
         from gm.metrics.evaluate import KidProbe
 
         kid_probe = KidProbe(config["classifier"], config["dataset_dir"], info, n=run.kid_samples,
