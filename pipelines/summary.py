@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evals", required=True, help="folder of evaluate@<name> JSON files")
     ap.add_argument("--detect", help="folder of detect@<dataset> JSON reports (optional)")
     ap.add_argument("--out", required=True, help="folder for summary.md and summary.json")
+    ap.add_argument("--params", help="params.yaml: its train jobs' ablations, seed-averaged")
     args = ap.parse_args(argv)
     files = sorted(Path(args.evals).glob("*.json"))
     if not files:
@@ -236,11 +237,22 @@ def main(argv: list[str] | None = None) -> int:
     found = detection_table(evals, detect)
     if found:
         text += "\n## How detectable each model's images are\n\n" + found
+    numbers = {e["name"]: {k: v for k, v in e.items() if isinstance(v, int | float)}
+               for e in evals}  # fmt: skip
+    if args.params:
+        from gm import params
+        from gm.metrics.ablation import ablation_rows, ablation_table
+
+        rows = ablation_rows(evals, params.load(args.params).train)
+        if rows:
+            text += "\n## Ablations: mean ± standard deviation over training seeds\n\n"
+            text += ablation_table(rows)
+        for r in rows:  # job names cannot hold "/": no clash with a model's entry
+            numbers[f"ablation/{r['group']}/{r['setting']}"] = {
+                k: v for k, v in r.items() if isinstance(v, int | float) and k != "resolution"
+            }
     write_text(out / "summary.md", "# Trained models, ranked by FID within each dataset\n\n" + text)
-    write_json(
-        out / "summary.json",
-        {e["name"]: {k: v for k, v in e.items() if isinstance(v, int | float)} for e in evals},
-    )
+    write_json(out / "summary.json", numbers)
     print(text)
     return 0
 

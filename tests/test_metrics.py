@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from gm.errors import ConfigError, DataError
 from gm.metrics import quality
@@ -571,6 +572,57 @@ def test_the_summary_ties_models_whose_fid_intervals_overlap():
             for line in table(evals).splitlines() if line.startswith("| d |")}  # fmt: skip
     assert rows == {"a": "1=", "b": "1=", "c": "3=", "e": "3=", "f": "5"}
     assert "20 [18, 23] (real 3)" in table(evals) and "share a rank" in table(evals)
+
+
+def test_the_summary_averages_an_ablation_over_seeds_and_keeps_other_jobs_out(tmp_path):
+    """Jobs identical but for model.augment and run.seed form one ablation: a line per setting
+    with the mean and sample standard deviation over its seeds, in the Markdown and in
+    summary.json; a job that differs in anything else (steps) is not part of it."""
+    import statistics
+
+    from pipelines.summary import main
+
+    job = lambda aug, seed, steps=100: {  # noqa: E731
+        "family": "dcgan",
+        "dataset": "toy",
+        "model": {"ngf": 8, "augment": aug},
+        "run": {"steps": steps, "batch_size": 8, "checkpoint_every": 50, "seed": seed},
+    }
+    train = {f"dc_{a}_s{s}": job(a, s) for a in ("none", "ada", "diffaug") for s in (0, 1, 2)}
+    train["dc_ada_s0"]["model"]["ada_target"] = 0.7  # ADA's own settings may differ
+    train["longer"] = job("ada", 0, steps=200)
+    train["alone"] = job("none", 5) | {"family": "cgan"}
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"datasets": {"toy": {"top_resolution": 16, "channels": 3}}, "train": train})
+    )
+    fids = {"none": [30.0, 34.0, 38.0], "ada": [20.0, 21.0, 25.0], "diffaug": [24.0, 24.0, 27.0]}
+    ex = {"sha256": "a" * 64, "path": "c.pt", "resize": "none"}
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    for name in train:
+        a, s = (name.split("_")[1], int(name[-1])) if name.startswith("dc_") else ("none", 0)
+        fid = fids[a][s] if name.startswith("dc_") else {"longer": 50.0, "alone": 99.0}[name]
+        (evals / f"{name}.json").write_text(json.dumps({
+            "name": name, "dataset": "toy", "family": train[name]["family"], "step": 100,
+            "extractor": ex, "fid": fid, "kid": fid / 1e4}))  # fmt: skip
+    out = tmp_path / "reports"
+    params = str(tmp_path / "params.yaml")
+    assert main(["--evals", str(evals), "--out", str(out), "--params", params]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {k: v for k, v in summary.items() if k.startswith("ablation/")}
+    assert sorted(rows) == ["ablation/dc/ada", "ablation/dc/diffaug", "ablation/dc/none"]
+    for a, values in fids.items():
+        r = rows[f"ablation/dc/{a}"]
+        assert r["n"] == 3 and r["fid_mean"] == pytest.approx(statistics.mean(values))
+        assert r["fid_std"] == pytest.approx(statistics.stdev(values))
+        assert r["kid_mean"] == pytest.approx(statistics.mean(values) / 1e4)
+    assert summary["longer"]["fid"] == 50.0 and summary["alone"]["fid"] == 99.0
+    md = (out / "summary.md").read_text()
+    lines = [x for x in md.splitlines() if x.startswith("| dc |")]
+    assert [x.split("|")[4].strip() for x in lines] == ["none", "ada", "diffaug"]
+    assert "34 ± 4" in lines[0] and "0, 1, 2" in lines[0] and "mean ± sample standard" in md
+    main(["--evals", str(evals), "--out", str(out)])  # without params: no ablation section
+    assert "Ablations" not in (out / "summary.md").read_text()
 
 
 def test_fid_is_torchmetrics_fid_and_bits_per_dim_can_use_a_test_subset(digits, tmp_path):
