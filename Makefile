@@ -12,11 +12,12 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 PIP_QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2 || true)
 
-.PHONY: help venv data repro repro-long browser test test-fast lint bench gpu-check lock clean
+.PHONY: help venv data repro repro-long repro-quality browser test test-fast lint bench gpu-check lock clean
 
 help:
 	@echo "make repro     set up the venv, materialize data/ if missing, run dvc repro (one local Ray for all stages: gm with-ray)"
 	@echo "make repro-long  after repro: the context-model codec's λ sweep (~75 min), as a DVC experiment"
+	@echo "make repro-quality after repro: longer runs and a 3-seed augmentation ablation (~1 h), reports/quality/"
 	@echo "make test      set up the venv and run the whole test suite"
 	@echo "make test-fast the tests not marked slow"
 	@echo "make lint      ruff check and format check"
@@ -48,6 +49,14 @@ repro: data
 # main that only the preset makes, so `dvc status` after `make repro` is clean.
 repro-long: repro
 	gm with-ray -- python -m gm.preset presets/long/params.yaml --name long
+
+# The quality preset's summary, evaluations, detection reports and sample grids are copied to
+# reports/quality/ (committed); the workspace holds the experiment until `dvc exp apply` of another.
+QUALITY_KEEP := reports/summary.md reports/summary.json reports/eval reports/detect \
+  $(foreach m,cgan cvae ddpm aae dcgan progan stylegan lapgan,models/$(m)/samples.png)
+repro-quality: repro
+	gm with-ray -- python -m gm.preset presets/quality/params.yaml --name quality \
+	  --keep $(QUALITY_KEEP) --into reports/quality
 
 # The browser test opens the MLflow UI in Debian's headless Chromium: installed here when it is
 # missing on a Debian machine where we are root (CI); elsewhere that one test is skipped.

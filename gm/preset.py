@@ -9,7 +9,23 @@ warn of nothing absent, and ``dvc status`` after ``make repro`` says the pipelin
 The experiment reruns only what the preset changes; its params, ``dvc.lock`` and metrics are
 kept as a DVC experiment (``dvc exp show``, ``dvc exp diff``, ``dvc exp apply <name>``).
 
-Usage: ``python -m gm.preset PRESET.yaml [--name NAME] [--params params.yaml] [--dry]``.
+A preset may also hold an ``ablation`` section, expanded into ``train`` jobs (:func:`expand`)::
+
+    ablation:
+      key: model.augment            # the dotted job key the ablation varies
+      values: [none, ada, diffaug]
+      seeds: [0, 1, 2]              # run.seed of each copy
+      jobs: {cgan_ab: {family: cgan, dataset: digits, ...}}   # full train jobs
+
+gives ``train.cgan_ab_none_s0`` … ``train.cgan_ab_diffaug_s2``: 9 jobs that differ only in
+``model.augment`` and ``run.seed``, which the summary stage averages (gm.metrics.ablation).
+
+``--keep PATH … --into DIR`` copies what the experiment wrote (reports) into ``DIR`` after it
+succeeds, replacing ``DIR`` whole, so that a preset's results can be committed beside the
+default pipeline's (``make repro-quality``: reports/quality/).
+
+Usage: ``python -m gm.preset PRESET.yaml [--name NAME] [--params params.yaml] [--dry]
+[--keep PATH ... --into DIR]``.
 """
 
 from __future__ import annotations
@@ -38,6 +54,79 @@ def merge(base: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def expand(preset: dict[str, Any], where: str = "preset") -> dict[str, Any]:
+    """``preset`` with its ``ablation`` section (see the module docstring) turned into
+    ``train`` entries ``<job>_<value>_s<seed>``; ``ConfigError`` naming the key when the
+    section is malformed or a generated name is already a ``train`` entry of the preset."""
+    preset = copy.deepcopy(preset)
+    ab = preset.pop("ablation", None)
+    if ab is None:
+        return preset
+    w = f"{where}: ablation"
+    if not isinstance(ab, dict) or set(ab) != {"key", "values", "seeds", "jobs"}:
+        raise ConfigError(f"{w}: expected exactly the keys key, values, seeds, jobs")
+    key, values, seeds, jobs = ab["key"], ab["values"], ab["seeds"], ab["jobs"]
+    if not isinstance(key, str) or not key or key == "run.seed":
+        raise ConfigError(f"{w}.key: {key!r}: a dotted job key other than run.seed")
+    for name, lst in (("values", values), ("seeds", seeds)):
+        if not isinstance(lst, list) or len(lst) < 1 or len(set(map(repr, lst))) != len(lst):
+            raise ConfigError(f"{w}.{name}: {lst!r}: a list of distinct values")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+        raise ConfigError(f"{w}.seeds: {seeds!r}: seeds are integers >= 0")
+    if not isinstance(jobs, dict) or not jobs:
+        raise ConfigError(f"{w}.jobs: a mapping of train jobs")
+    train = preset.setdefault("train", {})
+    for job, spec in jobs.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{w}.jobs.{job}: a train job (a mapping)")
+        for value in values:
+            for seed in seeds:
+                name = f"{job}_{value}_s{seed}"
+                if name in train:
+                    raise ConfigError(f"{w}: {name} is also a train entry of the preset")
+                entry = copy.deepcopy(spec)
+                _set(entry, key, value)
+                _set(entry, "run.seed", seed)
+                train[name] = entry
+    return preset
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *head, last = dotted.split(".")
+    for part in head:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
+
+
+def keep(paths: list[str], into: str | Path) -> None:
+    """Copy ``paths`` (relative files or folders) into the folder ``into``, each without its
+    first component (``reports/eval`` → ``into/eval``, ``models/cgan/samples.png`` →
+    ``into/cgan/samples.png``). ``into`` is replaced whole: everything is copied to a
+    temporary sibling first, then renamed into place. ``ConfigError`` for a missing path or
+    two paths with the same destination, before anything is copied."""
+    import shutil
+
+    into = Path(into)
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise ConfigError(f"--keep: {', '.join(missing)}: no such file or folder")
+    dest = {p: Path(*Path(p).parts[1:]) if len(Path(p).parts) > 1 else Path(p) for p in paths}
+    if len(set(dest.values())) != len(dest):
+        raise ConfigError(f"--keep: {', '.join(paths)}: two paths have the same destination")
+    tmp = into.with_name(f".{into.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p, d in dest.items():
+        (tmp / d).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if Path(p).is_dir() else shutil.copy2)(p, tmp / d)
+    old = into.with_name(f".{into.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if into.exists():
+        into.rename(old)
+    tmp.rename(into)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def overrides(base: dict[str, Any], preset: dict[str, Any]) -> list[str]:
     """The ``dvc exp run -S`` overrides that turn ``base`` into ``merge(base, preset)``: one per
     leaf of the preset, ``++`` where ``base`` lacks the key (DVC refuses a plain ``key=``)."""
@@ -56,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", help="the experiment's name (default: the preset's folder)")
     ap.add_argument("--params", default="params.yaml", help="the root params file")
     ap.add_argument("--dry", action="store_true", help="print the command, run nothing")
+    ap.add_argument("--keep", nargs="+", default=[], metavar="PATH",
+                    help="after a successful run, copy these outputs into --into")  # fmt: skip
+    ap.add_argument("--into", help="the folder --keep copies into (replaced whole)")
     args = ap.parse_args(argv)
+    if bool(args.keep) != bool(args.into):
+        ap.error("--keep and --into go together")
 
     @guarded
     def run() -> int:
@@ -68,13 +162,20 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{getattr(e, 'filename', None) or path}: {e}") from None
         if not isinstance(preset, dict):
             raise ConfigError(f"{path}: expected a mapping of params.yaml entries")
+        preset = expand(preset, str(path))
         params.parse(merge(base, preset), f"{root} with {path}")  # bad keys named, before DVC
         name = args.name or path.parent.name
         cmd = ["dvc", "exp", "run", "--name", name]
         for o in overrides(base, preset):
             cmd += ["-S", o]
         print(" ".join(shlex.quote(c) for c in cmd), flush=True)
-        return 0 if args.dry else subprocess.run(cmd).returncode
+        if args.dry:
+            return 0
+        rc = subprocess.run(cmd).returncode
+        if rc == 0 and args.keep:
+            keep(args.keep, args.into)
+            print(f"kept {', '.join(args.keep)} in {args.into}", flush=True)
+        return rc
 
     return run()
 

@@ -1,0 +1,93 @@
+"""Presets (gm.preset): the ablation section's expansion, the quality preset, --keep/--into."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from gm import params
+from gm.errors import ConfigError
+from gm.preset import expand, keep, main, merge
+
+from .conftest import REPO
+
+
+def test_the_quality_preset_expands_into_seed_averaged_ablations_of_three_gan_families():
+    from gm.metrics.ablation import ablation_rows
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    preset = yaml.safe_load((REPO / "presets/quality/params.yaml").read_text())
+    applied = params.parse(merge(base, expand(preset)), "quality")
+    names = [n for n in applied.train if "_ab_" in n]
+    assert len(names) == 27 and "dcgan_ab_diffaug_s2" in names
+    families = {applied.train[n].family for n in names}
+    assert families == {"cgan", "dcgan", "progan"}
+    evals = [{"name": n, "fid": float(i)} for i, n in enumerate(names)]
+    rows = ablation_rows(evals, applied.train)
+    # every (family, setting) is one row of three seeds: the groups differ in nothing else
+    assert sorted((r["group"], r["setting"], r["n"], tuple(r["seeds"])) for r in rows) == sorted(
+        (f"{f}_ab", a, 3, (0, 1, 2)) for f in families for a in ("none", "ada", "diffaug")
+    )
+    default = params.parse(base)
+    for job in ("cgan", "cvae", "ddpm"):  # the conditional models train longer than by default
+        assert applied.train[job].run.steps > default.train[job].run.steps
+        assert applied.train[job].model == default.train[job].model
+    assert set(applied.train) - set(default.train) == set(names)
+
+
+def test_make_repro_quality_runs_one_experiment_with_the_generated_jobs(capsys):
+    assert main([str(REPO / "presets/quality/params.yaml"), "--params",
+                 str(REPO / "params.yaml"), "--dry"]) == 0  # fmt: skip
+    cmd = capsys.readouterr().out
+    assert cmd.startswith("dvc exp run --name quality -S ")
+    assert "++train.progan_ab_ada_s1.run.seed=1" in cmd and "ablation" not in cmd
+
+
+def test_ablation_sections_are_checked_naming_the_key():
+    job = {"family": "dcgan", "dataset": "emoji", "run": {"steps": 10}}
+    ok = {"key": "model.augment", "values": ["none", "ada"], "seeds": [0, 1], "jobs": {"d": job}}
+    train = expand({"ablation": ok})["train"]
+    assert sorted(train) == ["d_ada_s0", "d_ada_s1", "d_none_s0", "d_none_s1"]
+    assert train["d_ada_s1"]["model"]["augment"] == "ada" and train["d_ada_s1"]["run"] == {
+        "steps": 10, "seed": 1}  # fmt: skip
+    assert "model" not in job  # the section's own job is left as it was
+    for bad, match in [
+        ({**ok, "key": "run.seed"}, r"ablation\.key: 'run\.seed'"),
+        ({**ok, "values": ["none", "none"]}, r"ablation\.values: .*distinct"),
+        ({**ok, "seeds": [0, -1]}, r"ablation\.seeds: .*integers >= 0"),
+        ({**ok, "jobs": {}}, r"ablation\.jobs: a mapping"),
+        ({k: v for k, v in ok.items() if k != "seeds"}, "exactly the keys"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            expand({"ablation": bad}, "p.yaml")
+    with pytest.raises(ConfigError, match="d_none_s0 is also a train entry"):
+        expand({"ablation": ok, "train": {"d_none_s0": job}})
+
+
+def test_keep_copies_outputs_into_a_folder_replaced_whole(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports/eval").mkdir(parents=True)
+    (tmp_path / "reports/eval/a.json").write_text("{}")
+    (tmp_path / "reports/summary.md").write_text("# s")
+    (tmp_path / "models/cgan").mkdir(parents=True)
+    (tmp_path / "models/cgan/samples.png").write_bytes(b"png")
+    into = tmp_path / "reports/quality"
+    into.mkdir()
+    (into / "stale.txt").write_text("old")
+    keep(["reports/summary.md", "reports/eval", "models/cgan/samples.png"], "reports/quality")
+    assert sorted(str(p.relative_to(into)) for p in into.rglob("*") if p.is_file()) == [
+        "cgan/samples.png", "eval/a.json", "summary.md"]  # fmt: skip
+    assert not list(tmp_path.glob("reports/.quality*"))  # no temporary folder left
+    with pytest.raises(ConfigError, match="nope: no such file"):
+        keep(["reports/summary.md", "nope"], "reports/quality")
+    (tmp_path / "models/eval").mkdir()
+    with pytest.raises(ConfigError, match="same destination"):
+        keep(["reports/eval", "models/eval"], "reports/quality")
+    assert (into / "summary.md").read_text() == "# s"  # a refused keep changes nothing
+    p = tmp_path / "params.yaml"
+    p.write_text((REPO / "params.yaml").read_text())
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main([str(REPO / "presets/quality/params.yaml"), "--params", str(p), "--dry",
+              "--keep", "reports/summary.md"])  # fmt: skip
+    assert e.value.code == 2
+    assert "--keep and --into go together" in capsys.readouterr().err
