@@ -17,7 +17,7 @@ PIP_QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2
 help:
 	@echo "make repro     set up the venv, materialize data/ if missing, run dvc repro (one local Ray for all stages: gm with-ray)"
 	@echo "make repro-long  after repro: the context-model codec's λ sweep (~75 min), as a DVC experiment"
-	@echo "make repro-quality after repro: longer runs and a 3-seed augmentation ablation (~1 h), reports/quality/"
+	@echo "make repro-quality after repro: longer runs and a 3-seed augmentation ablation (~50 min), reports/quality/"
 	@echo "make test      set up the venv and run the whole test suite"
 	@echo "make test-fast the tests not marked slow"
 	@echo "make lint      ruff check and format check"
@@ -53,7 +53,8 @@ repro-long: repro
 # The quality preset's summary, evaluations, detection reports and sample grids are copied to
 # reports/quality/ (committed); the workspace holds the experiment until `dvc exp apply` of another.
 QUALITY_KEEP := reports/summary.md reports/summary.json reports/eval reports/detect \
-  $(foreach m,cgan cvae ddpm aae dcgan progan stylegan lapgan,models/$(m)/samples.png)
+  $(foreach m,cgan cvae ddpm aae,models/$(m)/samples.png) \
+  $(foreach m,cgan dcgan progan,models/$(m)_ab_none_s0/samples.png models/$(m)_ab_diffaug_s0/samples.png)
 repro-quality: repro
 	gm with-ray -- python -m gm.preset presets/quality/params.yaml --name quality \
 	  --keep $(QUALITY_KEEP) --into reports/quality
