@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             text += ablation_table(rows)
         for r in rows:  # job names cannot hold "/": no clash with a model's entry
             numbers[f"ablation/{r['group']}/{r['setting']}"] = {
-                k: v for k, v in r.items() if isinstance(v, int | float) and k != "resolution"
+                k: v for k, v in r.items() if isinstance(v, int | float)
             }
     write_text(out / "summary.md", "# Trained models, ranked by FID within each dataset\n\n" + text)
     write_json(out / "summary.json", numbers)

@@ -590,6 +590,7 @@ def test_the_summary_averages_an_ablation_over_seeds_and_keeps_other_jobs_out(tm
     }
     train = {f"dc_{a}_s{s}": job(a, s) for a in ("none", "ada", "diffaug") for s in (0, 1, 2)}
     train["dc_ada_s0"]["model"]["ada_target"] = 0.7  # ADA's own settings may differ
+    train["dc_ada_s1"]["model"]["ndf"] = 128  # DCGAN's default, written out: the same config
     train["longer"] = job("ada", 0, steps=200)
     train["alone"] = job("none", 5) | {"family": "cgan"}
     (tmp_path / "params.yaml").write_text(

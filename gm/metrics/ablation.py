@@ -13,8 +13,8 @@ stage prints the table (:func:`ablation_table`).
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import os
+import statistics
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,10 +26,14 @@ METRICS = ("fid", "kid", "precision", "recall", "conditional_accuracy")
 
 def job_leaves(job) -> dict[str, Any]:
     """A ``gm.train.job.TrainConfig`` as dotted keys (``model.augment``, ``run.seed`` ...),
-    every family default filled in."""
+    every family default filled in (``gm.tune.base_config``), so that a key written out at its
+    default value and a key left unset compare equal."""
     from gm.tracking import leaves
+    from gm.tune import base_config
 
-    return leaves(dataclasses.asdict(job))
+    where = {"family": job.family, "dataset": job.dataset, "pairs": job.pairs,
+             "resolution": job.resolution}  # fmt: skip
+    return leaves(where | base_config(job))
 
 
 def ablation_rows(
@@ -41,7 +45,7 @@ def ablation_rows(
     whose dotted configs agree on everything except ``key`` and :data:`VARIED` form a group;
     a group with at least two values of ``key`` is an ablation. One row per (group, value):
     ``group`` (the jobs' common name prefix, else the family), ``family``, ``dataset``,
-    ``resolution``, ``setting`` (the value of ``key``), ``jobs``, ``seeds``, ``n`` and, per
+    ``setting`` (the value of ``key``), ``jobs``, ``seeds``, ``n`` and, per
     metric present in every one of its jobs' results, ``<metric>_mean``, ``<metric>_std``
     (sample standard deviation, 0 for one seed) and ``<metric>_values`` (in seed order).
     A job missing from ``jobs`` (a removed params entry) is left out. Rows are sorted by
@@ -64,8 +68,8 @@ def ablation_rows(
                           key=lambda v: (order.get(v, 99), str(v)))  # fmt: skip
         if len(settings) < 2:
             continue
-        names = [n for n, _ in members]
-        prefix = _common_prefix(names).rstrip("_-.") or members[0][1]["family"]
+        prefix = os.path.commonprefix([n for n, _ in members]).rstrip("_-.")
+        prefix = prefix or members[0][1]["family"]
         for setting in settings:
             chosen = sorted(
                 ((flat.get("run.seed", 0), n) for n, flat in members if flat[key] == setting)
@@ -74,7 +78,6 @@ def ablation_rows(
                 "group": prefix,
                 "family": members[0][1]["family"],
                 "dataset": members[0][1]["dataset"],
-                "resolution": members[0][1].get("resolution"),
                 "setting": setting,
                 "jobs": [n for _, n in chosen],
                 "seeds": [s for s, _ in chosen],
@@ -84,19 +87,11 @@ def ablation_rows(
                 values = [by_name[n].get(m) for _, n in chosen]
                 if any(not isinstance(v, int | float) for v in values):
                     continue
-                mean = sum(values) / len(values)
-                var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
-                row |= {f"{m}_mean": mean, f"{m}_std": math.sqrt(var), f"{m}_values": values}
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                row |= {f"{m}_mean": statistics.fmean(values), f"{m}_std": std,
+                        f"{m}_values": values}  # fmt: skip
             rows.append(row)
     return sorted(rows, key=lambda r: (r["group"], order.get(r["setting"], 99), str(r["setting"])))
-
-
-def _common_prefix(names: list[str]) -> str:
-    first, last = min(names), max(names)
-    i = 0
-    while i < min(len(first), len(last)) and first[i] == last[i]:
-        i += 1
-    return first[:i]
 
 
 def ablation_table(rows: list[dict[str, Any]], key: str = "model.augment") -> str:
