@@ -56,6 +56,27 @@ def test_lineage_tags_follow_git_and_dvc(project):
     assert "dvc.dep.notes.txt" not in tracking.lineage_tags(project, "no-such-stage")
 
 
+def test_stage_graph_is_built_once_and_rebuilt_when_dvc_yaml_or_params_change(project):
+    """Every stage of a pipeline asks for its lineage: DVC's graph is built once, kept in
+    .dvc/tmp keyed by dvc.yaml and params.yaml, and built again when either changes."""
+    first = tracking._stage_graph(project, "train")
+    assert first == ([("datasets/pyramid/toy", str(project / "datasets/pyramid/toy")),
+                      ("notes.txt", str(project / "notes.txt"))], set())  # fmt: skip
+    cached = list((project / ".dvc/tmp/gm-stage-graphs").glob("*.json"))
+    assert len(cached) == 1 and "train" in json.loads(cached[0].read_text())
+    assert tracking._stage_graph(project, "train") == first
+    stages = {"prep": {"cmd": "echo p > p.txt", "params": ["prep"], "outs": ["p.txt"]},
+              "train": {"cmd": "echo ok", "deps": ["p.txt", "notes.txt"]}}  # fmt: skip
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (project / "params.yaml").write_text("prep: {n: 1}\n")
+    assert tracking._stage_graph(project, "train") == (
+        [("p.txt", str(project / "p.txt")), ("notes.txt", str(project / "notes.txt"))],
+        {"prep"},
+    )
+    assert tracking._stage_graph(project, "no-such-stage") is None
+    assert len(list((project / ".dvc/tmp/gm-stage-graphs").glob("*.json"))) == 2
+
+
 def test_dataset_digest_is_the_dvc_hash_of_a_stage_output(project):
     ds = project / "datasets/pyramid/toy"
     content = json.loads((ds / "manifest.json").read_text())["content_hash"]

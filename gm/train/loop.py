@@ -45,9 +45,15 @@ class Trainer:
         ema_beta: float = 0.0,  # 0 disables EMA; >0 keeps EMA copies of model.ema_modules
         world_size: int = 1,  # workers: images_seen counts every worker's images
         total_steps: int = 0,  # the run's budget, for the family's lr_factor (decay schedules)
+        channels_last: bool = False,  # 4-D weights and batches in torch.channels_last (NHWC)
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        # NHWC: oneDNN's (CPU) and cuDNN's (tensor cores) fast convolution layout, so no
+        # conversion around each convolution; the values of a checkpoint do not depend on it
+        self.memory_format = torch.channels_last if channels_last else None
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.modules = model.trainable()
         self.nets: dict[str, nn.Module] = {}
         for name, module in self.modules.items():
@@ -122,10 +128,10 @@ class Trainer:
                 group["lr"] = self.base_lr[name] * factor
         self.model.on_progress(self.step, self.images_seen)
         batch = Batch(
-            batch.images.to(self.device, non_blocking=True),
+            self._to_device(batch.images),
             batch.labels.to(self.device, non_blocking=True),
-            {r: x.to(self.device, non_blocking=True) for r, x in batch.levels.items()},
-            None if batch.inputs is None else batch.inputs.to(self.device, non_blocking=True),
+            {r: self._to_device(x) for r, x in batch.levels.items()},
+            None if batch.inputs is None else self._to_device(batch.inputs),
         )
         metrics: dict[str, float] = {}
         for phase in self.model.phases():
@@ -158,6 +164,12 @@ class Trainer:
         self.step += 1
         self.images_seen += int(batch.images.shape[0]) * self.world_size
         return metrics
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.memory_format is not None and images.dim() == 4:
+            images = images.contiguous(memory_format=self.memory_format)
+        return images
 
     def _enter_growth_phase(self) -> None:
         """At the first step of a growing model's phase: its learning rate, optimizer reset."""
