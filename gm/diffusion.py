@@ -151,6 +151,29 @@ def ddpm_sample(
     return x
 
 
+def loop_as_scan(
+    step: Callable[[torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor],
+    x: torch.Tensor,
+    xs: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """``for k in range(n): x = step(x, tuple(v[k] for v in xs))`` as one ``scan`` (PyTorch's
+    loop operator, ``torch._higher_order_ops.scan``; torch 2.14 has no public name for it).
+    :func:`torch.export.export` keeps it a loop: an exported sampler holds its network once,
+    not once per step, so exporting ddpm's 20-step DDIM takes 7 s instead of 26 s on 2 CPU
+    cores and the graph does not grow with the steps. Eager, it runs the steps in order, but
+    8x slower than a Python loop: use it where ``torch.compiler.is_exporting()``. (The SDE's
+    Heun sampler exported as a scan took as long as unrolled: symbolic-shape work dominates.)
+    ``xs``: tensors of the same length n along dim 0; ``step`` must return a new tensor of
+    ``x``'s shape (not ``x`` itself). Networks that differentiate inside a step (SGLD) cannot
+    be scanned by torch.export."""
+    from torch._higher_order_ops.scan import scan
+
+    def body(carry: torch.Tensor, s: tuple[torch.Tensor, ...]):
+        return step(carry, s), ()
+
+    return scan(body, x, xs)[0]
+
+
 def ddim_timesteps(total: int, steps: int) -> list[int]:
     """The DDIM sub-sequence of ``steps`` of the indices 0..total−1, descending.
 
@@ -176,14 +199,36 @@ def ddim_sample(
     clip: bool = True,
     x: torch.Tensor | None = None,
     abar: list[float] | None = None,
+    as_scan: bool = False,
 ) -> torch.Tensor:
     """DDIM over ``steps`` of the schedule's timesteps (η = 0: deterministic). ``abar``: the
     schedule's ᾱ as Python floats, computed once outside a traced region (torch.export of a
-    sampler sees constants, not data-dependent ``.item()`` calls)."""
+    sampler sees constants, not data-dependent ``.item()`` calls). ``as_scan``: the steps as
+    one :func:`loop_as_scan` (η = 0 only), what an exported sampler runs; the same arithmetic
+    in float32 tensors instead of Python floats."""
     abar = schedule.alphas_cumprod.tolist() if abar is None else abar
     if x is None:
         x = torch.randn(shape, generator=generator).to(device)
     seq = ddim_timesteps(schedule.steps, steps)
+    if as_scan:
+        if eta != 0:
+            raise ValueError(f"ddim_sample: as_scan needs eta 0, got {eta}")
+        like = {"dtype": x.dtype, "device": x.device}
+        ts = torch.tensor(seq, dtype=torch.long, device=x.device)
+        a_t = torch.tensor([abar[i] for i in seq], **like)
+        # the last step goes to ᾱ = 1: x = 1·x̂_0 + 0·ε, its x̂_0 exactly
+        a_prev = torch.tensor([abar[i] for i in seq[1:]] + [1.0], **like)
+
+        def step(x: torch.Tensor, s: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            t, a, ap = s
+            e = eps(x, t.expand(x.shape[0]))
+            x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+            if clip:
+                x0 = x0.clamp(-1, 1)
+            e = (x - a.sqrt() * x0) / (1 - a).sqrt()  # ε consistent with the clipped x̂_0
+            return ap.sqrt() * x0 + (1 - ap).sqrt() * e
+
+        return loop_as_scan(step, x, (ts, a_t, a_prev))
     for k, i in enumerate(seq):
         t = torch.full((shape[0],), i, dtype=torch.long, device=x.device)
         a = abar[i]

@@ -101,6 +101,41 @@ def test_ddim_is_deterministic_and_exact_with_exact_noise_prediction():
         ddim_timesteps(1000, 0)
 
 
+def test_ddim_as_one_scan_is_the_loop():
+    s = NoiseSchedule.cosine(1000)
+    x0 = torch.tensor([[0.3, -0.8, 0.1], [0.9, 0.5, -0.2]])
+    start = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    a = ddim_sample(oracle(s, x0), s, (2, 3), steps=7, x=start.clone())
+    b = ddim_sample(oracle(s, x0), s, (2, 3), steps=7, x=start.clone(), as_scan=True)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(b, x0, atol=1e-5)
+    with pytest.raises(ValueError, match="as_scan needs eta 0, got 0.5"):
+        ddim_sample(oracle(s, x0), s, (2, 3), steps=7, eta=0.5, x=start, as_scan=True)
+
+
+def test_exported_ddpm_sampler_holds_its_unet_once_whatever_the_steps():
+    """torch.export of the DDIM generator: the steps are one scan, so the graph (and the
+    export's time) does not grow with sample_steps; the exported program is the eager loop."""
+    from gm.config import from_dict
+    from gm.registry import families
+    from gm.train.protocol import DataInfo
+
+    from .test_models_contract import TINY
+
+    fam, info = families()["ddpm"], DataInfo(8, 1, 3)
+    z, labels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(2)
+    nodes = []
+    for steps in (2, 6):
+        torch.manual_seed(0)
+        cfg = from_dict(fam.config, TINY["ddpm"] | {"sample_steps": steps}, "ddpm")
+        gen = fam.build(cfg, info).eval().generator().eval()
+        program = torch.export.export(gen, (z, labels))
+        nodes.append(len(program.graph.nodes))
+        assert any("scan" in str(n.target) for n in program.graph.nodes)
+        with torch.no_grad():
+            assert torch.allclose(program.module()(z, labels), gen(z, labels), atol=1e-5)
+    assert nodes[0] == nodes[1]
+
+
 @pytest.mark.parametrize("total", [1000, 37])
 def test_ddim_timesteps_follow_the_papers_linear_selection_for_every_step_count(total):
     # Song et al. 2021, D.2: tau_i = floor(c i), i = 1..S, tau_S = T (1-based) -> index - 1.
