@@ -63,28 +63,3 @@ def test_dvc_plots_show_draws_every_curve_with_no_network(tmp_path):
     for f in files:  # each chart titled by its file, its y axis by the column
         assert f"models/m/plots/{f.name}" in dom
     assert "loss/G" in dom and "images_per_s" in dom
-
-
-@pytest.mark.parametrize("n, channels, nrow", [(64, 3, 8), (10, 1, 8), (3, 3, 8), (7, 3, 3)])
-def test_sample_grid_has_torchvision_make_grid_layout(n, channels, nrow):
-    import numpy as np
-    import torch
-    from torchvision.utils import make_grid
-
-    from gm.train.samples import image_grid
-
-    x = torch.rand(n, channels, 5, 6, generator=torch.Generator().manual_seed(n)) * 2.4 - 1.2
-    want = make_grid(x.expand(-1, 3, -1, -1).clamp(-1, 1), nrow=nrow, padding=2, pad_value=1.0)
-    want = ((want + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    got = image_grid(x, nrow)
-    assert got.dtype == np.uint8 and got.shape == want.shape
-    assert np.array_equal(got, want)
-
-
-def test_a_training_process_does_not_import_torchvision():
-    """torchvision's import (torch._dynamo through torchvision.ops) costs seconds in each of
-    a training stage's processes: the driver and the worker draw grids without it."""
-    code = ("import sys, gm.train.job, gm.train.ray_train, gm.train.loop, gm.train.samples, "
-            "gm.train.checkpoint, gm.registry, gm.augment; "
-            "sys.exit('torchvision' in sys.modules)")  # fmt: skip
-    assert subprocess.run([BIN / "python", "-c", code], cwd=REPO).returncode == 0
