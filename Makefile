@@ -89,6 +89,7 @@ gpu-check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_cpu.py --no-compile
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_progressive.py
 	$(BIN)/python bench/bench_tune.py

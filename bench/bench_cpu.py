@@ -15,7 +15,8 @@ Growing models (ProGAN, StyleGAN) are timed in their last phase, at the top reso
 - ``compile``: each trainable module through ``torch.compile`` (inductor); its first steps'
   compile time is printed apart, with how many default-budget steps it would take to repay.
 
-Prints seconds per step after warm-up and the ratio to eager (< 1: faster). Same seed and
+Prints seconds per step after warm-up and the ratio to eager (< 1: faster). Eager runs first
+and again after the others; its figure is the mean of the two (both printed). Same seed and
 batches for every variant; nothing else should run beside it.
 """
 
@@ -102,16 +103,21 @@ def main() -> None:
         size = (grow.batch_size if grow else None) or run.batch_size
         data = batches(info, size, n, trainer.model.pyramid_levels())
         variants = []
+
+        def run_variant(channels_last=False, threads=args.threads, job=job, data=data) -> float:
+            torch.set_num_threads(threads)
+            trainer, *_ = build(job, Path(args.params), channels_last=channels_last)
+            return timed(trainer, data, args.warmup)[1]
+
+        # eager first and again last: the baseline is their mean, so whatever order effect the
+        # process has (allocator, caches) falls on both sides of the comparison
+        first = run_variant()
+        variants.append(("channels_last", run_variant(channels_last=True), ""))
+        variants.append(("1 thread", run_variant(threads=1), ""))
+        last = run_variant()
+        base = (first + last) / 2
+        variants.insert(0, ("eager", base, f"first {first:.4f}, last {last:.4f}"))
         torch.set_num_threads(args.threads)
-        trainer, *_ = build(job, Path(args.params))
-        _, base = timed(trainer, data, args.warmup)
-        variants.append(("eager", base, ""))
-        torch.set_num_threads(1)
-        trainer, *_ = build(job, Path(args.params))
-        variants.append(("1 thread", timed(trainer, data, args.warmup)[1], ""))
-        torch.set_num_threads(args.threads)
-        trainer, *_ = build(job, Path(args.params), channels_last=True)
-        variants.append(("channels_last", timed(trainer, data, args.warmup)[1], ""))
         trainer, *_ = build(job, Path(args.params))
         try:
             if args.no_compile:
