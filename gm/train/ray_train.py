@@ -67,8 +67,8 @@ class RunSettings:
     # 0: no in-training KID (a one-checkpoint run whose evaluate@ stage scores it anyway)
     kid_samples: int = 256
     # weights and batches in torch.channels_last (NHWC), the layout oneDNN (CPU) and cuDNN
-    # convolve fastest: 5 to 22 % less time per step for most default jobs on 2 CPU cores
-    # (bench/bench_cpu.py); numerically a different summation order, not a different model
+    # convolve fastest: faster steps for most default jobs on 2 CPU cores (bench/bench_cpu.py,
+    # docs/training.md); numerically a different summation order, not a different model
     channels_last: bool = True
 
     @property
