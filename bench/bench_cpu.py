@@ -80,8 +80,19 @@ def timed(trainer, data, warmup: int) -> tuple[float, float]:
     return sum(times[:warmup]), sum(times[warmup:]) / (len(times) - warmup)
 
 
-class _Skipped(Exception):
-    pass
+def compiled(job: str, params_file: Path, data, warmup: int, base: float, steps: int):
+    """("compile", seconds per step, note) with every trainable module through torch.compile;
+    the note gives the compile time and the steps it takes to repay, or why it failed."""
+    trainer, *_ = build(job, params_file)
+    try:
+        for name, m in trainer.modules.items():
+            trainer.nets[name] = torch.compile(m)
+        warm, s = timed(trainer, data, warmup)
+    except Exception as e:  # noqa: BLE001 - a family that does not compile is a result
+        return "compile", float("nan"), f"failed: {type(e).__name__}: {e}"[:90]
+    compile_s = warm - warmup * s
+    repay = compile_s / max(base - s, 1e-9) if s < base else float("inf")
+    return "compile", s, f"compile {compile_s:.1f} s; repaid after {repay:.0f} steps (job: {steps})"
 
 
 def main() -> None:
@@ -118,21 +129,8 @@ def main() -> None:
         base = (first + last) / 2
         variants.insert(0, ("eager", base, f"first {first:.4f}, last {last:.4f}"))
         torch.set_num_threads(args.threads)
-        trainer, *_ = build(job, Path(args.params))
-        try:
-            if args.no_compile:
-                raise _Skipped
-            for name, m in trainer.modules.items():
-                trainer.nets[name] = torch.compile(m)
-            warm, s = timed(trainer, data, args.warmup)
-            compile_s = warm - args.warmup * s
-            repay = compile_s / max(base - s, 1e-9) if s < base else float("inf")
-            note = f"compile {compile_s:.1f} s; repaid after {repay:.0f} steps (job: {run.steps})"
-            variants.append(("compile", s, note))
-        except _Skipped:
-            pass
-        except Exception as e:  # noqa: BLE001 - a family that does not compile is a result
-            variants.append(("compile", float("nan"), f"failed: {type(e).__name__}: {e}"[:90]))
+        if not args.no_compile:
+            variants.append(compiled(job, Path(args.params), data, args.warmup, base, run.steps))
         for name, s, note in variants:
             print(f"{job:8} {name:14} {s:8.4f} {s / base:6.2f}  {note}", flush=True)
 
