@@ -84,6 +84,8 @@ def _metrics(result: dict) -> dict:
     m |= {f"bd_rate_{b}_vs_{result['anchor']}": v
           for b, v in result["bd_rate"].items() if b != "learned"}  # fmt: skip
     m |= {f"bd_rate_vs_{b}": v for b, v in result["bd_rate_learned_vs"].items()}
+    m |= {f"bd_overlap_{b}": v for b, v in result["bd_overlap"].items()}
+    m["dominated_points"] = len(result["dominated"])
     for i, pt in enumerate(result["learned"]):
         for k in ("lmbda", "bpp", "bpp_payload", "bpp_estimate", "psnr", "ms_ssim", "ratio"):
             m[f"learned_{i}_{k}"] = pt[k]

@@ -261,6 +261,31 @@ def test_bd_rate_of_a_curve_needing_10_percent_fewer_bits_is_minus_10():
     far = [(r, p + 50) for r, p in anchor]
     with pytest.raises(ValueError, match="do not overlap"):
         bd_rate(anchor, far)
+    with pytest.raises(ValueError, match="at least 2 points"):
+        bd_rate(anchor, [(1.0, 30.0), (2.0, 29.0)])  # the second point is dominated
+
+
+# The long preset's measured curves (reports/rd/photos_long.csv, rounded): the learned codec
+# needs more bits than JPEG 2000 at every PSNR it reaches, and its top-λ point is dominated
+# (more bits, less PSNR than the one below it). VCEG-M33's single cubic fit gave -5.35 % here.
+LEARNED = [(0.2615, 26.804), (0.6113, 28.580), (1.1459, 29.386), (1.4163, 29.050)]
+JPEG2000 = [(0.1204, 24.756), (0.2014, 27.212), (0.3000, 29.176), (0.4796, 31.487),
+            (0.6850, 33.304), (0.9577, 35.069), (1.4918, 37.550)]  # fmt: skip
+
+
+def test_bd_rate_leaves_out_dominated_points_and_a_worse_curve_costs_more_bits():
+    from gm.metrics.rd import bd_overlap, bd_rate, rd_front
+
+    assert rd_front(LEARNED) == LEARNED[:3]
+    assert rd_front([(1.0, 30.0), (1.0, 31.0), (2.0, 31.0)]) == [(1.0, 31.0)]
+    bd = bd_rate(JPEG2000, LEARNED)
+    assert bd == pytest.approx(bd_rate(JPEG2000, LEARNED[:3]))  # the dominated point ignored
+    # At each front point the learned codec needs 1.4x to 3.7x the rate JPEG 2000 needs for that
+    # PSNR (log-linear between JPEG 2000's points): the average lies between them.
+    assert 70 < bd < 200
+    assert bd_rate(LEARNED, JPEG2000) < 0
+    # Both cover 26.8-29.4 dB of the joint 24.8-37.6 dB: a fifth of it
+    assert bd_overlap(JPEG2000, LEARNED) == pytest.approx((29.386 - 26.804) / (37.550 - 24.756))
 
 
 def test_standard_codecs_trade_rate_for_quality_and_mosaics_tile_exactly():

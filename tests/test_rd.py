@@ -111,6 +111,10 @@ def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dat
         assert pts[-1]["psnr"] > pts[0]["psnr"]  # more bits, better quality
         assert result["container_bytes"][b] > 0
     assert set(result["bd_rate"]) == {"learned", "webp", "jpeg2000"}
+    assert set(result["bd_overlap"]) == {"jpeg", "webp", "jpeg2000"}
+    assert all(0 <= v <= 1 for v in result["bd_overlap"].values())
+    front = rd.rd_front([(p["bpp"], p["psnr"]) for p in learned])
+    assert len(result["dominated"]) == len(learned) - len(front)
     rows = rd.rd_rows(result)
     assert len(rows) == 4 + sum(len(rd.CODECS[b][2]) for b in rd.CODECS)
     strip = rd.comparison_strip(rd.load_mosaics(toy_dataset, "train", 64, 1)[0], result, sweep,
