@@ -138,6 +138,23 @@ def wait_until_serving(proc: subprocess.Popen, url: str, name: str, timeout: flo
         time.sleep(0.3)
 
 
+def registered_checkpoints(run_dirs) -> frozenset[str]:
+    """The checkpoints Ray Train has registered in the runs ``run_dirs`` (its checkpoint
+    manager's snapshot lists them among its checkpoint results): what a relaunch resumes from.
+    A reported checkpoint's folder exists before that, and a run killed then resumes from the
+    one before it."""
+    import json
+
+    names = set()
+    for run in run_dirs:
+        try:
+            snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+            names |= {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+        except (OSError, ValueError, KeyError):  # not there yet, or being written
+            continue
+    return frozenset(names)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

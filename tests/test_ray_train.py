@@ -37,6 +37,22 @@ def test_shards_are_disjoint_and_cover_an_epoch():
     assert not torch.equal(shard_indices(20, 2, 5, 0, 2, 0), a)  # next epoch, new order
 
 
+def test_ray_train_polls_four_times_a_second_unless_the_user_set_the_interval(monkeypatch):
+    from ray.train.v2._internal import constants
+
+    from gm.train.ray_train import HEALTH_CHECK_ENV, ray_train_env
+
+    # Ray Train still reads this variable and passes it on to its controller and workers
+    assert HEALTH_CHECK_ENV == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    assert HEALTH_CHECK_ENV in constants.ENV_VARS_TO_PROPAGATE
+    monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
+    ray_train_env()
+    assert os.environ[HEALTH_CHECK_ENV] == "0.25"
+    monkeypatch.setenv(HEALTH_CHECK_ENV, "3")
+    ray_train_env()
+    assert os.environ[HEALTH_CHECK_ENV] == "3"
+
+
 def test_worker_killed_mid_run_resumes_from_its_checkpoint(ray_local, dataset, tmp_path):
     run = RunSettings(steps=8, batch_size=4, checkpoint_every=2, num_workers=2, cpus_per_worker=1,
                       max_failures=2, data="stream")  # fmt: skip
@@ -143,7 +159,7 @@ def test_relaunched_driver_after_sigkill_continues(tmp_path, raw_folder):
 
     import yaml
 
-    from .conftest import BIN
+    from .conftest import BIN, registered_checkpoints
 
     root = tmp_path / "proj"
     prepare_dataset(
@@ -173,11 +189,10 @@ def test_relaunched_driver_after_sigkill_continues(tmp_path, raw_folder):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 180
-    while not list((root / "runs").glob("toy-*/checkpoint_*")):
+    while not registered_checkpoints((root / "runs").glob("toy-*")):
         assert proc.poll() is None, "gm train ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within 180 s"
         time.sleep(0.2)
-    time.sleep(1.0)  # let the checkpoint registration finish; the run goes on
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (root / "models/toy").exists()  # nothing half-written
