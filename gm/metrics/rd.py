@@ -121,8 +121,8 @@ def rd_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def bd_overlap(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> float:
     """The share (0 to 1) of the two RD fronts' joint PSNR range that both cover: the range a
-    BD-rate averages over, against the whole. The JVET practice (and the ``bjontegaard``
-    package's warning) asks for at least 0.75 before a BD-rate speaks for the whole curves."""
+    BD-rate averages over, against the whole. The ``bjontegaard`` package warns below 0.75: a
+    BD-rate over less speaks for that part of the curves only."""
     pa, pt = [p for _, p in rd_front(anchor)], [p for _, p in rd_front(test)]
     both = min(max(pa), max(pt)) - max(min(pa), min(pt))
     union = max(max(pa), max(pt)) - min(min(pa), min(pt))
@@ -328,7 +328,7 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
         "bd_rate": bd,  # % bits against the anchor at equal PSNR (negative: fewer bits)
         "bd_rate_learned_vs": vs,  # the learned curve against each other baseline
         # share of the joint PSNR range the learned curve and each baseline both cover (a
-        # BD-rate averages over that part only; JVET asks for >= 0.75)
+        # BD-rate averages over that part only; the bjontegaard package warns below 0.75)
         "bd_overlap": overlap,
         "dominated": dominated,  # learned points off the RD front, left out of the BD-rates
         "anchor_speed": jpeg_speed,
