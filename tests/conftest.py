@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -143,8 +144,6 @@ def registered_checkpoints(run_dirs) -> frozenset[str]:
     manager's snapshot lists them among its checkpoint results): what a relaunch resumes from.
     A reported checkpoint's folder exists before that, and a run killed then resumes from the
     one before it."""
-    import json
-
     names = set()
     for run in run_dirs:
         try:

@@ -370,9 +370,8 @@ def plot_rd(result: dict[str, Any], title: str):
         ax.set_xlim(left=0)
     bd = result["bd_rate"].get("learned")
     bd_text = "n/a" if bd is None else f"{bd:+.1f} %"
-    overlap = result.get("bd_overlap", {}).get(result["anchor"])
-    if bd is not None and overlap is not None:
-        bd_text += f" (over {overlap:.0%} of the PSNR range)"
+    if bd is not None:
+        bd_text += f" (over {result['bd_overlap'][result['anchor']]:.0%} of the PSNR range)"
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{title}: {result['images']} held-out {result['mosaic']}² mosaics; "
                  f"BD-rate of the learned codec vs {result['anchor'].upper()}: {bd_text}",
