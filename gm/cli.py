@@ -705,7 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
         "it when COMMAND ends: each Ray stage of `dvc repro` attaches instead of starting and "
         "stopping its own (about 11 s saved per stage on 2 cores). The Ray has the machine's "
         "CPUs, or more where a job of --params asks for more. With RAY_ADDRESS already set, "
-        "COMMAND runs on that cluster unchanged. Exits with COMMAND's status.",
+        "COMMAND runs on that cluster unchanged. Either way COMMAND also gets a fork server "
+        "(GM_FORKSERVER): each pipeline stage runs as a fork of one process that has already "
+        "imported torch, Ray and MLflow, instead of importing them itself; GM_FORKSERVER=0 "
+        "turns it off. Exits with COMMAND's status.",
         epilog="example:\n  gm with-ray -- dvc repro          (what `make repro` runs)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -82,7 +82,9 @@ def run_with_ray(cmd: list[str], need_cpus: float = 0.0) -> int:
     auth mode and State API address), and shut down when ``cmd`` ends. Each stage then attaches
     in about a second instead of starting and stopping a Ray of its own (3 to 33 s saved per
     training stage of the default pipeline on 2 cores, measured). With ``RAY_ADDRESS``
-    already set, ``cmd`` runs on that cluster as is.
+    already set, ``cmd`` runs on that cluster as is. Either way ``cmd`` gets a fork server
+    (:mod:`gm.forkserver`, ``GM_FORKSERVER``): its pipeline stages skip importing torch, Ray
+    and MLflow each; ``GM_FORKSERVER=0`` turns it off.
     Returns ``cmd``'s exit status (130 after Ctrl-C); ``cmd`` that cannot be started is a
     GmError naming it."""
     if not cmd:
@@ -104,12 +106,21 @@ def run_with_ray(cmd: list[str], need_cpus: float = 0.0) -> int:
 def _call(cmd: list[str], env: dict[str, str]) -> int:
     import subprocess
 
+    from gm import forkserver
+
+    server = forkserver.start(env)
+    if server:
+        env = {**env, forkserver.ENV: server[1]}
     try:
-        proc = subprocess.Popen(cmd, env=env)
-    except OSError as e:
-        raise GmError(f"with-ray: cannot run {cmd[0]!r} ({e.strerror})") from None
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the child got the same SIGINT: let it stop cleanly
-        proc.wait()
-        return 130
+        try:
+            proc = subprocess.Popen(cmd, env=env)
+        except OSError as e:
+            raise GmError(f"with-ray: cannot run {cmd[0]!r} ({e.strerror})") from None
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the child got the same SIGINT: let it stop cleanly
+            proc.wait()
+            return 130
+    finally:
+        if server:
+            forkserver.stop(*server)

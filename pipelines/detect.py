@@ -10,6 +10,7 @@ from pathlib import Path
 from gm import params
 from gm.cli import exit_now, guarded
 from gm.errors import ConfigError
+from gm.forkserver import run_main
 
 
 @guarded
@@ -74,4 +75,4 @@ def render(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(run_main(__spec__.name, main))

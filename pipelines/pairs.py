@@ -6,12 +6,14 @@ import argparse
 
 from gm import params
 from gm.cli import exit_now, guarded
-from gm.data.pairs import build_pairs
 from gm.errors import ConfigError
+from gm.forkserver import run_main
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
+    from gm.data.pairs import build_pairs  # here: the fork server client stays light
+
     ap = argparse.ArgumentParser(prog="pipelines.pairs", description=__doc__)
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     ap.add_argument("--name", required=True, help="key under `pairs` in the params file")
@@ -28,4 +30,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(run_main(__spec__.name, main))

@@ -6,12 +6,14 @@ import argparse
 
 from gm import params
 from gm.cli import WORKERS_HELP, exit_now, guarded
-from gm.data.prepare import prepare_dataset
 from gm.errors import ConfigError
+from gm.forkserver import run_main
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
+    from gm.data.prepare import prepare_dataset  # here: the fork server client stays light
+
     ap = argparse.ArgumentParser(prog="pipelines.prepare", description=__doc__)
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     ap.add_argument("--name", required=True, help="key under `datasets` in the params file")
@@ -36,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(run_main(__spec__.name, main))

@@ -12,6 +12,7 @@ from pathlib import Path
 from gm import params
 from gm.cli import exit_now, guarded
 from gm.errors import ConfigError
+from gm.forkserver import run_main
 
 
 @guarded
@@ -140,4 +141,4 @@ def _log_mlflow(root, name: str, cfg, result: dict, metrics: dict, out: Path) ->
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(run_main(__spec__.name, main))

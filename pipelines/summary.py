@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gm.cli import exit_now, guarded
 from gm.errors import DataError
+from gm.forkserver import run_main
 
 
 def rank(evals: list[dict]) -> list[dict]:
@@ -258,4 +259,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(run_main(__spec__.name, main))

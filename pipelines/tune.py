@@ -8,6 +8,7 @@ import os
 
 from gm import params
 from gm.cli import exit_now, guarded
+from gm.forkserver import run_main
 
 
 @guarded
@@ -57,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(run_main(__spec__.name, main))
