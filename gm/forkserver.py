@@ -13,9 +13,10 @@ same scheme as Python's ``multiprocessing`` forkserver start method and Android'
 Per request the server forks a *supervisor*, which forks the *stage*; neither process ever
 starts a thread before it forks. The supervisor relays what the stage process would have seen
 from its caller: the signals the client receives (SIGINT, SIGTERM, SIGHUP: Ctrl-C stops a
-stage cleanly), SIGKILL when the client dies (a ``dvc repro`` killed with SIGKILL leaves no
-stage running), and the stage's exit status back to the client, which exits with it (or dies of
-the same signal). DVC sees the same process lifetime and status as without the server.
+stage cleanly) and SIGKILL when the client dies (a ``dvc repro`` killed with SIGKILL leaves
+no stage running), each to the stage's own process group (it and the processes it started);
+and the stage's exit status back to the client, which exits with it (or dies of the same
+signal). DVC sees the same process lifetime and status as without the server.
 
 The server preimports modules only and runs nothing else (no torch operation, no Ray or MLflow
 connection), so no OpenMP pool, gRPC channel or pyarrow thread pool exists to be forked. The
@@ -208,6 +209,10 @@ def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> None:
         if pid == 0:
             conn.close()
             _run_stage(request, fds)  # never returns
+        try:  # the stage leads a process group of its own (as a shell's job), set by both
+            os.setpgid(pid, pid)  # processes so no signal finds it before
+        except OSError:
+            pass
         for fd in fds:
             os.close(fd)
         _send(conn, {"pid": pid})
@@ -220,11 +225,11 @@ def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> None:
             data = b"" if client_gone else conn.recv(16)
             if not data:  # the client died: so does its stage (as a process killed would)
                 client_gone = True
-                os.kill(pid, signal.SIGKILL)
+                _signal_group(pid, signal.SIGKILL)
                 select.select([pidfd], [], [])
                 break
             for sig in data:
-                os.kill(pid, sig)
+                _signal_group(pid, sig)
         _, status = os.waitpid(pid, 0)
         if not client_gone:
             if os.WIFSIGNALED(status):
@@ -236,11 +241,24 @@ def _supervise(conn: socket.socket, request: dict, fds: list[int]) -> None:
         os._exit(code)
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    """``sig`` to the stage and the processes it started, as a terminal's Ctrl-C reaches a
+    foreground job's whole process group."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        os.kill(pid, sig)
+
+
 def _run_stage(request: dict, fds: list[int]) -> None:
     global _in_stage
     code = 1
     try:
         _in_stage = True
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

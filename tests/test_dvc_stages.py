@@ -122,8 +122,9 @@ def ran(output: str) -> set[str]:
 
 
 # `make repro`'s command: one local Ray for every stage of the run (each training stage
-# attaches instead of starting its own, about 8 s each here). The plain `dvc repro` path, a
-# stage's own Ray, is the interruption test's.
+# attaches instead of starting its own, about 8 s each here) and one fork server (each stage
+# skips importing torch, Ray and MLflow). The plain `dvc repro` path, a stage's own Ray and
+# process, is the interruption test's and the walkthrough's.
 WITH_RAY = ["gm", "with-ray", "--"]
 
 
@@ -199,7 +200,7 @@ def test_repro_builds_everything_then_does_nothing(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["datasets"]["gray"]["resample"] = "bilinear"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert ran(sh(["dvc", "repro"], repo).stdout) == {
+    assert ran(sh([*WITH_RAY, "dvc", "repro"], repo).stdout) == {
         "prepare@gray",
         "pairs@gray_labels",
         "classifier@gray",
@@ -210,7 +211,8 @@ def test_repro_builds_everything_then_does_nothing(repo):
     # is test_audit's reproduction and test_ray_train's streaming-equals-in-memory).
     params["datasets"]["gray"].pop("resample")
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    rebuilt = ran(sh(["dvc", "repro", "--force", "--single-item", *DATA_AND_EVAL], repo).stdout)
+    rebuilt = ran(sh([*WITH_RAY, "dvc", "repro", "--force", "--single-item", *DATA_AND_EVAL],
+                     repo).stdout)  # fmt: skip
     assert rebuilt == set(DATA_AND_EVAL)
     assert (repo / "dvc.lock").read_text() == lock
     # A train param reruns that training only; a bigger budget continues the finished run.

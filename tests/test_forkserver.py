@@ -25,6 +25,9 @@ def main():
                       "torch_loaded": "torch" in sys.modules}), flush=True)
     print("to stderr", file=sys.stderr)
     if sys.argv[1] == "sleep":
+        import subprocess
+        child = subprocess.Popen(["sleep", "120"])
+        open("child.pid", "w").write(str(child.pid))
         open("stage.pid", "w").write(str(os.getpid()))
         try:
             time.sleep(120)
@@ -132,10 +135,12 @@ def test_ctrl_c_reaches_the_stage_and_a_killed_caller_kills_it(server):
     (root / "stage.pid").unlink()
     proc = probe(root, path, "sleep")
     pid = wait_for_pid(root)
+    child = int((root / "child.pid").read_text())
+    assert alive(child)
     proc.kill()  # as `kill -9` of a dvc repro's stage process
     proc.wait()
     deadline = time.monotonic() + 30
-    while alive(pid):
+    while alive(pid) or alive(child):  # the stage and what it started
         assert time.monotonic() < deadline, "the stage outlived its killed caller"
         time.sleep(0.05)
 
@@ -145,6 +150,7 @@ def test_a_stage_killed_by_a_signal_kills_its_caller_with_it(server):
     (root / "stage.pid").unlink(missing_ok=True)
     proc = probe(root, path, "sleep")
     os.kill(wait_for_pid(root), signal.SIGKILL)
+    os.kill(int((root / "child.pid").read_text()), signal.SIGKILL)  # it holds stdout open
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
 
