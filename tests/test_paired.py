@@ -424,7 +424,9 @@ def test_tiled_output_equals_one_whole_image_pass_for_every_paired_family(tmp_pa
             whole = net(padded)[0, :, : h * t.scale, : w * t.scale]
         tiled = apply_tiled(t, image)
         assert tiled.shape == whole.shape
-        assert (tiled - whole).abs().max().item() < 1e-5
+        # Float rounding only: a tile's convolutions may take other CPU kernels than the whole
+        # image's (2.7e-4 seen on one CPU, 0 on another); a wrong margin is 1e-2 and more.
+        assert (tiled - whole).abs().max().item() < 1e-3
         assert whole.std().item() > 0.05  # a non-trivial output
         if t.radius is None:  # instance norm: every output pixel sees the whole image
             assert family == "cyclegan"
