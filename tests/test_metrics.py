@@ -346,7 +346,7 @@ def test_evaluation_with_inception_features_logs_their_hash(
     trainer = Trainer(fam.build(mcfg, DataInfo(16, 1, 10)))
     save_checkpoint(tmp_path / "m.pt", "cvae", mcfg, DataInfo(16, 1, 10), trainer.state_dict())
     path, _ = fid_inception_weights if fid else inception_weights
-    ev = EvalConfig(num_samples=24, metrics=("fid", "kid", "inception_score"),
+    ev = EvalConfig(num_samples=12, metrics=("fid", "kid", "inception_score"),
                     inception_weights=str(path), min_images=2,
                     bootstrap=0)  # fmt: skip  # 2048-d: each FID resample's sqrtm costs ~2.5 s
     r = evaluate_checkpoint(tmp_path / "m.pt", tmp_path / "c.pt", digits, ev)
