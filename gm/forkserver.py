@@ -72,16 +72,18 @@ def _recv(sock: socket.socket, maxfds: int = 0):
     head, fds, _, _ = socket.recv_fds(sock, _HEADER.size, maxfds)
     if not head:
         return None, fds
-    while len(head) < _HEADER.size:
-        head += sock.recv(_HEADER.size - len(head))
-    (n,) = _HEADER.unpack(head)
+    head += _read(sock, _HEADER.size - len(head))
+    return json.loads(_read(sock, _HEADER.unpack(head)[0])), fds
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
         if not chunk:
             raise ConnectionError("fork server: message cut short")
         data += chunk
-    return json.loads(data), fds
+    return data
 
 
 def _delegate(path: str, module: str) -> int | None:
@@ -108,12 +110,7 @@ def _delegate(path: str, module: str) -> int | None:
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)
-    while True:
-        try:
-            status, _ = _recv(sock)
-            break
-        except InterruptedError:
-            continue
+    status, _ = _recv(sock)  # a forwarded signal interrupts recv, which resumes (PEP 475)
     if status is None:  # the supervisor died: nothing to report
         return 1
     if "signal" in status:
@@ -278,10 +275,11 @@ def _run_stage(request: dict, fds: list[int]) -> None:
         try:
             runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
             code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if e.code is not None and not isinstance(e.code, int):
-                print(e.code, file=sys.stderr)
+        except SystemExit as e:  # as the interpreter exits: None is 0, a message is 1
+            code = 0 if e.code is None else e.code
+            if not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
         except KeyboardInterrupt:
             code = 130
         except BaseException:  # noqa: BLE001 - reported as the interpreter would
@@ -306,7 +304,7 @@ def start(env: dict[str, str]):
     import tempfile
     import time
 
-    if os.environ.get(ENV) == "0" or not hasattr(os, "pidfd_open"):
+    if env.get(ENV) == "0" or not hasattr(os, "pidfd_open"):
         return None
     folder = tempfile.mkdtemp(prefix="gm-forkserver-")
     path = os.path.join(folder, "socket")
