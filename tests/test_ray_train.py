@@ -73,15 +73,40 @@ def test_worker_killed_mid_run_resumes_from_its_checkpoint(ray_local, dataset, t
     assert payload["extra"]["resumed_from"] == 4
 
 
-def test_relaunched_driver_continues_the_same_run(ray_local, dataset, tmp_path):
+def actor_classes(ray) -> set[str]:
+    """Class names of every actor the GCS knows, dead ones included (the suite's Ray has no
+    dashboard, so no State API: the GCS table directly)."""
+    from ray._private import state
+
+    return {a["ActorClassName"] for a in state.actors().values()}
+
+
+def test_relaunched_driver_continues_the_same_run(ray_local, dataset, tmp_path, capfd):
+    """The second launch continues from step 2; its driver draws the progress bar from what
+    rank 0 posts to Ray's KV store, up to the run's last step, and removes the key after. On a
+    local Ray, Ray Train starts no PreemptionWatcher (no node is ever drained) and, with no
+    Ray Dataset passed, no DatasetManager: two processes fewer per training."""
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    from gm.train.ray_train import PROGRESS_NAMESPACE
+
+    before = actor_classes(ray_local)
     info = {"resolution": 16, "channels": 3, "num_classes": 3}
     first = RunSettings(steps=2, batch_size=4, checkpoint_every=2, num_workers=1)
     fit("dcgan", TINY["dcgan"], first, dataset, info, tmp_path / "runs", "again")
+    capfd.readouterr()
     more = RunSettings(steps=4, batch_size=4, checkpoint_every=2, num_workers=1)
     payload = final_payload(
-        fit("dcgan", TINY["dcgan"], more, dataset, info, tmp_path / "runs", "again")
+        fit("dcgan", TINY["dcgan"], more, dataset, info, tmp_path / "runs", "again",
+            progress=True)  # fmt: skip
     )
     assert payload["trainer"]["step"] == 4 and payload["extra"]["resumed_from"] == 2
+    bar = capfd.readouterr().err.split("\r")[-1]
+    assert "again: 100%" in bar and "4/4" in bar and "D=" in bar and "img/s=" in bar, bar
+    assert _internal_kv_list("", namespace=PROGRESS_NAMESPACE) == []
+    started = actor_classes(ray_local) - before
+    assert "TrainController" in started, started  # the listing sees this run's actors
+    assert not started & {"PreemptionWatcher", "DatasetManager"}, started
 
 
 def test_two_workers_streaming_train_the_same_weights_as_in_memory(ray_local, dataset, tmp_path):

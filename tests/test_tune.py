@@ -407,7 +407,9 @@ def test_search_submitted_to_a_ray_start_cluster_logs_every_trial_to_an_mlflow_s
         "space": {"model.optim_g.lr": {"loguniform": [1e-4, 1e-2]}},
     }
     root = search_repo(project, search)
-    env = env_for(root, RAY_AUTH_MODE="token")
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: the head stops at SIGTERM, without first
+    # draining for 30 s (time for a Serve deployment's proxies; there is none here)
+    env = env_for(root, RAY_AUTH_MODE="token", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
 
     def start_head(attempt: int):
         port, dash = free_port(), free_port()

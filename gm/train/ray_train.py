@@ -283,7 +283,7 @@ def run_loop(config: dict[str, Any], host) -> None:
 
         logger = MetricBuffer(tracking["uri"], tracking["run_id"])
         logger.log(trainer.step, {"start_step": trainer.step})  # one per (re)start of the run
-    progress = config.get("progress") if rank == 0 else None  # the driver's ProgressBoard
+    progress = config.get("progress") if rank == 0 else None  # the driver's progress key
     kid_probe = paired_probe = None
     source = model.pair_source()
     if rank == 0 and source is not None:  # PSNR/SSIM ... on the test pairs at each checkpoint
@@ -348,7 +348,7 @@ def run_loop(config: dict[str, Any], host) -> None:
         if logger:
             logger.log(trainer.step, metrics)
         if progress is not None and (now - last_progress > 0.5 or trainer.step == run.steps):
-            progress.update.remote(trainer.step, metrics)  # fire and forget
+            _post_progress(progress, trainer.step, metrics)
             last_progress = now
         if fault and fault.get("action") == "pause" and rank == 0 and trainer.step == fault["step"]:
             # tests: hold here until the test says go (it stops a server meanwhile)
@@ -426,28 +426,40 @@ def run_loop(config: dict[str, Any], host) -> None:
                 logger.log(trainer.step, {"checkpoint_s": tick - report_start})
 
 
-class ProgressBoard:
-    """A zero-CPU actor rank 0 posts (step, metrics) to; the driver draws the progress bar,
-    so one bar shows on the terminal that launched the run, wherever rank 0 runs."""
-
-    def __init__(self):
-        self.step, self.metrics = 0, {}
-
-    def update(self, step: int, metrics: dict[str, float]) -> None:
-        self.step, self.metrics = step, metrics
-
-    def get(self) -> tuple[int, dict[str, float]]:
-        return self.step, self.metrics
+# Rank 0 posts (step, metrics) under a key of Ray's key-value store (in the GCS, reachable from
+# every node) and the driver draws the progress bar from it, so one bar shows on the terminal
+# that launched the run, wherever rank 0 runs. (It was a zero-CPU actor: one more process
+# to start per training, about 5 CPU-seconds on 2 cores.) ray.experimental.internal_kv is
+# the store Ray's own libraries keep such state in.
+PROGRESS_NAMESPACE = "gm-progress"
 
 
-def _show_progress(board, total: int, desc: str, stop) -> None:
-    import ray
+def _post_progress(key: str, step: int, metrics: dict[str, float]) -> None:
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    value = json.dumps([step, {k: float(v) for k, v in metrics.items()}])
+    _internal_kv_put(key, value, overwrite=True, namespace=PROGRESS_NAMESPACE)
+
+
+def _read_progress(key: str) -> tuple[int, dict[str, float]] | None:
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    value = _internal_kv_get(key, namespace=PROGRESS_NAMESPACE)
+    return None if value is None else tuple(json.loads(value))
+
+
+def _show_progress(key: str, total: int, desc: str, stop) -> None:
     from tqdm import tqdm
 
     with tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True) as bar:
         while True:
+            last = stop.wait(1.0)
             try:
-                step, metrics = ray.get(board.get.remote(), timeout=10)
+                step, metrics = _read_progress(key) or (bar.n, {})
             except Exception:  # a slow or restarting cluster: try again
                 step, metrics = bar.n, {}
             bar.update(step - bar.n)
@@ -455,9 +467,7 @@ def _show_progress(board, total: int, desc: str, stop) -> None:
             if "images_per_s" in metrics:
                 shown["img/s"] = metrics["images_per_s"]
             bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
-            if stop.wait(1.0):
-                step, _ = ray.get(board.get.remote(), timeout=10)
-                bar.update(step - bar.n)
+            if last:
                 return
 
 
@@ -511,12 +521,21 @@ def interrupt_as_keyboard_interrupt():
 # timeout (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S), not after a slow poll.
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_INTERVAL_S = "0.25"
+# Ray Train starts a PreemptionWatcher actor per worker group, which polls the cluster for
+# nodes being drained (spot instances, autoscaler scale-down). A local Ray (gm's own, or `gm
+# with-ray`'s) has one node that nobody drains: there the actor is only a process to start,
+# about 4 CPU-seconds per training. On a cluster (RAY_ADDRESS of the user's) it stays on.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def ray_train_env() -> None:
     """Set gm's defaults for Ray Train's environment variables in this (driver) process,
     where the user has not set them; Ray Train passes them on to its controller and workers."""
+    from gm.cluster import LOCAL_RAY_ENV
+
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)
+    if os.environ.get(LOCAL_RAY_ENV) or not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
 def fit(
@@ -557,14 +576,12 @@ def fit(
         "classifier": str(Path(classifier).resolve()) if classifier else None,
     }
     ray_train_env()
-    board = None
     if progress:
-        import ray
+        import uuid
 
-        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-        config["progress"] = board
+        config["progress"] = f"{name}/{uuid.uuid4().hex}"
 
-    trainer = TorchTrainer(
+    trainer = _trainer_class(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
@@ -579,14 +596,16 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    if board is None:
+    if not progress:
         with interrupt_as_keyboard_interrupt():
             return trainer.fit()
     import threading
 
+    from ray.experimental.internal_kv import _internal_kv_del
+
     stop = threading.Event()
     thread = threading.Thread(
-        target=_show_progress, args=(board, run.steps, name, stop), daemon=True
+        target=_show_progress, args=(config["progress"], run.steps, name, stop), daemon=True
     )
     thread.start()
     try:
@@ -595,4 +614,21 @@ def fit(
     finally:
         stop.set()
         thread.join(timeout=15)
-        ray.kill(board)
+        _internal_kv_del(config["progress"], namespace=PROGRESS_NAMESPACE)
+
+
+def _trainer_class(base):
+    """``base`` (TorchTrainer) without Ray Train's DatasetsCallback when no Ray Dataset is
+    passed: gm's workers read their batches themselves (gm.data.rowstore), and the callback
+    would start a DatasetManager actor per training all the same, one more process (about 4
+    CPU-seconds on 2 cores) that serves no dataset. With ``datasets`` it is kept."""
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    class Trainer(base):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
