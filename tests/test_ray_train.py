@@ -73,12 +73,12 @@ def test_worker_killed_mid_run_resumes_from_its_checkpoint(ray_local, dataset, t
     assert payload["extra"]["resumed_from"] == 4
 
 
-def actor_classes(ray) -> set[str]:
-    """Class names of every actor the GCS knows, dead ones included (the suite's Ray has no
-    dashboard, so no State API: the GCS table directly)."""
+def actor_classes(ray) -> dict[str, str]:
+    """Actor id -> class name of every actor the GCS knows, dead ones included (the suite's
+    Ray has no dashboard, so no State API: the GCS table directly)."""
     from ray._private import state
 
-    return {a["ActorClassName"] for a in state.actors().values()}
+    return {i: a["ActorClassName"] for i, a in state.actors().items()}
 
 
 def test_relaunched_driver_continues_the_same_run(ray_local, dataset, tmp_path, capfd):
@@ -97,14 +97,15 @@ def test_relaunched_driver_continues_the_same_run(ray_local, dataset, tmp_path, 
     capfd.readouterr()
     more = RunSettings(steps=4, batch_size=4, checkpoint_every=2, num_workers=1)
     payload = final_payload(
-        fit("dcgan", TINY["dcgan"], more, dataset, info, tmp_path / "runs", "again",
-            progress=True)  # fmt: skip
+        fit(
+            "dcgan", TINY["dcgan"], more, dataset, info, tmp_path / "runs", "again", progress=True
+        )  # fmt: skip
     )
     assert payload["trainer"]["step"] == 4 and payload["extra"]["resumed_from"] == 2
     bar = capfd.readouterr().err.split("\r")[-1]
     assert "again: 100%" in bar and "4/4" in bar and "D=" in bar and "img/s=" in bar, bar
     assert _internal_kv_list("", namespace=PROGRESS_NAMESPACE) == []
-    started = actor_classes(ray_local) - before
+    started = {c for i, c in actor_classes(ray_local).items() if i not in before}
     assert "TrainController" in started, started  # the listing sees this run's actors
     assert not started & {"PreemptionWatcher", "DatasetManager"}, started
 
