@@ -97,9 +97,7 @@ def test_relaunched_driver_continues_the_same_run(ray_local, dataset, tmp_path, 
     capfd.readouterr()
     more = RunSettings(steps=4, batch_size=4, checkpoint_every=2, num_workers=1)
     payload = final_payload(
-        fit(
-            "dcgan", TINY["dcgan"], more, dataset, info, tmp_path / "runs", "again", progress=True
-        )  # fmt: skip
+        fit("dcgan", TINY["dcgan"], more, dataset, info, tmp_path / "runs", "again", progress=True)
     )
     assert payload["trainer"]["step"] == 4 and payload["extra"]["resumed_from"] == 2
     bar = capfd.readouterr().err.split("\r")[-1]
