@@ -11,6 +11,12 @@ from gm.errors import GmError
 LOCAL_RAY_ENV = "GM_RAY_LOCAL"
 
 
+def on_cluster() -> bool:
+    """True when this process's Ray is a user's cluster: ``RAY_ADDRESS`` set, and not by
+    ``gm with-ray`` for this machine's own local Ray."""
+    return bool(os.environ.get("RAY_ADDRESS")) and not os.environ.get(LOCAL_RAY_ENV)
+
+
 def init_ray(need_cpus: float = 0.0) -> None:
     """Attach to ``RAY_ADDRESS`` when set, else start a local Ray sized for the job.
 

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import gm
-from gm.cluster import LOCAL_RAY_ENV
+from gm.cluster import on_cluster
 from gm.config import to_dict
 from gm.data.archives import IMAGE_SUFFIXES, RawItem, read_members, scan_archives
 from gm.data.config import DatasetConfig
@@ -327,7 +327,7 @@ def resolve_workers(workers: int | None, n_items: int) -> int:
         if workers < 0:
             raise DataError(f"workers={workers}: expected 0 (this process) or Ray tasks >= 1")
         return workers
-    cluster = os.environ.get("RAY_ADDRESS") and not os.environ.get(LOCAL_RAY_ENV)
+    cluster = on_cluster()
     if cluster or n_items >= RAY_MIN_ITEMS:
         import ray
 

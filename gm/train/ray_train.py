@@ -531,10 +531,10 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 def ray_train_env() -> None:
     """Set gm's defaults for Ray Train's environment variables in this (driver) process,
     where the user has not set them; Ray Train passes them on to its controller and workers."""
-    from gm.cluster import LOCAL_RAY_ENV
+    from gm.cluster import on_cluster
 
     os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)
-    if os.environ.get(LOCAL_RAY_ENV) or not os.environ.get("RAY_ADDRESS"):
+    if not on_cluster():
         os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
@@ -559,7 +559,6 @@ def fit(
     ``classifier``: a domain classifier; rank 0 then logs KID at every checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from gm.config import to_dict
 
@@ -576,12 +575,13 @@ def fit(
         "classifier": str(Path(classifier).resolve()) if classifier else None,
     }
     ray_train_env()
+    key = None
     if progress:
         import uuid
 
-        config["progress"] = f"{name}/{uuid.uuid4().hex}"
+        key = config["progress"] = f"{name}/{uuid.uuid4().hex}"
 
-    trainer = _trainer_class(TorchTrainer)(
+    trainer = _torch_trainer()(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
@@ -596,7 +596,7 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    if not progress:
+    if key is None:
         with interrupt_as_keyboard_interrupt():
             return trainer.fit()
     import threading
@@ -604,9 +604,7 @@ def fit(
     from ray.experimental.internal_kv import _internal_kv_del
 
     stop = threading.Event()
-    thread = threading.Thread(
-        target=_show_progress, args=(config["progress"], run.steps, name, stop), daemon=True
-    )
+    thread = threading.Thread(target=_show_progress, args=(key, run.steps, name, stop), daemon=True)
     thread.start()
     try:
         with interrupt_as_keyboard_interrupt():
@@ -614,17 +612,18 @@ def fit(
     finally:
         stop.set()
         thread.join(timeout=15)
-        _internal_kv_del(config["progress"], namespace=PROGRESS_NAMESPACE)
+        _internal_kv_del(key, namespace=PROGRESS_NAMESPACE)
 
 
-def _trainer_class(base):
-    """``base`` (TorchTrainer) without Ray Train's DatasetsCallback when no Ray Dataset is
-    passed: gm's workers read their batches themselves (gm.data.rowstore), and the callback
-    would start a DatasetManager actor per training all the same, one more process (about 4
-    CPU-seconds on 2 cores) that serves no dataset. With ``datasets`` it is kept."""
+def _torch_trainer():
+    """Ray Train's TorchTrainer without its DatasetsCallback when no Ray Dataset is passed:
+    gm's workers read their batches themselves (gm.data.rowstore), and the callback would start
+    a DatasetManager actor per training all the same, one more process (about 4 CPU-seconds on
+    2 cores) that serves no dataset. With ``datasets`` it is kept."""
+    from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback
 
-    class Trainer(base):
+    class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
             if self.datasets:
