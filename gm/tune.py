@@ -21,7 +21,9 @@ a paired family's PSNR or L1, ...) every ``report_every`` steps, with a checkpoi
 - **Resume**: the Tune experiment lives under ``<runs>/tune/<name>-<hash>`` (kept across
   ``dvc repro``); the same command after an interrupted search restores it with
   ``Tuner.restore``: finished trials are kept, unfinished ones continue from their
-  checkpoints. ``<runs>`` may be a URI (``s3://…``) shared by a Ray cluster.
+  checkpoints. ``<runs>`` may be a URI (``s3://…``) shared by a Ray cluster. A trial keeps
+  every checkpoint while the search runs (deleting one could race Tune's saved state) and
+  only its latest once the search has ended.
 """
 
 from __future__ import annotations
@@ -579,6 +581,7 @@ def run_search(
         name, search, section, job, results, out_dir, report_json, report_png, parent, path,
         wall_s=time.time() - start, cluster=ray.cluster_resources(),
     )  # fmt: skip
+    _prune_checkpoints(results)
     return summary
 
 
@@ -633,14 +636,40 @@ def _new_tuner(search: SearchConfig, trainable, steps: int, storage: str, key: s
         run_config=tune.RunConfig(
             name=key,
             storage_path=storage,
-            # PBT clones a trial from another's latest checkpoint, which must still exist
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=None if search.scheduler == "pbt" else 2
-            ),
+            # Every checkpoint is kept while the search runs; _prune_checkpoints keeps each
+            # trial's latest once it has ended. Tune's num_to_keep deletes a checkpoint before
+            # the experiment state that names it is replaced on storage, so a driver killed in
+            # between left a state that resumes a trial from a deleted checkpoint (the trial
+            # then ends in error). PBT also clones trials from each other's checkpoints.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=1),
             verbose=1,
         ),
     )
+
+
+def _prune_checkpoints(results) -> int:
+    """Delete every trial checkpoint but the trial's latest; returns how many were deleted.
+
+    Only safe once ``Tuner.fit`` has returned: Tune has then saved (and waited for) the final
+    experiment state, which names each trial's latest checkpoint, the one a later restore of
+    an errored trial starts from. Works on any ``pyarrow.fs`` storage (local, ``s3://``).
+    """
+    from pyarrow import fs as pafs
+
+    deleted = 0
+    for r in results:
+        if r.checkpoint is None:  # nothing to continue from: keep what is there
+            continue
+        keep = r.checkpoint.path.rstrip("/")
+        infos = r.filesystem.get_file_info(pafs.FileSelector(r.path, allow_not_found=True))
+        for info in infos:
+            name = info.path.rstrip("/").rsplit("/", 1)[-1]
+            stale = name.startswith("checkpoint_") and info.path.rstrip("/") != keep
+            if stale and info.type == pafs.FileType.Directory:
+                r.filesystem.delete_dir(info.path)
+                deleted += 1
+    return deleted
 
 
 def _keep_checkpoints(results, rows: list[dict], search: SearchConfig, dest: Path) -> None:
