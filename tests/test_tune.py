@@ -539,6 +539,14 @@ def test_search_with_its_storage_path_on_an_s3_server(project, s3_server):
     assert any(k.endswith("/gm_tune.json") for k in keys)
     assert any("/checkpoint_" in k and k.endswith("/checkpoint.pt") for k in keys)
     assert any("experiment_state" in k for k in keys)
+    kept: dict[str, set[str]] = {}  # trial folder → its checkpoint folders left in the bucket
+    for k in keys:
+        parts = k.split("/")
+        for i, part in enumerate(parts[:-1]):
+            if part.startswith("checkpoint_"):
+                kept.setdefault(parts[i - 1], set()).add(part)
+    # two reports each; once the search has ended only each trial's latest is kept
+    assert len(kept) == 2 and all(c == {"checkpoint_000001"} for c in kept.values()), kept
     rows = list(csv.DictReader(open(root / "tune/toy/trials.csv")))
     assert len(rows) == 2 and {row["status"] for row in rows} == {"full"}
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
