@@ -319,7 +319,10 @@ def test_a_search_whose_driver_is_killed_resumes_without_restarting_or_losing_tr
         "space": {"model.optim_g.lr": {"grid": [0.002, 0.001, 0.0005]}},
     }
     root = search_repo(project, search)
-    env = env_for(root)
+    # Tune writes result.json beside the driver and uploads it with the experiment state, by
+    # default at most every 10 s: a trial here takes under 10 s on a fast machine, so the
+    # state is saved every second for the progress below to show in runs/ as it happens.
+    env = env_for(root, TUNE_GLOBAL_CHECKPOINT_S="1")
     cmd = [PY, "-m", "pipelines.tune", "--name", "toy"]
     log = open(root / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
