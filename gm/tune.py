@@ -648,28 +648,24 @@ def _new_tuner(search: SearchConfig, trainable, steps: int, storage: str, key: s
     )
 
 
-def _prune_checkpoints(results) -> int:
-    """Delete every trial checkpoint but the trial's latest; returns how many were deleted.
+def _prune_checkpoints(results) -> None:
+    """Delete every trial checkpoint but the trial's latest.
 
     Only safe once ``Tuner.fit`` has returned: Tune has then saved (and waited for) the final
     experiment state, which names each trial's latest checkpoint, the one a later restore of
     an errored trial starts from. Works on any ``pyarrow.fs`` storage (local, ``s3://``).
     """
-    from pyarrow import fs as pafs
+    import pyarrow.fs as pafs
 
-    deleted = 0
     for r in results:
         if r.checkpoint is None:  # nothing to continue from: keep what is there
             continue
         keep = r.checkpoint.path.rstrip("/")
-        infos = r.filesystem.get_file_info(pafs.FileSelector(r.path, allow_not_found=True))
-        for info in infos:
-            name = info.path.rstrip("/").rsplit("/", 1)[-1]
-            stale = name.startswith("checkpoint_") and info.path.rstrip("/") != keep
+        for info in r.filesystem.get_file_info(pafs.FileSelector(r.path, allow_not_found=True)):
+            path = info.path.rstrip("/")
+            stale = path != keep and path.rsplit("/", 1)[-1].startswith("checkpoint_")
             if stale and info.type == pafs.FileType.Directory:
-                r.filesystem.delete_dir(info.path)
-                deleted += 1
-    return deleted
+                r.filesystem.delete_dir(path)
 
 
 def _keep_checkpoints(results, rows: list[dict], search: SearchConfig, dest: Path) -> None:

@@ -283,27 +283,26 @@ def test_tune_stage_asha_stops_a_bad_lr_and_best_params_round_trip_into_dvc_exp_
     assert client.get_run(m["mlflow_run_id"]).data.params["model.optim.lr"] == "0.003"
 
 
+def trial_folders(folder: Path):
+    """(trial id, its folder, its result.json rows) of every trial with a result under
+    ``folder``'s Tune experiments."""
+    for f in folder.glob("tune/*/_trial_*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        if rows:
+            yield rows[-1]["trial_id"], f.parent, rows
+
+
 def result_lines(folder: Path) -> dict[str, int]:
     """Distinct steps reported per trial, from Tune's result.json files (trial id → count).
     Distinct, not lines: a driver killed after a trial reported a step but before that step's
     checkpoint was kept makes the resumed trial report the step again (at least once)."""
-    out = {}
-    for f in folder.glob("tune/*/_trial_*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines()]
-        if rows:
-            out[rows[-1]["trial_id"]] = len({row["step"] for row in rows})
-    return out
+    return {t: len({row["step"] for row in rows}) for t, _, rows in trial_folders(folder)}
 
 
 def checkpoint_steps(folder: Path) -> dict[str, list[int]]:
     """Indices of the checkpoint folders in each trial's directory (trial id → sorted)."""
-    out = {}
-    for f in folder.glob("tune/*/_trial_*/result.json"):
-        rows = [json.loads(line) for line in f.read_text().splitlines()]
-        if rows:
-            found = f.parent.glob("checkpoint_*")
-            out[rows[-1]["trial_id"]] = sorted(int(c.name.split("_")[1]) for c in found)
-    return out
+    return {t: sorted(int(c.name.split("_")[1]) for c in d.glob("checkpoint_*"))
+            for t, d, _ in trial_folders(folder)}  # fmt: skip
 
 
 @pytest.mark.slow
