@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gm.config import from_dict
+from gm.errors import ConfigError
 from gm.models.growth import (
     EqConv2d,
     EqLinear,
@@ -21,7 +22,13 @@ from gm.models.growth import (
 )
 from gm.models.lapgan import reconstruct, residuals, up
 from gm.models.progan import ProGAN, ProGANConfig
-from gm.models.stylegan import StyleGAN, StyleGANConfig, mix_styles, truncate
+from gm.models.stylegan import (
+    StyleGAN,
+    StyleGANConfig,
+    mix_styles,
+    modulated_conv2d,
+    truncate,
+)
 from gm.train.loop import Trainer
 from gm.train.protocol import Batch, DataInfo
 
@@ -48,11 +55,12 @@ def test_alpha_zero_output_is_the_previous_resolution_upsampled_exactly():
         previous = F.interpolate(G(z, level - 1, alpha=1.0), scale_factor=2, mode="nearest")
         assert grown.shape[-1] == 4 * 2**level and torch.equal(grown, previous)
         assert not torch.equal(G(z, level, alpha=0.5), previous)  # the new block shows
-    S = stylegan().G  # StyleGAN upsamples bilinearly; same noise inputs on both sides
-    for level in (1, 2, 3):
-        grown = S(z, level, 0.0, noise_gen=torch.Generator().manual_seed(4))
-        low = S(z, level - 1, 1.0, noise_gen=torch.Generator().manual_seed(4))
-        assert torch.equal(grown, F.interpolate(low, scale_factor=2, mode="bilinear"))
+    for style in ("adain", "demod"):  # StyleGAN upsamples bilinearly; same noise both sides
+        S = stylegan(style=style).G
+        for level in (1, 2, 3):
+            grown = S(z, level, 0.0, noise_gen=torch.Generator().manual_seed(4))
+            low = S(z, level - 1, 1.0, noise_gen=torch.Generator().manual_seed(4))
+            assert torch.equal(grown, F.interpolate(low, scale_factor=2, mode="bilinear"))
 
 
 def test_discriminator_fades_in_the_same_way():
@@ -118,6 +126,65 @@ def test_truncation_at_psi_zero_gives_the_mean_w():
     untruncated.G.load_state_dict(model.G.state_dict())
     c = untruncated.sample(2, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(a, c)
+
+
+def test_modulated_conv_equals_the_per_sample_demodulated_weights():
+    """StyleGAN2 eq. 1 and 3, written as the paper's grouped convolution with one demodulated
+    weight per sample, against gm's unfused form (scaled input, shared conv, scaled output)."""
+    torch.manual_seed(0)
+    b, c_in, c_out = 3, 5, 4
+    x, weight = torch.randn(b, c_in, 8, 8), torch.randn(c_out, c_in, 3, 3) / math.sqrt(45)
+    s = torch.rand(b, c_in) * 2 + 0.1
+    w1 = weight[None] * s[:, None, :, None, None]  # (B, C_out, C_in, 3, 3)
+    w2 = w1 * torch.rsqrt(w1.square().sum((2, 3, 4)) + 1e-8)[:, :, None, None, None]
+    for per_sample, demodulate in ((w2, True), (w1, False)):
+        grouped = F.conv2d(x.reshape(1, b * c_in, 8, 8), per_sample.reshape(-1, c_in, 3, 3),
+                           padding=1, groups=b).reshape(b, c_out, 8, 8)  # fmt: skip
+        out = modulated_conv2d(x, weight, s, demodulate=demodulate)
+        assert out.shape == (b, c_out, 8, 8) and torch.allclose(out, grouped, atol=1e-5)
+
+
+def test_demodulation_restores_unit_std_whatever_the_style():
+    torch.manual_seed(0)
+    x, weight = torch.randn(64, 32, 16, 16), torch.randn(16, 32, 3, 3)
+    s = torch.rand(64, 32) * 5 + 0.01  # styles far from 1 and varying per sample
+    out = modulated_conv2d(x, weight, s)
+    std = out[:, :, 1:-1, 1:-1].std((0, 2, 3))  # away from the zero padding
+    assert torch.allclose(std, torch.ones(16), atol=0.08)
+    # a style scaled as a whole changes nothing: the scale is divided out again
+    assert torch.allclose(modulated_conv2d(x, weight, 9 * s), out, atol=1e-4)
+    assert modulated_conv2d(x, weight, s, demodulate=False).std() > 5
+
+
+def test_demod_stylegan_styles_reach_the_image_and_learn():
+    model = stylegan(style="demod", mapping_layers=2)
+    layers = model.G.synthesis.layers
+    assert not layers[0].demod and all(layer.demod for layer in layers[1:])
+    assert layers[1].style.weight.shape == (16, 16)  # one scale per input channel
+    z = torch.randn(4, 16)
+    gen = torch.Generator().manual_seed(3)
+    img = model.G(z, 3, noise_gen=gen)
+    assert img.shape == (4, 3, 32, 32)
+    # the same noise and a different w in the modulated layers only (layer 0 is AdaIN)
+    ws = model.G.mapping(z)[:, None].expand(-1, 8, -1).clone()
+    ws[:, 1:] = model.G.mapping(torch.randn(4, 16))[:, None]
+    other = model.G.synthesis(ws, 3, 1.0, torch.Generator().manual_seed(3))
+    assert (img - other).abs().mean() > 1e-3
+    trainer = Trainer(model)
+    before = {k: v.clone() for k, v in model.G.state_dict().items() if ".style." in k}
+    for _ in range(3):
+        g = model.growth(trainer.images_seen)
+        x = torch.rand(4, 3, g.resolution, g.resolution) * 2 - 1
+        logs = trainer.train_step(Batch(x, torch.zeros(4, dtype=torch.long)))
+    assert all(math.isfinite(v) for v in logs.values() if isinstance(v, float))
+    moved = [k for k, v in model.G.state_dict().items() if k in before and
+             not torch.equal(v, before[k])]  # fmt: skip
+    assert "synthesis.layers.1.style.weight" in moved
+
+
+def test_an_unknown_style_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="style"):
+        stylegan(style="adaln")
 
 
 def test_laplacian_pyramid_of_the_dataset_reconstructs_the_image(toy_dataset):

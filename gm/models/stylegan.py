@@ -4,9 +4,11 @@ Mapping network: z (pixel-normalized) → 8 dense layers (learning-rate multipli
 Synthesis: a learned constant 4×4 input; two layers per resolution (the first of each finer
 resolution upsamples bilinearly and convolves; the 4×4 block's first layer is the constant):
 after each, per-pixel noise scaled by a learned per-channel factor, bias, LeakyReLU(0.2), then
-AdaIN with a style (scale, bias) = A(w) of that layer. A 1×1 toRGB per resolution. Progressive
-growing as in the paper (from 8×8 by default) or fixed-resolution training
-(``growth.progressive: false``); the discriminator is Progressive GAN's.
+AdaIN with a style (scale, bias) = A(w) of that layer. With ``style: demod`` the convolutions
+are StyleGAN2's modulated, demodulated ones in place of AdaIN (Karras et al., CVPR 2020,
+"Analyzing and Improving the Image Quality of StyleGAN", section 2.2). A 1×1 toRGB per
+resolution. Progressive growing as in the paper (from 8×8 by default) or fixed-resolution
+training (``growth.progressive: false``); the discriminator is Progressive GAN's.
 
 Style mixing: with probability ``mixing_prob`` a batch uses two latents, w₁ for the layers before
 a crossover drawn uniformly from [1, layers) and w₂ from it on. The truncation trick moves w
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,28 +62,67 @@ class MappingNetwork(nn.Module):
         return x
 
 
-class StyleLayer(nn.Module):
-    """[upsample + conv] → noise → bias → LeakyReLU → AdaIN(style from w)."""
+def modulated_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    demodulate: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """StyleGAN2's modulated convolution (Karras et al., CVPR 2020, section 2.2, eq. 1 and 3).
 
-    def __init__(self, c_in: int, c_out: int, w_dim: int, conv: bool = True, up: bool = False):
+    ``x``: (B, C_in, H, W); ``weight``: (C_out, C_in, k, k), already scaled (equalized lr);
+    ``styles``: (B, C_in), the per-sample scale s of each input channel. The per-sample weight
+    w'_ijk = s_i·w_ijk is demodulated to w''_ijk = w'_ijk / √(Σ_ik w'_ijk² + ε), so each output
+    channel has unit expected std for unit-std inputs. Computed unfused (scale the input, one
+    shared convolution, scale the output), which equals the per-sample grouped convolution and
+    keeps the batch a batch (channels_last, AMP, one kernel). Returns (B, C_out, H, W), 'same'
+    padding for odd k.
+    """
+    out = F.conv2d(x * styles[:, :, None, None], weight, padding=weight.shape[-1] // 2)
+    if demodulate:  # Σ_ik (s_i w_ijk)² = Σ_i s_i² Σ_k w_ijk², one (B, C_in) @ (C_in, C_out)
+        sq = styles.square() @ weight.square().sum((2, 3)).t()
+        out = out * torch.rsqrt(sq + eps)[:, :, None, None]
+    return out
+
+
+class StyleLayer(nn.Module):
+    """One synthesis layer; ``style`` picks how w enters it.
+
+    ``adain`` (StyleGAN): [upsample + conv] → noise → bias → LeakyReLU → AdaIN(style from w).
+    ``demod`` (StyleGAN2, Karras et al. 2020): [upsample] → modulated, demodulated conv (the
+    style scales the weights; no instance normalization) → noise → bias → LeakyReLU. The
+    constant's layer has no convolution to modulate and keeps its AdaIN in both.
+    """
+
+    def __init__(self, c_in: int, c_out: int, w_dim: int, conv: bool = True, up: bool = False,
+                 style: str = "adain"):  # fmt: skip
         super().__init__()
         self.conv = EqConv2d(c_in, c_out, 3) if conv else None
         self.up = up
         self.noise_strength = nn.Parameter(torch.zeros(c_out))  # learned per channel
         self.bias = nn.Parameter(torch.zeros(c_out))
-        self.style = EqLinear(w_dim, 2 * c_out, gain=1.0)
-        with torch.no_grad():
-            self.style.bias[:c_out] = 1.0  # style scale starts at 1
+        self.demod = style == "demod" and conv
+        if self.demod:  # A: w → one scale per input channel, starting at 1 (StyleGAN2)
+            self.style = EqLinear(w_dim, c_in, gain=1.0, bias_init=1.0)
+        else:
+            self.style = EqLinear(w_dim, 2 * c_out, gain=1.0)
+            with torch.no_grad():
+                self.style.bias[:c_out] = 1.0  # style scale starts at 1
 
     def forward(self, x, w, noise=None):
         if self.up:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        if self.conv is not None:
+        if self.demod:
+            x = modulated_conv2d(x, self.conv.weight * self.conv.scale, self.style(w))
+        elif self.conv is not None:
             x = F.conv2d(x, self.conv.weight * self.conv.scale, padding=1)
         if noise is None:
             noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
         x = x + self.noise_strength[None, :, None, None] * noise
         x = lrelu(x + self.bias[None, :, None, None])
+        if self.demod:
+            return x
         x = F.instance_norm(x, eps=1e-8)
         scale, shift = self.style(w).chunk(2, dim=1)
         return x * scale[:, :, None, None] + shift[:, :, None, None]
@@ -106,16 +148,16 @@ def truncate(ws: torch.Tensor, w_avg: torch.Tensor, psi: float, cutoff: int) -> 
 
 
 class StyleSynthesis(nn.Module):
-    def __init__(self, w_dim: int, resolution: int, channels: int, nf):
+    def __init__(self, w_dim: int, resolution: int, channels: int, nf, style: str = "adain"):
         super().__init__()
         n = int(math.log2(resolution)) - 1
         self.const = nn.Parameter(torch.ones(1, nf(4), 4, 4))
         self.layers = nn.ModuleList([StyleLayer(nf(4), nf(4), w_dim, conv=False),
-                                     StyleLayer(nf(4), nf(4), w_dim)])  # fmt: skip
+                                     StyleLayer(nf(4), nf(4), w_dim, style=style)])  # fmt: skip
         for i in range(1, n):
             r = 4 * 2**i
-            self.layers.append(StyleLayer(nf(r // 2), nf(r), w_dim, up=True))
-            self.layers.append(StyleLayer(nf(r), nf(r), w_dim))
+            self.layers.append(StyleLayer(nf(r // 2), nf(r), w_dim, up=True, style=style))
+            self.layers.append(StyleLayer(nf(r), nf(r), w_dim, style=style))
         self.to_rgb = nn.ModuleList(EqConv2d(nf(4 * 2**i), channels, 1, gain=1.0) for i in range(n))
 
     def forward(self, ws: torch.Tensor, level: int, alpha: float = 1.0, noise_gen=None,
@@ -150,7 +192,7 @@ class StyleGenerator(nn.Module):
         super().__init__()
         nf = widths(cfg.fmap_base, cfg.fmap_max)
         self.mapping = MappingNetwork(cfg.z_dim, cfg.w_dim, cfg.mapping_layers, cfg.mapping_lr_mul)
-        self.synthesis = StyleSynthesis(cfg.w_dim, resolution, channels, nf)
+        self.synthesis = StyleSynthesis(cfg.w_dim, resolution, channels, nf, cfg.style)
         self.register_buffer("w_avg", torch.zeros(cfg.w_dim))
         self.max_layers = num_layers(int(math.log2(resolution)) - 2)
 
@@ -171,6 +213,7 @@ class StyleGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     w_dim: int = 512
     mapping_layers: int = 8
     mapping_lr_mul: float = 0.01
+    style: Literal["adain", "demod"] = "adain"  # demod: StyleGAN2's weight demodulation
     fmap_base: int = 16384
     fmap_max: int = 512
     mixing_prob: float = 0.9  # style mixing regularization
