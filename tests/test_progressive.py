@@ -21,7 +21,7 @@ from gm.models.growth import (
     schedule,
 )
 from gm.models.lapgan import reconstruct, residuals, up
-from gm.models.progan import ProGAN, ProGANConfig
+from gm.models.progan import ProGAN, ProGANConfig, r1_loss
 from gm.models.stylegan import (
     StyleGAN,
     StyleGANConfig,
@@ -35,10 +35,12 @@ from gm.train.protocol import Batch, DataInfo
 INFO = DataInfo(32, 3, 4)
 
 
-def progan(**growth):
+def progan(loss="wgan_gp", r1_every=16, **growth):
     torch.manual_seed(0)
     g = GrowthConfig(**({"fade_images": 40, "stable_images": 40} | growth))
-    return ProGAN(ProGANConfig(latent=16, fmap_base=256, fmap_max=16, growth=g), INFO)
+    cfg = ProGANConfig(latent=16, fmap_base=256, fmap_max=16, growth=g, loss=loss,
+                       r1_every=r1_every)  # fmt: skip
+    return ProGAN(cfg, INFO)
 
 
 def stylegan(**kw):
@@ -185,6 +187,51 @@ def test_demod_stylegan_styles_reach_the_image_and_learn():
 def test_an_unknown_style_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="style"):
         stylegan(style="adaln")
+    from gm.models.stylegan import StyleLayer
+
+    with pytest.raises(ValueError, match="style must be 'adain' or 'demod', got 'adaln'"):
+        StyleLayer(8, 8, 8, style="adaln")  # built outside a config
+
+
+def test_r1_is_the_squared_input_gradient_scaled_by_the_lazy_interval():
+    w = torch.randn(3, 8, 8)
+    D = lambda x, level, alpha: (x * w).flatten(1).sum(1) + 5.0  # noqa: E731  ∇ₓD = w
+    loss, r1 = r1_loss(D, torch.randn(4, 3, 8, 8), lambda x: x, 1, 1.0, gamma=10.0, every=4)
+    assert r1 == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(r1 * 10.0 / 2 * 4, rel=1e-5)
+
+
+def test_progan_logistic_loss_is_non_saturating_with_a_lazy_r1_phase():
+    model = progan(loss="logistic", r1_every=2)
+    assert [(p.name, p.every) for p in model.phases()] == [("D", 1), ("Dreg", 2), ("G", 1)]
+    assert [p.name for p in progan().phases()] == ["D", "G"]  # the paper's WGAN-GP
+    G, D, nets = model.G, model.D, model.trainable()
+    batch = Batch(torch.rand(4, 3, 4, 4) * 2 - 1, torch.zeros(4, dtype=torch.long))
+    torch.manual_seed(5)
+    loss_d, extra = model.loss("D", batch, nets)
+    torch.manual_seed(5)
+    fake = G(torch.randn(4, 16), 0, 1.0)
+    d_real, d_fake = D(batch.images, 0, 1.0), D(fake, 0, 1.0)
+    expected = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    assert torch.allclose(loss_d, expected) and "gp" not in extra and "D_real" in extra
+    torch.manual_seed(6)
+    loss_g, _ = model.loss("G", batch, nets)
+    torch.manual_seed(6)
+    d_fake = D(G(torch.randn(4, 16), 0, 1.0), 0, 1.0)
+    assert torch.allclose(loss_g, F.softplus(-d_fake).mean())
+    trainer = Trainer(model)
+    before = {k: v.clone() for k, v in D.state_dict().items()}
+    logs = [trainer.train_step(batch) for _ in range(3)]
+    r1 = [log.get("Dreg/r1") for log in logs]
+    assert r1[0] > 0 and r1[1] is None and r1[2] > 0  # steps 0 and 2 of every 2
+    assert all(math.isfinite(v) for log in logs for v in log.values() if isinstance(v, float))
+    assert any(not torch.equal(v, before[k]) for k, v in D.state_dict().items())
+
+
+@pytest.mark.parametrize(("key", "value"), [("loss", "hinge"), ("r1_every", 0), ("r1_gamma", -1)])
+def test_progan_bad_loss_settings_are_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=key):
+        from_dict(ProGANConfig, {key: value}, "progan")
 
 
 def test_laplacian_pyramid_of_the_dataset_reconstructs_the_image(toy_dataset):
@@ -213,6 +260,26 @@ def test_lapgan_samples_run_coarse_to_fine():
         x16 = (up(x8) + n["G16"](z[:, 8 : 8 + 256].view(2, 1, 16, 16), up(x8))).clamp(-1, 1)
         x32 = (up(x16) + n["G32"](z[:, 8 + 256 :].view(2, 1, 32, 32), up(x16))).clamp(-1, 1)
     assert out.shape == (2, 3, 32, 32) and torch.equal(out, x32)
+
+
+def test_lapgan_samples_from_an_ema_of_every_level_generator():
+    from gm.models.lapgan import LAPGAN, LAPGANConfig
+
+    torch.manual_seed(0)
+    model = LAPGAN(LAPGANConfig(levels=3, z_dim=8, coarse_hidden=16, width=8), INFO)
+    trainer = Trainer(model, ema_beta=0.5)
+    assert set(trainer.ema) == {"G8", "G16", "G32"}
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    levels = {16: F.avg_pool2d(x, 2), 8: F.avg_pool2d(x, 4)}
+    for _ in range(3):
+        trainer.train_step(Batch(x, torch.zeros(4, dtype=torch.long), levels=levels))
+    for name in trainer.ema:  # the copies trail the trained weights
+        ema, live = trainer.ema[name].module.state_dict(), model.nets[name].state_dict()
+        assert any(not torch.equal(ema[k], live[k]) for k in live), name
+    with_ema = trainer.sample(4, seed=2)
+    model.eval()
+    without = model.sample(4, generator=torch.Generator().manual_seed(2))
+    assert with_ema.shape == (4, 3, 32, 32) and not torch.equal(with_ema, without)
 
 
 def test_the_schedule_switches_resolution_at_the_image_counts():

@@ -48,8 +48,13 @@ class EqConv2d(nn.Module):
         self.scale = gain / math.sqrt(c_in * k * k)
         self.padding = k // 2 if padding is None else padding
 
+    def scaled_weight(self) -> torch.Tensor:
+        """The weight as applied, (c_out, c_in, k, k): the stored N(0, 1) one times He's
+        constant (the equalized learning rate)."""
+        return self.weight * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight * self.scale, self.bias, padding=self.padding)
+        return F.conv2d(x, self.scaled_weight(), self.bias, padding=self.padding)
 
 
 def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -136,6 +136,8 @@ class LAPGAN(GenerativeModel):
             nets[f"G{r}"] = ResidualG(c, cfg.width)
             nets[f"D{r}"] = ResidualD(c, cfg.width)
         self.nets = nn.ModuleDict(nets)
+        # every level's G has an EMA copy when the run's ema_beta > 0 (not in the paper)
+        self.ema_modules = tuple(f"G{r}" for r in self.res)
         # One pipeline (one ADA p, steered by every level's D) for what each D sees: the
         # coarsest images, and at finer levels the image and its low-pass band transformed
         # together, the residual taken after (so a colour shift moves no residual).

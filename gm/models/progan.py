@@ -10,7 +10,14 @@ min(fmap_base / resolution, fmap_max): the paper's network is fmap_base 16384, f
 All resolutions' blocks exist from the start (the parameter set never changes); a new block is
 faded in: G's output is (1 − α)·upsample(toRGB_prev(x_prev)) + α·toRGB(x), D's input path
 (1 − α)·fromRGB_prev(avgpool(img)) + α·block(fromRGB(img)), and the real images D sees are
-blended the same way. Loss: WGAN-GP (λ = 10) with the drift term ε·E[D(x)²] (ε = 0.001).
+blended the same way.
+
+Loss (``loss``): ``wgan_gp``, the paper's, is WGAN-GP (λ = 10) with the drift term
+ε·E[D(x)²] (ε = 0.001). ``logistic`` is the non-saturating logistic loss with an R1 penalty
+γ/2·E‖∇D(x)‖² on the real images (Mescheder et al., ICML 2018), the option the paper's
+released code calls ``D_logistic_simplegp`` and the loss StyleGAN kept; here it runs as a lazy
+phase every ``r1_every`` steps, scaled by that interval (StyleGAN2's lazy regularization;
+``r1_every: 1`` is the released code's every-step form).
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gm.augment import AugmentFields, build_augment, check_augment
@@ -115,17 +124,21 @@ class ProGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     latent: int = 512
     fmap_base: int = 16384  # channels at a resolution: min(fmap_base / res, fmap_max)
     fmap_max: int = 512
-    gp_lambda: float = 10.0
-    drift: float = 0.001  # ε of the drift term ε·E[D(real)²]
+    loss: Literal["wgan_gp", "logistic"] = "wgan_gp"  # logistic: non-saturating + lazy R1
+    gp_lambda: float = 10.0  # wgan_gp only
+    drift: float = 0.001  # wgan_gp only: ε of the drift term ε·E[D(real)²]
+    r1_gamma: float = 10.0  # logistic only
+    r1_every: int = 16  # logistic only: lazy regularization interval (steps)
     mbstd_group: int = 4
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     optim_g: OptimConfig = field(default_factory=lambda: PAPER_OPTIM)
     optim_d: OptimConfig = field(default_factory=lambda: PAPER_OPTIM)
 
     def __post_init__(self):
-        for name in ("latent", "fmap_base", "fmap_max", "mbstd_group"):
+        for name in ("latent", "fmap_base", "fmap_max", "mbstd_group", "r1_every"):
             check(getattr(self, name) > 0, name, "must be > 0")
         check(self.gp_lambda >= 0 and self.drift >= 0, "gp_lambda", "penalties must be >= 0")
+        check(self.r1_gamma >= 0, "r1_gamma", "must be >= 0")
         check_augment(self)
 
 
@@ -146,6 +159,20 @@ def gradient_penalty(D, real, fake, level, alpha) -> torch.Tensor:
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
+def r1_loss(D, real, augmented, level, alpha, gamma: float, every: int):
+    """R1 (Mescheder et al. 2018) as a lazy phase: ``every``·γ/2·E‖∇ₓD(aug(x))‖² over the real
+    images ``real`` (B, C, H, W), the gradient taken through the augmentation as ADA does.
+
+    Returns ``(loss, r1)``, r1 the unscaled E‖∇ₓD‖² (a float, for the metrics)."""
+    x = real.detach().requires_grad_(True)
+    logits = D(augmented(x), level, alpha)
+    (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+    r1 = grad.pow(2).flatten(1).sum(1).mean()
+    # + 0·logits: every parameter DDP saw in the forward gets a (zero) gradient; the output
+    # bias does not reach ∇ₓD and DDP would wait for it otherwise
+    return r1 * (gamma / 2) * every + 0 * logits.mean(), r1.item()
+
+
 class ProGAN(GrowingModel, GANPair):
     ema_modules = ("G",)  # the paper samples from an EMA of G (run.ema_beta: 0.999)
 
@@ -159,6 +186,8 @@ class ProGAN(GrowingModel, GANPair):
         self.augment = build_augment(cfg)
 
     def phases(self) -> list[Phase]:
+        if self.cfg.loss == "logistic":
+            return [Phase("D", "D"), Phase("Dreg", "D", every=self.cfg.r1_every), Phase("G", "G")]
         return [Phase("D", "D"), Phase("G", "G")]
 
     def loss(self, phase: str, batch: Batch, nets: Mapping[str, nn.Module]):
@@ -171,12 +200,28 @@ class ProGAN(GrowingModel, GANPair):
         b = batch.images.shape[0]
         z = torch.randn(b, self.cfg.latent, device=batch.images.device)
         G, D = nets["G"], nets["D"]
+        if phase == "Dreg":  # logistic only: R1 on the real images D is shown
+            loss, r1 = r1_loss(
+                D,
+                blend_reals(batch.images, alpha),
+                self.augmented,
+                level,
+                alpha,
+                self.cfg.r1_gamma,
+                self.cfg.r1_every,
+            )
+            return loss, {"r1": r1}
         if phase == "D":
             real = self.augmented(blend_reals(batch.images, alpha))
             with torch.no_grad():
                 fake = G(z, level, alpha)
             fake = self.augmented(fake)
             d_real, d_fake = D(real, level, alpha), D(fake, level, alpha)
+            if self.cfg.loss == "logistic":
+                loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+                extra = {"D_real": d_real.mean().item(), "D_fake": d_fake.mean().item()}
+                self.observe_real(d_real, extra)
+                return loss, extra
             gp = gradient_penalty(D, real, fake, level, alpha)  # between what D was shown
             loss = (
                 d_fake.mean()
@@ -189,7 +234,10 @@ class ProGAN(GrowingModel, GANPair):
             # from the mean fake score (r_t = 1: every real image scored above it)
             self.observe_real(d_real - d_fake.mean().detach(), extra)
             return loss, extra
-        return -D(self.augmented(G(z, level, alpha)), level, alpha).mean(), {}
+        d_fake = D(self.augmented(G(z, level, alpha)), level, alpha)
+        if self.cfg.loss == "logistic":
+            return F.softplus(-d_fake).mean(), {}
+        return -d_fake.mean(), {}
 
     def latent_shape(self):
         return (self.cfg.latent,)

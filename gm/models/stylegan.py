@@ -40,7 +40,7 @@ from gm.models.growth import (
     pixel_norm,
     widths,
 )
-from gm.models.progan import ProDiscriminator, blend_reals, fade
+from gm.models.progan import ProDiscriminator, blend_reals, fade, r1_loss
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
 
@@ -98,6 +98,8 @@ class StyleLayer(nn.Module):
     def __init__(self, c_in: int, c_out: int, w_dim: int, conv: bool = True, up: bool = False,
                  style: str = "adain"):  # fmt: skip
         super().__init__()
+        if style not in ("adain", "demod"):
+            raise ValueError(f"style must be 'adain' or 'demod', got {style!r}")
         self.conv = EqConv2d(c_in, c_out, 3) if conv else None
         self.up = up
         self.noise_strength = nn.Parameter(torch.zeros(c_out))  # learned per channel
@@ -110,20 +112,21 @@ class StyleLayer(nn.Module):
             with torch.no_grad():
                 self.style.bias[:c_out] = 1.0  # style scale starts at 1
 
+    def _noise_bias_act(self, x, noise):
+        if noise is None:
+            noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        x = x + self.noise_strength[None, :, None, None] * noise
+        return lrelu(x + self.bias[None, :, None, None])
+
     def forward(self, x, w, noise=None):
         if self.up:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         if self.demod:
-            x = modulated_conv2d(x, self.conv.weight * self.conv.scale, self.style(w))
-        elif self.conv is not None:
-            x = F.conv2d(x, self.conv.weight * self.conv.scale, padding=1)
-        if noise is None:
-            noise = torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype)
-        x = x + self.noise_strength[None, :, None, None] * noise
-        x = lrelu(x + self.bias[None, :, None, None])
-        if self.demod:
-            return x
-        x = F.instance_norm(x, eps=1e-8)
+            x = modulated_conv2d(x, self.conv.scaled_weight(), self.style(w))
+            return self._noise_bias_act(x, noise)
+        if self.conv is not None:  # the conv's own bias is unused: the layer adds its bias
+            x = F.conv2d(x, self.conv.scaled_weight(), padding=1)
+        x = F.instance_norm(self._noise_bias_act(x, noise), eps=1e-8)
         scale, shift = self.style(w).chunk(2, dim=1)
         return x * scale[:, :, None, None] + shift[:, :, None, None]
 
@@ -275,14 +278,10 @@ class StyleGAN(GrowingModel, GANPair):
             self.observe_real(d_real, extra)
             return loss, extra
         if phase == "Dreg":  # R1 on the real images, through the augmentation (as ADA)
-            x = real.detach().requires_grad_(True)
-            logits = D(self.augmented(x), level, alpha)
-            (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
-            r1 = grad.pow(2).flatten(1).sum(1).mean()
-            # + 0·logits: every parameter DDP saw in the forward gets a (zero) gradient; the
-            # output bias does not reach ∇ₓD and DDP would wait for it otherwise
-            loss = r1 * (self.cfg.r1_gamma / 2) * self.cfg.r1_every + 0 * logits.mean()
-            return loss, {"r1": r1.item()}
+            loss, r1 = r1_loss(
+                D, real, self.augmented, level, alpha, self.cfg.r1_gamma, self.cfg.r1_every
+            )
+            return loss, {"r1": r1}
         with torch.no_grad():  # track the mean w for truncation
             w = self.G.mapping(torch.randn(b, self.cfg.z_dim, device=device))
             # the float32 buffer tracks the mapping's output, float16 under AMP
