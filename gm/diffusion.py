@@ -188,6 +188,15 @@ def ddim_timesteps(total: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
+def _predict_x0(x, e, sqrt_a, sqrt_one_minus_a, clip: bool):
+    """DDIM's x̂_0 = (x − √(1−ᾱ)·ε)/√ᾱ, clipped to [−1, 1] if ``clip``, and the ε consistent
+    with it, (x − √ᾱ·x̂_0)/√(1−ᾱ). The square roots are Python floats or tensors (a scan)."""
+    x0 = (x - sqrt_one_minus_a * e) / sqrt_a
+    if clip:
+        x0 = x0.clamp(-1, 1)
+    return x0, (x - sqrt_a * x0) / sqrt_one_minus_a
+
+
 def ddim_sample(
     eps: EpsFn,
     schedule: NoiseSchedule,
@@ -221,26 +230,18 @@ def ddim_sample(
 
         def step(x: torch.Tensor, s: tuple[torch.Tensor, ...]) -> torch.Tensor:
             t, a, ap = s
-            e = eps(x, t.expand(x.shape[0]))
-            x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
-            if clip:
-                x0 = x0.clamp(-1, 1)
-            e = (x - a.sqrt() * x0) / (1 - a).sqrt()  # ε consistent with the clipped x̂_0
+            x0, e = _predict_x0(x, eps(x, t.expand(x.shape[0])), a.sqrt(), (1 - a).sqrt(), clip)
             return ap.sqrt() * x0 + (1 - ap).sqrt() * e
 
         return loop_as_scan(step, x, (ts, a_t, a_prev))
     for k, i in enumerate(seq):
         t = torch.full((shape[0],), i, dtype=torch.long, device=x.device)
         a = abar[i]
-        e = eps(x, t)
-        x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
-        if clip:
-            x0 = x0.clamp(-1, 1)
+        x0, e = _predict_x0(x, eps(x, t), math.sqrt(a), math.sqrt(1 - a), clip)
         if k == len(seq) - 1:
             return x0
         a_prev = abar[seq[k + 1]]
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-        e = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)  # ε consistent with the clipped x̂_0
         x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * e
         if sigma > 0:
             x = x + sigma * torch.randn(shape, generator=generator).to(device)
