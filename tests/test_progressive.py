@@ -21,7 +21,8 @@ from gm.models.growth import (
     schedule,
 )
 from gm.models.lapgan import reconstruct, residuals, up
-from gm.models.progan import ProGAN, ProGANConfig, r1_loss
+from gm.models.losses import r1_loss
+from gm.models.progan import ProGAN, ProGANConfig
 from gm.models.stylegan import (
     StyleGAN,
     StyleGANConfig,
@@ -189,14 +190,14 @@ def test_an_unknown_style_is_refused_naming_the_key():
         stylegan(style="adaln")
     from gm.models.stylegan import StyleLayer
 
-    with pytest.raises(ValueError, match="style must be 'adain' or 'demod', got 'adaln'"):
+    with pytest.raises(ValueError, match=r"style must be one of \('adain', 'demod'\), got 'adaln'"):
         StyleLayer(8, 8, 8, style="adaln")  # built outside a config
 
 
 def test_r1_is_the_squared_input_gradient_scaled_by_the_lazy_interval():
     w = torch.randn(3, 8, 8)
-    D = lambda x, level, alpha: (x * w).flatten(1).sum(1) + 5.0  # noqa: E731  ∇ₓD = w
-    loss, r1 = r1_loss(D, torch.randn(4, 3, 8, 8), lambda x: x, 1, 1.0, gamma=10.0, every=4)
+    D = lambda x: (x * w).flatten(1).sum(1) + 5.0  # noqa: E731  ∇ₓD = w
+    loss, r1 = r1_loss(D, torch.randn(4, 3, 8, 8), gamma=10.0, every=4)
     assert r1 == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
     assert loss.item() == pytest.approx(r1 * 10.0 / 2 * 4, rel=1e-5)
 
@@ -219,6 +220,11 @@ def test_progan_logistic_loss_is_non_saturating_with_a_lazy_r1_phase():
     torch.manual_seed(6)
     d_fake = D(G(torch.randn(4, 16), 0, 1.0), 0, 1.0)
     assert torch.allclose(loss_g, F.softplus(-d_fake).mean())
+    torch.manual_seed(7)
+    untouched = torch.randn(8)
+    torch.manual_seed(7)  # the R1 phase draws no latents (with no augmentation: no draws)
+    _, extra = model.loss("Dreg", batch, nets)
+    assert torch.equal(torch.randn(8), untouched) and extra["r1"] > 0
     trainer = Trainer(model)
     before = {k: v.clone() for k, v in D.state_dict().items()}
     logs = [trainer.train_step(batch) for _ in range(3)]

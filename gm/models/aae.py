@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gm.config import check
+from gm.models.losses import logistic_d_loss, logistic_g_loss
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
 
@@ -131,10 +132,10 @@ class AdversarialAutoencoder(GenerativeModel):
                 q = nets["ae"](x, y, part="encode")
             p = torch.randn_like(q)
             real, fake = nets["Dz"](p), nets["Dz"](q)
-            loss = F.softplus(-real).mean() + F.softplus(fake).mean()
+            loss = logistic_d_loss(real, fake)
             return loss, {"D_prior": real.mean().item(), "D_code": fake.mean().item()}
         q = nets["ae"](x, y, part="encode")  # regularization: the encoder fools Dz
-        loss = F.softplus(-nets["Dz"](q)).mean()
+        loss = logistic_g_loss(nets["Dz"](q))
         return loss, {"code_mean": q.mean().item(), "code_std": q.std().item()}
 
     def latent_shape(self):

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
+from gm.models.losses import logistic_d_loss, logistic_g_loss
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
 
@@ -169,13 +169,10 @@ class DCGAN(GANPair):
                 fake = nets["G"](z, batch.labels)
             real_logit = nets["D"](self.augmented(batch.images), batch.labels)
             fake_logit = nets["D"](self.augmented(fake), batch.labels)
-            loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
-            extra = {"D_real": real_logit.mean().item(), "D_fake": fake_logit.mean().item()}
-            self.observe_real(real_logit, extra)
-            return loss, extra
+            loss = logistic_d_loss(real_logit, fake_logit)
+            return loss, self.d_metrics(real_logit, fake_logit)
         fake = nets["G"](z, batch.labels)
-        loss = F.softplus(-nets["D"](self.augmented(fake), batch.labels)).mean()
-        return loss, {}
+        return logistic_g_loss(nets["D"](self.augmented(fake), batch.labels)), {}
 
     def latent_shape(self):
         return (self.cfg.z_dim,)

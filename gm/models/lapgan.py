@@ -24,6 +24,7 @@ from torch import nn
 
 from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
+from gm.models.losses import logistic_d_loss, logistic_g_loss
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
 
@@ -183,11 +184,8 @@ class LAPGAN(GenerativeModel):
             with torch.no_grad():
                 fake = fake_of()
             d_real, d_fake = judge(real), judge(fake)
-            loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-            extra = {"D_real": d_real.mean().item(), "D_fake": d_fake.mean().item()}
-            self.observe_real(d_real, extra)
-            return loss, extra
-        return F.softplus(-judge(fake_of())).mean(), {}
+            return logistic_d_loss(d_real, d_fake), self.d_metrics(d_real, d_fake)
+        return logistic_g_loss(judge(fake_of())), {}
 
     def latent_shape(self):
         return (self.cfg.z_dim + sum(r * r for r in self.res[:-1]),)

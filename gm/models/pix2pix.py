@@ -20,6 +20,7 @@ from torch import nn
 from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
 from gm.models.dcgan import dcgan_init
+from gm.models.losses import logistic_d_loss, logistic_g_loss
 from gm.models.paired import PairedGAN, PatchGAN
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, OptimConfig, PairSource, Phase
@@ -118,12 +119,10 @@ class Pix2Pix(PairedGAN):
                 fake = nets["G"](a)
             real_logit = nets["D"](torch.cat(self.augmented_pair(a, b), 1))
             fake_logit = nets["D"](torch.cat(self.augmented_pair(a, fake), 1))
-            loss = 0.5 * (F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean())
-            extra = {"D_real": real_logit.mean().item(), "D_fake": fake_logit.mean().item()}
-            self.observe_real(real_logit, extra)
-            return loss, extra
+            loss = 0.5 * logistic_d_loss(real_logit, fake_logit)  # the paper halves D's loss
+            return loss, self.d_metrics(real_logit, fake_logit)
         fake = nets["G"](a)
-        adversarial = F.softplus(-nets["D"](torch.cat(self.augmented_pair(a, fake), 1))).mean()
+        adversarial = logistic_g_loss(nets["D"](torch.cat(self.augmented_pair(a, fake), 1)))
         l1 = F.l1_loss(fake, b)  # on the images themselves, never augmented
         return adversarial + self.cfg.lambda_l1 * l1, {
             "l1": l1.item(),

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gm.augment import AugmentFields, build_augment, check_augment
@@ -46,6 +45,7 @@ from gm.models.growth import (
     upsample,
     widths,
 )
+from gm.models.losses import logistic_d_loss, logistic_g_loss, r1_loss
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
 
@@ -150,6 +150,11 @@ def blend_reals(images: torch.Tensor, alpha: float) -> torch.Tensor:
     return fade(upsample(downsample(images)), images, alpha)
 
 
+def wgan_g_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """WGAN's generator loss −E[D(G(z))] from the critic's scores of G's samples (a scalar)."""
+    return -d_fake.mean()
+
+
 def gradient_penalty(D, real, fake, level, alpha) -> torch.Tensor:
     """WGAN-GP: E[(‖∇D(x̂)‖ − 1)²] on random interpolates x̂ of real and fake images."""
     eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
@@ -157,20 +162,6 @@ def gradient_penalty(D, real, fake, level, alpha) -> torch.Tensor:
     x = torch.lerp(real.float(), fake.float(), eps).requires_grad_(True)
     (grad,) = torch.autograd.grad(D(x, level, alpha).sum(), x, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
-
-
-def r1_loss(D, real, augmented, level, alpha, gamma: float, every: int):
-    """R1 (Mescheder et al. 2018) as a lazy phase: ``every``·γ/2·E‖∇ₓD(aug(x))‖² over the real
-    images ``real`` (B, C, H, W), the gradient taken through the augmentation as ADA does.
-
-    Returns ``(loss, r1)``, r1 the unscaled E‖∇ₓD‖² (a float, for the metrics)."""
-    x = real.detach().requires_grad_(True)
-    logits = D(augmented(x), level, alpha)
-    (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
-    r1 = grad.pow(2).flatten(1).sum(1).mean()
-    # + 0·logits: every parameter DDP saw in the forward gets a (zero) gradient; the output
-    # bias does not reach ∇ₓD and DDP would wait for it otherwise
-    return r1 * (gamma / 2) * every + 0 * logits.mean(), r1.item()
 
 
 class ProGAN(GrowingModel, GANPair):
@@ -184,6 +175,9 @@ class ProGAN(GrowingModel, GANPair):
         self.D = ProDiscriminator(info.resolution, info.channels, nf, cfg.mbstd_group)
         self._init_growth(cfg.growth, info.resolution)
         self.augment = build_augment(cfg)
+        logistic = cfg.loss == "logistic"
+        self._d_loss = self._d_logistic if logistic else self._d_wgan_gp
+        self._g_loss = logistic_g_loss if logistic else wgan_g_loss
 
     def phases(self) -> list[Phase]:
         if self.cfg.loss == "logistic":
@@ -197,47 +191,42 @@ class ProGAN(GrowingModel, GANPair):
                 f"batch of {batch.images.shape[-1]}x{batch.images.shape[-1]} images at the "
                 f"{self.resolution}x{self.resolution} phase"
             )
-        b = batch.images.shape[0]
-        z = torch.randn(b, self.cfg.latent, device=batch.images.device)
         G, D = nets["G"], nets["D"]
+        real = blend_reals(batch.images, alpha)
         if phase == "Dreg":  # logistic only: R1 on the real images D is shown
-            loss, r1 = r1_loss(
-                D,
-                blend_reals(batch.images, alpha),
-                self.augmented,
-                level,
-                alpha,
-                self.cfg.r1_gamma,
-                self.cfg.r1_every,
-            )
+
+            def judge(x):
+                return D(self.augmented(x), level, alpha)
+
+            loss, r1 = r1_loss(judge, real, self.cfg.r1_gamma, self.cfg.r1_every)
             return loss, {"r1": r1}
+        z = torch.randn(real.shape[0], self.cfg.latent, device=real.device)
         if phase == "D":
-            real = self.augmented(blend_reals(batch.images, alpha))
+            real = self.augmented(real)
             with torch.no_grad():
                 fake = G(z, level, alpha)
             fake = self.augmented(fake)
-            d_real, d_fake = D(real, level, alpha), D(fake, level, alpha)
-            if self.cfg.loss == "logistic":
-                loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-                extra = {"D_real": d_real.mean().item(), "D_fake": d_fake.mean().item()}
-                self.observe_real(d_real, extra)
-                return loss, extra
-            gp = gradient_penalty(D, real, fake, level, alpha)  # between what D was shown
-            loss = (
-                d_fake.mean()
-                - d_real.mean()
-                + self.cfg.gp_lambda * gp
-                + self.cfg.drift * d_real.pow(2).mean()
-            )
-            extra = {"wdist": (d_real.mean() - d_fake.mean()).item(), "gp": gp.item()}
-            # ADA's sign(D(real)) for a critic, whose outputs have no fixed origin: measured
-            # from the mean fake score (r_t = 1: every real image scored above it)
-            self.observe_real(d_real - d_fake.mean().detach(), extra)
-            return loss, extra
-        d_fake = D(self.augmented(G(z, level, alpha)), level, alpha)
-        if self.cfg.loss == "logistic":
-            return F.softplus(-d_fake).mean(), {}
-        return -d_fake.mean(), {}
+            return self._d_loss(D, real, fake, level, alpha)
+        return self._g_loss(D(self.augmented(G(z, level, alpha)), level, alpha)), {}
+
+    def _d_logistic(self, D, real, fake, level: int, alpha: float):
+        d_real, d_fake = D(real, level, alpha), D(fake, level, alpha)
+        return logistic_d_loss(d_real, d_fake), self.d_metrics(d_real, d_fake)
+
+    def _d_wgan_gp(self, D, real, fake, level: int, alpha: float):
+        d_real, d_fake = D(real, level, alpha), D(fake, level, alpha)
+        gp = gradient_penalty(D, real, fake, level, alpha)  # between what D was shown
+        loss = (
+            d_fake.mean()
+            - d_real.mean()
+            + self.cfg.gp_lambda * gp
+            + self.cfg.drift * d_real.pow(2).mean()
+        )
+        extra = {"wdist": (d_real.mean() - d_fake.mean()).item(), "gp": gp.item()}
+        # ADA's sign(D(real)) for a critic, whose outputs have no fixed origin: measured from
+        # the mean fake score (r_t = 1: every real image scored above it)
+        self.observe_real(d_real - d_fake.mean().detach(), extra)
+        return loss, extra
 
     def latent_shape(self):
         return (self.cfg.latent,)

@@ -28,6 +28,7 @@ from torch import nn
 from gm.augment import AugmentFields, build_augment, check_augment
 from gm.config import check
 from gm.errors import DataError
+from gm.models.losses import logistic_d_loss, logistic_g_loss
 from gm.models.paired import PairedGAN
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, OptimConfig, PairSource, Phase
@@ -309,13 +310,11 @@ class SRGAN(PairedGAN):
                 fake = nets["G"](lr)
             real_logit = nets["D"](self.augmented(hr))
             fake_logit = nets["D"](self.augmented(fake))
-            loss = F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
-            extra = {"D_real": real_logit.mean().item(), "D_fake": fake_logit.mean().item()}
-            self.observe_real(real_logit, extra)
-            return loss, extra
+            loss = logistic_d_loss(real_logit, fake_logit)
+            return loss, self.d_metrics(real_logit, fake_logit)
         fake = nets["G"](lr)
         content = self.content(fake, hr)  # on the images themselves, never augmented
-        adversarial = F.softplus(-nets["D"](self.augmented(fake))).mean()
+        adversarial = logistic_g_loss(nets["D"](self.augmented(fake)))
         loss = content + self.cfg.adversarial_weight * adversarial
         return loss, {"content": content.item(), "adversarial": adversarial.item()}
 

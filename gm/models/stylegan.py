@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +40,13 @@ from gm.models.growth import (
     pixel_norm,
     widths,
 )
-from gm.models.progan import ProDiscriminator, blend_reals, fade, r1_loss
+from gm.models.losses import logistic_d_loss, logistic_g_loss, r1_loss
+from gm.models.progan import ProDiscriminator, blend_reals, fade
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
 
 PAPER_OPTIM = OptimConfig(lr=1e-3, betas=(0.0, 0.99), eps=1e-8)
+Style = Literal["adain", "demod"]  # how w enters a synthesis layer (StyleLayer)
 
 
 class MappingNetwork(nn.Module):
@@ -96,10 +98,10 @@ class StyleLayer(nn.Module):
     """
 
     def __init__(self, c_in: int, c_out: int, w_dim: int, conv: bool = True, up: bool = False,
-                 style: str = "adain"):  # fmt: skip
+                 style: Style = "adain"):  # fmt: skip
         super().__init__()
-        if style not in ("adain", "demod"):
-            raise ValueError(f"style must be 'adain' or 'demod', got {style!r}")
+        if style not in get_args(Style):
+            raise ValueError(f"style must be one of {get_args(Style)}, got {style!r}")
         self.conv = EqConv2d(c_in, c_out, 3) if conv else None
         self.up = up
         self.noise_strength = nn.Parameter(torch.zeros(c_out))  # learned per channel
@@ -151,7 +153,7 @@ def truncate(ws: torch.Tensor, w_avg: torch.Tensor, psi: float, cutoff: int) -> 
 
 
 class StyleSynthesis(nn.Module):
-    def __init__(self, w_dim: int, resolution: int, channels: int, nf, style: str = "adain"):
+    def __init__(self, w_dim: int, resolution: int, channels: int, nf, style: Style = "adain"):
         super().__init__()
         n = int(math.log2(resolution)) - 1
         self.const = nn.Parameter(torch.ones(1, nf(4), 4, 4))
@@ -216,7 +218,7 @@ class StyleGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     w_dim: int = 512
     mapping_layers: int = 8
     mapping_lr_mul: float = 0.01
-    style: Literal["adain", "demod"] = "adain"  # demod: StyleGAN2's weight demodulation
+    style: Style = "adain"  # demod: StyleGAN2's weight demodulation
     fmap_base: int = 16384
     fmap_max: int = 512
     mixing_prob: float = 0.9  # style mixing regularization
@@ -273,13 +275,13 @@ class StyleGAN(GrowingModel, GANPair):
                 fake = self._fake(G, b, device, level, alpha)
             d_real = D(self.augmented(real), level, alpha)
             d_fake = D(self.augmented(fake), level, alpha)
-            loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-            extra = {"D_real": d_real.mean().item(), "D_fake": d_fake.mean().item()}
-            self.observe_real(d_real, extra)
-            return loss, extra
+            return logistic_d_loss(d_real, d_fake), self.d_metrics(d_real, d_fake)
         if phase == "Dreg":  # R1 on the real images, through the augmentation (as ADA)
             loss, r1 = r1_loss(
-                D, real, self.augmented, level, alpha, self.cfg.r1_gamma, self.cfg.r1_every
+                lambda x: D(self.augmented(x), level, alpha),
+                real,
+                self.cfg.r1_gamma,
+                self.cfg.r1_every,
             )
             return loss, {"r1": r1}
         with torch.no_grad():  # track the mean w for truncation
@@ -287,7 +289,7 @@ class StyleGAN(GrowingModel, GANPair):
             # the float32 buffer tracks the mapping's output, float16 under AMP
             self.G.w_avg.lerp_(w.mean(0).to(self.G.w_avg.dtype), 1 - self.cfg.w_avg_beta)
         fake = self.augmented(self._fake(G, b, device, level, alpha))
-        return F.softplus(-D(fake, level, alpha)).mean(), {}
+        return logistic_g_loss(D(fake, level, alpha)), {}
 
     def latent_shape(self):
         return (self.cfg.z_dim,)

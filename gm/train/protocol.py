@@ -137,6 +137,13 @@ class GenerativeModel(nn.Module):
             augment.observe(d_real)
             extra |= {f"ada_{k}": v for k, v in augment.stats().items()}
 
+    def d_metrics(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> dict[str, float]:
+        """A D phase's metrics from its logits of real and fake images: their means
+        (``D_real``, ``D_fake``) and, through :meth:`observe_real`, ADA's p and r_t."""
+        extra = {"D_real": d_real.mean().item(), "D_fake": d_fake.mean().item()}
+        self.observe_real(d_real, extra)
+        return extra
+
     def trainable(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
