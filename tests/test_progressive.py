@@ -36,11 +36,11 @@ from gm.train.protocol import Batch, DataInfo
 INFO = DataInfo(32, 3, 4)
 
 
-def progan(loss="wgan_gp", r1_every=16, **growth):
+def progan(loss="wgan_gp", r1_every=16, architecture="orig", **growth):
     torch.manual_seed(0)
     g = GrowthConfig(**({"fade_images": 40, "stable_images": 40} | growth))
     cfg = ProGANConfig(latent=16, fmap_base=256, fmap_max=16, growth=g, loss=loss,
-                       r1_every=r1_every)  # fmt: skip
+                       r1_every=r1_every, architecture=architecture)  # fmt: skip
     return ProGAN(cfg, INFO)
 
 
@@ -234,7 +234,35 @@ def test_progan_logistic_loss_is_non_saturating_with_a_lazy_r1_phase():
     assert any(not torch.equal(v, before[k]) for k, v in D.state_dict().items())
 
 
-@pytest.mark.parametrize(("key", "value"), [("loss", "hinge"), ("r1_every", 0), ("r1_gamma", -1)])
+def test_resnet_discriminator_carries_the_image_through_its_skips():
+    orig, resnet = progan().D, progan(architecture="resnet").D
+    assert not any("skips" in k for k in orig.state_dict())  # old checkpoints still load
+    assert [tuple(s.weight.shape) for s in resnet.skips] == [(16, 16, 1, 1)] * 2 + [(16, 8, 1, 1)]
+    assert all(s.bias is None for s in resnet.skips)
+    img, other = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for D in (orig, resnet):  # blocks that output nothing: only a skip reaches the head
+            for conv1, conv2 in D.blocks:
+                for conv in (conv1, conv2):
+                    conv.weight.zero_()
+        assert torch.equal(orig(img, 3), orig(other, 3))
+        assert not torch.allclose(resnet(img, 3), resnet(other, 3))
+    # StyleGAN uses the same D; it trains through the skips
+    model = stylegan(architecture="resnet")
+    trainer = Trainer(model)
+    before = model.D.skips[0].weight.clone()
+    for _ in range(2):
+        g = model.growth(trainer.images_seen)
+        x = torch.rand(4, 3, g.resolution, g.resolution) * 2 - 1
+        logs = trainer.train_step(Batch(x, torch.zeros(4, dtype=torch.long)))
+    assert all(math.isfinite(v) for v in logs.values() if isinstance(v, float))
+    assert not torch.equal(model.D.skips[0].weight, before)  # 8x8 -> 4x4, in use from the start
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("loss", "hinge"), ("r1_every", 0), ("r1_gamma", -1), ("architecture", "skip")],
+)
 def test_progan_bad_loss_settings_are_refused_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         from_dict(ProGANConfig, {key: value}, "progan")

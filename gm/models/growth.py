@@ -41,10 +41,10 @@ class EqConv2d(nn.Module):
     """Convolution ('same' padding unless given) with equalized learning rate."""
 
     def __init__(self, c_in: int, c_out: int, k: int, gain: float = math.sqrt(2),
-                 padding: int | None = None):  # fmt: skip
+                 padding: int | None = None, bias: bool = True):  # fmt: skip
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
-        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
         self.scale = gain / math.sqrt(c_in * k * k)
         self.padding = k // 2 if padding is None else padding
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -50,6 +50,8 @@ from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
 
 PAPER_OPTIM = OptimConfig(lr=1e-3, betas=(0.0, 0.99), eps=1e-8)
+SQRT_HALF = math.sqrt(0.5)
+Architecture = Literal["orig", "resnet"]  # D: the paper's, or with residual blocks (StyleGAN2)
 
 
 def _levels(resolution: int) -> int:
@@ -94,8 +96,19 @@ class ProGenerator(nn.Module):
 
 
 class ProDiscriminator(nn.Module):
-    def __init__(self, resolution: int, channels: int, nf, mbstd_group: int = 4):
+    """The Progressive GAN discriminator, (B, C, H, W) images at ``level`` → logits (B,).
+
+    ``architecture: resnet`` gives every block a residual connection, StyleGAN2's D (Karras et
+    al., CVPR 2020, figure 7c): out = (block(x) + skip(downsample(x)))/√2 with ``skip`` a
+    linear 1×1 convolution without bias; ``orig`` is the paper's plain chain of blocks."""
+
+    def __init__(self, resolution: int, channels: int, nf, mbstd_group: int = 4,
+                 architecture: Architecture = "orig"):  # fmt: skip
         super().__init__()
+        if architecture not in get_args(Architecture):
+            raise ValueError(
+                f"architecture must be one of {get_args(Architecture)}, got {architecture!r}"
+            )
         n = _levels(resolution)
         self.mbstd_group = mbstd_group
         self.from_rgb = nn.ModuleList(EqConv2d(channels, nf(4 * 2**i), 1) for i in range(n))
@@ -103,6 +116,12 @@ class ProDiscriminator(nn.Module):
             nn.ModuleList([EqConv2d(nf(r), nf(r), 3), EqConv2d(nf(r), nf(r // 2), 3)])
             for r in (4 * 2**i for i in range(1, n))
         )
+        self.skips = None
+        if architecture == "resnet":
+            self.skips = nn.ModuleList(
+                EqConv2d(nf(r), nf(r // 2), 1, gain=1.0, bias=False)
+                for r in (4 * 2**i for i in range(1, n))
+            )
         self.conv4 = EqConv2d(nf(4) + 1, nf(4), 3)
         self.conv4x4 = EqConv2d(nf(4), nf(4), 4, padding=0)
         self.out = EqLinear(nf(4), 1, gain=1.0)
@@ -111,7 +130,10 @@ class ProDiscriminator(nn.Module):
         x = lrelu(self.from_rgb[level](img))
         for i in range(level, 0, -1):
             conv1, conv2 = self.blocks[i - 1]
-            x = downsample(lrelu(conv2(lrelu(conv1(x)))))
+            y = downsample(lrelu(conv2(lrelu(conv1(x)))))
+            if self.skips is not None:
+                y = (y + self.skips[i - 1](downsample(x))) * SQRT_HALF
+            x = y
             if i == level and alpha < 1.0:
                 x = fade(lrelu(self.from_rgb[i - 1](downsample(img))), x, alpha)
         x = minibatch_stddev(x, self.mbstd_group)
@@ -125,6 +147,7 @@ class ProGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     fmap_base: int = 16384  # channels at a resolution: min(fmap_base / res, fmap_max)
     fmap_max: int = 512
     loss: Literal["wgan_gp", "logistic"] = "wgan_gp"  # logistic: non-saturating + lazy R1
+    architecture: Architecture = "orig"  # D's blocks; resnet: residual (StyleGAN2)
     gp_lambda: float = 10.0  # wgan_gp only
     drift: float = 0.001  # wgan_gp only: ε of the drift term ε·E[D(real)²]
     r1_gamma: float = 10.0  # logistic only
@@ -172,7 +195,9 @@ class ProGAN(GrowingModel, GANPair):
         self.cfg, self.info = cfg, info
         nf = widths(cfg.fmap_base, cfg.fmap_max)
         self.G = ProGenerator(cfg.latent, info.resolution, info.channels, nf)
-        self.D = ProDiscriminator(info.resolution, info.channels, nf, cfg.mbstd_group)
+        self.D = ProDiscriminator(
+            info.resolution, info.channels, nf, cfg.mbstd_group, cfg.architecture
+        )
         self._init_growth(cfg.growth, info.resolution)
         self.augment = build_augment(cfg)
         logistic = cfg.loss == "logistic"

@@ -41,7 +41,7 @@ from gm.models.growth import (
     widths,
 )
 from gm.models.losses import logistic_d_loss, logistic_g_loss, r1_loss
-from gm.models.progan import ProDiscriminator, blend_reals, fade
+from gm.models.progan import Architecture, ProDiscriminator, blend_reals, fade
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimConfig, Phase
 
@@ -219,6 +219,7 @@ class StyleGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     mapping_layers: int = 8
     mapping_lr_mul: float = 0.01
     style: Style = "adain"  # demod: StyleGAN2's weight demodulation
+    architecture: Architecture = "orig"  # D's blocks; resnet: residual (StyleGAN2's D)
     fmap_base: int = 16384
     fmap_max: int = 512
     mixing_prob: float = 0.9  # style mixing regularization
@@ -250,7 +251,9 @@ class StyleGAN(GrowingModel, GANPair):
         self.cfg, self.info = cfg, info
         self.G = StyleGenerator(cfg, info.resolution, info.channels)
         nf = widths(cfg.fmap_base, cfg.fmap_max)
-        self.D = ProDiscriminator(info.resolution, info.channels, nf, cfg.mbstd_group)
+        self.D = ProDiscriminator(
+            info.resolution, info.channels, nf, cfg.mbstd_group, cfg.architecture
+        )
         self._init_growth(cfg.growth, info.resolution)
         self.augment = build_augment(cfg)
 
