@@ -58,6 +58,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def check_literal(value: Any, tp: Any, key: str) -> Any:
+    """``value`` if it is one of the ``Literal[...]`` type ``tp``'s choices.
+
+    Raises:
+        ConfigError: naming ``key``, the value and the choices, otherwise.
+    """
+    if value not in get_args(tp):
+        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+    return value
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -65,9 +76,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return from_dict(tp, value, key)
     if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
-        return value
+        return check_literal(value, tp, key)
     if origin in (typing.Union, types.UnionType):
         for alt in get_args(tp):
             try:

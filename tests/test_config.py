@@ -139,6 +139,17 @@ def test_bool_is_not_an_integer():
         from_dict(DatasetConfig, {"top_resolution": True})
 
 
+def test_check_literal_returns_a_choice_and_names_the_key_otherwise():
+    from typing import Literal
+
+    from gm.config import check_literal
+
+    Mode = Literal["a", "b"]
+    assert check_literal("b", Mode, "x.mode") == "b"
+    with pytest.raises(ConfigError, match=r"^x\.mode: 'c' is not one of 'a' \| 'b'$"):
+        check_literal("c", Mode, "x.mode")
+
+
 def test_defaults_and_resolutions():
     cfg = DatasetConfig(top_resolution=256)
     assert cfg.resolutions == [4, 8, 16, 32, 64, 128, 256]

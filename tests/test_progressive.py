@@ -190,8 +190,12 @@ def test_an_unknown_style_is_refused_naming_the_key():
         stylegan(style="adaln")
     from gm.models.stylegan import StyleLayer
 
-    with pytest.raises(ValueError, match=r"style must be one of \('adain', 'demod'\), got 'adaln'"):
+    with pytest.raises(ConfigError, match=r"style: 'adaln' is not one of 'adain' \| 'demod'"):
         StyleLayer(8, 8, 8, style="adaln")  # built outside a config
+    from gm.models.progan import ProDiscriminator
+
+    with pytest.raises(ConfigError, match=r"architecture: 'skip' is not one of 'orig' \| 'resnet'"):
+        ProDiscriminator(32, 3, lambda r: 8, architecture="skip")
 
 
 def test_r1_is_the_squared_input_gradient_scaled_by_the_lazy_interval():

@@ -25,13 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import nn
 
 from gm.augment import AugmentFields, build_augment, check_augment
-from gm.config import check
+from gm.config import check, check_literal
 from gm.models.growth import (
     AtResolution,
     EqConv2d,
@@ -105,22 +105,19 @@ class ProDiscriminator(nn.Module):
     def __init__(self, resolution: int, channels: int, nf, mbstd_group: int = 4,
                  architecture: Architecture = "orig"):  # fmt: skip
         super().__init__()
-        if architecture not in get_args(Architecture):
-            raise ValueError(
-                f"architecture must be one of {get_args(Architecture)}, got {architecture!r}"
-            )
+        check_literal(architecture, Architecture, "architecture")
         n = _levels(resolution)
         self.mbstd_group = mbstd_group
         self.from_rgb = nn.ModuleList(EqConv2d(channels, nf(4 * 2**i), 1) for i in range(n))
+        above_4 = [4 * 2**i for i in range(1, n)]  # the resolutions a block takes down by 2
         self.blocks = nn.ModuleList(  # blocks[i-1] takes level i down to level i-1
             nn.ModuleList([EqConv2d(nf(r), nf(r), 3), EqConv2d(nf(r), nf(r // 2), 3)])
-            for r in (4 * 2**i for i in range(1, n))
+            for r in above_4
         )
         self.skips = None
         if architecture == "resnet":
             self.skips = nn.ModuleList(
-                EqConv2d(nf(r), nf(r // 2), 1, gain=1.0, bias=False)
-                for r in (4 * 2**i for i in range(1, n))
+                EqConv2d(nf(r), nf(r // 2), 1, gain=1.0, bias=False) for r in above_4
             )
         self.conv4 = EqConv2d(nf(4) + 1, nf(4), 3)
         self.conv4x4 = EqConv2d(nf(4), nf(4), 4, padding=0)
@@ -200,9 +197,6 @@ class ProGAN(GrowingModel, GANPair):
         )
         self._init_growth(cfg.growth, info.resolution)
         self.augment = build_augment(cfg)
-        logistic = cfg.loss == "logistic"
-        self._d_loss = self._d_logistic if logistic else self._d_wgan_gp
-        self._g_loss = logistic_g_loss if logistic else wgan_g_loss
 
     def phases(self) -> list[Phase]:
         if self.cfg.loss == "logistic":
@@ -231,8 +225,10 @@ class ProGAN(GrowingModel, GANPair):
             with torch.no_grad():
                 fake = G(z, level, alpha)
             fake = self.augmented(fake)
-            return self._d_loss(D, real, fake, level, alpha)
-        return self._g_loss(D(self.augmented(G(z, level, alpha)), level, alpha)), {}
+            d_loss = self._d_logistic if self.cfg.loss == "logistic" else self._d_wgan_gp
+            return d_loss(D, real, fake, level, alpha)
+        g_loss = logistic_g_loss if self.cfg.loss == "logistic" else wgan_g_loss
+        return g_loss(D(self.augmented(G(z, level, alpha)), level, alpha)), {}
 
     def _d_logistic(self, D, real, fake, level: int, alpha: float):
         d_real, d_fake = D(real, level, alpha), D(fake, level, alpha)

@@ -22,14 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gm.augment import AugmentFields, build_augment, check_augment
-from gm.config import check
+from gm.config import check, check_literal
 from gm.models.growth import (
     AtResolution,
     EqConv2d,
@@ -100,8 +100,7 @@ class StyleLayer(nn.Module):
     def __init__(self, c_in: int, c_out: int, w_dim: int, conv: bool = True, up: bool = False,
                  style: Style = "adain"):  # fmt: skip
         super().__init__()
-        if style not in get_args(Style):
-            raise ValueError(f"style must be one of {get_args(Style)}, got {style!r}")
+        check_literal(style, Style, "style")
         self.conv = EqConv2d(c_in, c_out, 3) if conv else None
         self.up = up
         self.noise_strength = nn.Parameter(torch.zeros(c_out))  # learned per channel
@@ -280,12 +279,11 @@ class StyleGAN(GrowingModel, GANPair):
             d_fake = D(self.augmented(fake), level, alpha)
             return logistic_d_loss(d_real, d_fake), self.d_metrics(d_real, d_fake)
         if phase == "Dreg":  # R1 on the real images, through the augmentation (as ADA)
-            loss, r1 = r1_loss(
-                lambda x: D(self.augmented(x), level, alpha),
-                real,
-                self.cfg.r1_gamma,
-                self.cfg.r1_every,
-            )
+
+            def judge(x):
+                return D(self.augmented(x), level, alpha)
+
+            loss, r1 = r1_loss(judge, real, self.cfg.r1_gamma, self.cfg.r1_every)
             return loss, {"r1": r1}
         with torch.no_grad():  # track the mean w for truncation
             w = self.G.mapping(torch.randn(b, self.cfg.z_dim, device=device))
