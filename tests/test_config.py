@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import yaml
 
 from gm import params
 from gm.cli import main as gm_main
+from gm.config import check_literal
 from gm.data.config import DatasetConfig, PairConfig
 from gm.errors import ConfigError
 
@@ -140,10 +143,6 @@ def test_bool_is_not_an_integer():
 
 
 def test_check_literal_returns_a_choice_and_names_the_key_otherwise():
-    from typing import Literal
-
-    from gm.config import check_literal
-
     Mode = Literal["a", "b"]
     assert check_literal("b", Mode, "x.mode") == "b"
     with pytest.raises(ConfigError, match=r"^x\.mode: 'c' is not one of 'a' \| 'b'$"):

@@ -22,10 +22,11 @@ from gm.models.growth import (
 )
 from gm.models.lapgan import reconstruct, residuals, up
 from gm.models.losses import r1_loss
-from gm.models.progan import ProGAN, ProGANConfig
+from gm.models.progan import ProDiscriminator, ProGAN, ProGANConfig
 from gm.models.stylegan import (
     StyleGAN,
     StyleGANConfig,
+    StyleLayer,
     mix_styles,
     modulated_conv2d,
     truncate,
@@ -188,12 +189,8 @@ def test_demod_stylegan_styles_reach_the_image_and_learn():
 def test_an_unknown_style_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="style"):
         stylegan(style="adaln")
-    from gm.models.stylegan import StyleLayer
-
     with pytest.raises(ConfigError, match=r"style: 'adaln' is not one of 'adain' \| 'demod'"):
         StyleLayer(8, 8, 8, style="adaln")  # built outside a config
-    from gm.models.progan import ProDiscriminator
-
     with pytest.raises(ConfigError, match=r"architecture: 'skip' is not one of 'orig' \| 'resnet'"):
         ProDiscriminator(32, 3, lambda r: 8, architecture="skip")
 
