@@ -24,7 +24,6 @@ the same for the real coarsest images.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def conv_pair(z_dim: int, channels: int, width: int) -> tuple[nn.Module, nn.Module]:
@@ -61,14 +61,14 @@ def conv_pair(z_dim: int, channels: int, width: int) -> tuple[nn.Module, nn.Modu
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from lapgan_levels import real_levels, upsampled
+
     from gm.metrics.classifier import load_classifier
     from gm.metrics.evaluate import _embed, _embed_rows, _split_store
     from gm.metrics.quality import fid
     from gm.models.lapgan import CoarseD, CoarseG
     from gm.models.losses import logistic_d_loss, logistic_g_loss
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from lapgan_levels import real_levels, upsampled
+    from gm.train.loop import EMA
 
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,20 +92,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(a.seed)
     clf, extractor = load_classifier(a.classifier)
     size = extractor["resolution"]
-    top = a.top
-    reference = _embed_rows(clf, _split_store(a.dataset, top, "test"), None, size)[0]
+    reference = _embed_rows(clf, _split_store(a.dataset, a.top, "test"), None, size)[0]
     real = real_levels(a.dataset, [a.resolution], sys.maxsize)[a.resolution]
     channels, z_dim = real.shape[1], 100
     if a.conv:
         G, D = conv_pair(z_dim, channels, a.conv)
     else:
         G, D = CoarseG(z_dim, a.resolution, channels, 600), CoarseD(a.resolution, channels, 600)
-    if a.spectral_norm:
-        for name, m in list(D.named_modules()):
-            if isinstance(m, nn.Linear):
-                parent = D.get_submodule(name.rsplit(".", 1)[0]) if "." in name else D
-                setattr(parent, name.rsplit(".", 1)[-1], nn.utils.parametrizations.spectral_norm(m))
-    ema = copy.deepcopy(G).requires_grad_(False) if a.ema else None
+    if a.spectral_norm:  # registered on each layer in place
+        for m in [m for m in D.modules() if isinstance(m, nn.Linear)]:
+            nn.utils.parametrizations.spectral_norm(m)
+    ema = EMA(G, a.ema) if a.ema else None
     opt_g = torch.optim.Adam(G.parameters(), a.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), a.lr, betas=(0.5, 0.999))
 
@@ -130,21 +127,17 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         opt_g.step()
         if ema is not None:
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), G.parameters(), strict=True):
-                    p_ema.lerp_(p, 1 - a.ema)
-                for b_ema, b in zip(ema.buffers(), G.buffers(), strict=True):
-                    b_ema.copy_(b)
+            ema.update(G)
     seconds = time.perf_counter() - tick
-    sampler = (ema if ema is not None else G).eval()
+    sampler = (ema.module if ema is not None else G).eval()
     with torch.no_grad():
         z = torch.randn(a.samples, z_dim, generator=torch.Generator().manual_seed(0))
         samples = sampler(z)
     result = {
         "settings": {k: v for k, v in vars(a).items() if k not in ("dataset", "classifier")},
         "train_s": round(seconds, 1),
-        "fid": fid(reference, _embed(clf, upsampled(samples, top), size)[0]),
-        "fid_real": fid(reference, _embed(clf, upsampled(real[: a.samples], top), size)[0]),
+        "fid": fid(reference, _embed(clf, upsampled(samples, a.top), size)[0]),
+        "fid_real": fid(reference, _embed(clf, upsampled(real[: a.samples], a.top), size)[0]),
     }
     print(f"{result['settings']}  train {seconds:.0f} s  FID {result['fid']:.2f}  "
           f"(real {a.resolution}x{a.resolution}, upsampled: {result['fid_real']:.2f})")  # fmt: skip

@@ -85,10 +85,8 @@ def level_table(checkpoint, dataset, classifier, samples: int = 500, seed: int =
     if payload["family"] != "lapgan":
         raise DataError(f"{checkpoint}: a {payload['family']} checkpoint, not a lapgan one")
     trainer, info = trainer_from_checkpoint(payload)
-    model = trainer.model.eval()
+    model = trainer.model.eval()  # EMA copies are kept in eval mode
     nets = {**dict(model.nets.items()), **trainer.sampling_nets()}
-    for net in nets.values():
-        net.eval()
     clf, extractor = load_classifier(classifier)
     size = extractor["resolution"]
     top, coarsest = model.res[0], model.res[-1]

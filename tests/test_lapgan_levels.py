@@ -24,6 +24,16 @@ from lapgan_levels import level_table, main  # noqa: E402
 INFO = DataInfo(16, 1, 10)
 
 
+@pytest.fixture(scope="module")
+def classifier(digits, tmp_path_factory):
+    """A small domain classifier of the digits (its features score every row)."""
+    path = tmp_path_factory.mktemp("classifier") / "c.pt"
+    ccfg = ClassifierConfig(width=4, features=8, steps=10, batch_size=16)
+    net, report = train_classifier(digits, 16, ccfg, progress=False)
+    save_classifier(path, net, ccfg, report)
+    return path
+
+
 def checkpoint(tmp_path, family: str, model: dict):
     fam = families()[family]
     cfg = from_dict(fam.config, model, family)
@@ -32,11 +42,8 @@ def checkpoint(tmp_path, family: str, model: dict):
 
 
 def test_each_level_is_scored_from_real_input_and_a_zero_residual_adds_nothing(
-    digits, tmp_path, capsys
+    digits, classifier, tmp_path, capsys
 ):
-    ccfg = ClassifierConfig(width=4, features=8, steps=10, batch_size=16)
-    net, report = train_classifier(digits, 16, ccfg, progress=False)
-    save_classifier(tmp_path / "c.pt", net, ccfg, report)
     path, trainer, cfg = checkpoint(
         tmp_path, "lapgan", {"levels": 3, "z_dim": 8, "coarse_hidden": 16, "width": 8}
     )
@@ -45,11 +52,11 @@ def test_each_level_is_scored_from_real_input_and_a_zero_residual_adds_nothing(
     torch.nn.init.zeros_(last.bias)
     save_checkpoint(path, "lapgan", cfg, INFO, trainer.state_dict())
 
-    args = [str(path), "--dataset", str(digits), "--classifier", str(tmp_path / "c.pt")]
+    args = [str(path), "--dataset", str(digits), "--classifier", str(classifier)]
     main([*args, "--samples", "60"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["chain", "FID"]
-    rows = dict(level_table(path, digits, tmp_path / "c.pt", samples=60))
+    rows = dict(level_table(path, digits, classifier, samples=60))
     assert [line.rsplit(None, 1)[0].strip() for line in lines[1:]] == list(rows) == [
         "real 16",
         "real 8, upsampled", "real 8 → G16",
@@ -70,13 +77,10 @@ def test_each_level_is_scored_from_real_input_and_a_zero_residual_adds_nothing(
         main([str(other), *args[1:]])
 
 
-def test_the_coarsest_level_alone_is_seeded_and_its_variants_train(digits, tmp_path, capsys):
+def test_the_coarsest_level_alone_is_seeded_and_its_variants_train(digits, classifier, capsys):
     from lapgan_coarse import main as coarse
 
-    ccfg = ClassifierConfig(width=4, features=8, steps=10, batch_size=16)
-    net, report = train_classifier(digits, 16, ccfg, progress=False)
-    save_classifier(tmp_path / "c.pt", net, ccfg, report)
-    args = ["--dataset", str(digits), "--classifier", str(tmp_path / "c.pt"), "--top", "16",
+    args = ["--dataset", str(digits), "--classifier", str(classifier), "--top", "16",
             "--steps", "3", "--batch-size", "8", "--samples", "40"]  # fmt: skip
     first, again = coarse(args), coarse(args)
     assert first["fid"] == again["fid"] and first["fid"] > 0  # seeded: the same run twice
