@@ -5,16 +5,20 @@
         --classifier models/classifiers/emoji/classifier.pt [--seed 0] [--updates 3] [--ema 0.99]
         [--spectral-norm] [--r1 1] [--conv 64]
 
-Defaults are the pipeline's job ``lapgan``: the paper's MLPs (``coarse_hidden`` 600, z 100, D
-with dropout 0.5), logistic losses, Adam 1e-3 with betas (0.5, 0.999), batch 32, 720 steps,
-one D and one G update per step. The variants, each one flag:
+Defaults are the pipeline's job ``lapgan`` as it was before ``coarse: conv``: the paper's MLPs
+(``coarse_hidden`` 600, z 100, D with dropout 0.5), logistic losses, Adam 1e-3 with betas (0.5,
+0.999), batch 32, 720 steps, one D and one G update per step (the pipeline's job now is
+``--conv 64 --updates 3``). The variants, each one flag:
 
 - ``--updates K``: K D/G updates per step (each on a fresh batch);
 - ``--ema B``: sample from an EMA of G's weights;
 - ``--spectral-norm``: spectral normalization of D's linear layers (Miyato et al. 2018);
 - ``--r1 γ``: an R1 penalty on real images every step (Mescheder et al. 2018);
-- ``--conv W``: a small DCGAN-style pair in place of the MLPs (G: dense to 4×4×2W, BatchNorm,
-  a transposed conv to 8×8×W, a 3×3 conv to the image; D: 3×3 and 4×4/2 convs, dropout, dense).
+- ``--conv W``: the small DCGAN-style pair of ``model.coarse: conv`` (``gm.models.lapgan``'s
+  ConvCoarseG/ConvCoarseD, ``coarse_width`` W) in place of the MLPs.
+
+``--updates K`` draws a fresh real batch for each update; the pipeline's ``model.coarse_updates``
+repeats the updates on the step's one batch (the loader gives one batch per step).
 
 Prints one line: the settings, the training seconds and FID (500 samples, upsampled 2× per
 level to the top resolution, against the test split in the domain classifier's features), beside
@@ -35,38 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def conv_pair(z_dim: int, channels: int, width: int) -> tuple[nn.Module, nn.Module]:
-    """(G, D) of ``--conv``, for 8×8 images."""
-
-    class ConvG(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.dense = nn.Sequential(
-                nn.Linear(z_dim, 2 * width * 16), nn.BatchNorm1d(2 * width * 16), nn.ReLU(True)
-            )
-            self.net = nn.Sequential(
-                nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.BatchNorm2d(width),
-                nn.ReLU(True), nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh(),
-            )  # fmt: skip
-
-        def forward(self, z):
-            return self.net(self.dense(z).view(-1, 2 * width, 4, 4))
-
-    D = nn.Sequential(
-        nn.Conv2d(channels, width, 3, 1, 1), nn.LeakyReLU(0.2, True),
-        nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2, True),
-        nn.Flatten(), nn.Dropout(0.5), nn.Linear(2 * width * 16, 1),
-    )  # fmt: skip
-    return ConvG(), D
-
-
 def main(argv: list[str] | None = None) -> dict:
     from lapgan_levels import real_levels, upsampled
 
     from gm.metrics.classifier import load_classifier
     from gm.metrics.evaluate import _embed, _embed_rows, _split_store
     from gm.metrics.quality import fid
-    from gm.models.lapgan import CoarseD, CoarseG
+    from gm.models.lapgan import CoarseD, CoarseG, ConvCoarseD, ConvCoarseG
     from gm.models.losses import logistic_d_loss, logistic_g_loss
     from gm.train.loop import EMA
 
@@ -96,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     real = real_levels(a.dataset, [a.resolution], sys.maxsize)[a.resolution]
     channels, z_dim = real.shape[1], 100
     if a.conv:
-        G, D = conv_pair(z_dim, channels, a.conv)
+        G = ConvCoarseG(z_dim, a.resolution, channels, a.conv)
+        D = ConvCoarseD(a.resolution, channels, a.conv)
     else:
         G, D = CoarseG(z_dim, a.resolution, channels, 600), CoarseD(a.resolution, channels, 600)
     if a.spectral_norm:  # registered on each layer in place

@@ -317,6 +317,39 @@ def test_lapgan_samples_from_an_ema_of_every_level_generator():
     assert with_ema.shape == (4, 3, 32, 32) and not torch.equal(with_ema, without)
 
 
+def test_lapgan_conv_coarse_level_updated_several_times_per_step():
+    from gm.models.lapgan import LAPGAN, ConvCoarseD, ConvCoarseG, LAPGANConfig
+
+    for res in (4, 8, 16):  # the pair spans any power-of-two coarsest level
+        g, d = ConvCoarseG(8, res, 3, 4), ConvCoarseD(res, 3, 4)
+        assert g(torch.randn(2, 8)).shape == (2, 3, res, res)
+        assert d(torch.rand(2, 3, res, res)).shape == (2,)
+    torch.manual_seed(0)
+    cfg = LAPGANConfig(levels=3, z_dim=8, width=8, coarse="conv", coarse_width=4, coarse_updates=3)
+    model = LAPGAN(cfg, INFO)
+    assert isinstance(model.nets["G8"], ConvCoarseG) and isinstance(model.nets["D8"], ConvCoarseD)
+    assert [p.name for p in model.phases()] == ["D8", "G8"] * 3 + ["D16", "G16", "D32", "G32"]
+    trainer = Trainer(model)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    levels = {16: F.avg_pool2d(x, 2), 8: F.avg_pool2d(x, 4)}
+    before = {k: v.clone() for k, v in model.nets["G8"].state_dict().items()}
+    metrics = trainer.train_step(Batch(x, torch.zeros(4, dtype=torch.long), levels=levels))
+    steps = {name: max(int(s["step"]) for s in opt.state.values())
+             for name, opt in trainer.optimizers.items()}  # fmt: skip
+    assert steps == {"G8": 3, "D8": 3, "G16": 1, "D16": 1, "G32": 1, "D32": 1}
+    assert {"loss/D8", "loss/G8", "loss/G32"} <= set(metrics)
+    after = model.nets["G8"].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    model.eval()
+    assert model.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
+    with pytest.raises(ConfigError, match=r"coarse: 'cnn' is not one of 'mlp' \| 'conv'"):
+        from_dict(LAPGANConfig, {"coarse": "cnn"})
+    with pytest.raises(ConfigError, match="coarse: 'cnn'"):
+        LAPGANConfig(coarse="cnn")  # built outside a params file
+    with pytest.raises(ConfigError, match="coarse_updates: must be >= 1"):
+        LAPGANConfig(coarse_updates=0)
+
+
 def test_the_schedule_switches_resolution_at_the_image_counts():
     cfg = GrowthConfig(
         start_resolution=8, fade_images=100, stable_images=200,

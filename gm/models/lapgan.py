@@ -17,17 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gm.augment import AugmentFields, build_augment, check_augment
-from gm.config import check
+from gm.config import check, check_literal
 from gm.models.losses import logistic_d_loss, logistic_g_loss
 from gm.registry import register
 from gm.train.protocol import Batch, DataInfo, GenerativeModel, OptimConfig, Phase
 
+Coarse = Literal["mlp", "conv"]
 PAPER_OPTIM = OptimConfig(lr=2e-4, betas=(0.5, 0.999))
 
 
@@ -74,6 +76,51 @@ class CoarseD(nn.Module):
         return self.net(x).flatten()
 
 
+class ConvCoarseG(nn.Module):
+    """``coarse: conv``: a small DCGAN-style generator (Radford et al. 2016) for the coarsest level.
+
+    z (B, z_dim) → dense to (B, W·2ⁿ, 4, 4) → n × [4×4 transposed conv /2, channels halved] → 3×3
+    conv → tanh, images (B, C, res, res) with res = 4·2ⁿ; BatchNorm and ReLU after every layer but
+    the last. Not the paper's (an MLP), it draws 8×8 images closer to the data at the pipeline's
+    budget: docs/training.md, "What more steps buy".
+    """
+
+    def __init__(self, z_dim: int, res: int, channels: int, width: int):
+        super().__init__()
+        n = res.bit_length() - 3  # doublings from 4×4
+        self.top = width << n
+        self.dense = nn.Sequential(
+            nn.Linear(z_dim, self.top * 16), nn.BatchNorm1d(self.top * 16), nn.ReLU(True)
+        )
+        layers: list[nn.Module] = []
+        for k in range(n, 0, -1):
+            c_in, c_out = width << k, width << (k - 1)
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out)]
+            layers.append(nn.ReLU(True))
+        layers += [nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(self.dense(z).view(-1, self.top, 4, 4))
+
+
+class ConvCoarseD(nn.Module):
+    """``coarse: conv``: images (B, C, res, res) → logits (B,): a 3×3 conv to W channels, n × [4×4
+    conv /2, channels doubled] to 4×4, dropout 0.5 and a dense output; LeakyReLU 0.2 between."""
+
+    def __init__(self, res: int, channels: int, width: int):
+        super().__init__()
+        n = res.bit_length() - 3
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, 1, 1), nn.LeakyReLU(0.2, True)]
+        for k in range(n):
+            layers += [nn.Conv2d(width << k, width << (k + 1), 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        layers += [nn.Flatten(), nn.Dropout(0.5), nn.Linear((width << n) * 16, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x, low=None):
+        return self.net(x).flatten()
+
+
 class ResidualG(nn.Module):
     """h̃ = G(noise plane, l): three 3×3 convs on [l, z] (the paper's conditional convnet)."""
 
@@ -108,14 +155,18 @@ class ResidualD(nn.Module):
 class LAPGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
     levels: int = 3  # pyramid levels: e.g. 32 → 16 → 8 (the paper's CIFAR-10 model)
     z_dim: int = 100  # noise of the coarsest level
-    coarse_hidden: int = 600  # width of the coarsest MLPs
+    coarse: Coarse = "mlp"  # coarsest G/D pair: mlp (the paper's) | conv (ConvCoarseG/ConvCoarseD)
+    coarse_hidden: int = 600  # width of the coarsest MLPs (coarse: mlp)
+    coarse_width: int = 64  # channels at the coarsest level's full resolution (coarse: conv)
+    coarse_updates: int = 1  # D and G updates of the coarsest level per step, on the step's batch
     width: int = 128  # channels of the residual convnets
     optim_g: OptimConfig = field(default_factory=lambda: PAPER_OPTIM)
     optim_d: OptimConfig = field(default_factory=lambda: PAPER_OPTIM)
 
     def __post_init__(self):
-        for name in ("levels", "z_dim", "coarse_hidden", "width"):
+        for name in ("levels", "z_dim", "coarse_hidden", "coarse_width", "coarse_updates", "width"):
             check(getattr(self, name) >= 1, name, "must be >= 1")
+        check_literal(self.coarse, Coarse, "coarse")
         check_augment(self)
 
 
@@ -131,8 +182,12 @@ class LAPGAN(GenerativeModel):
         self.cfg, self.info = cfg, info
         self.res = [info.resolution >> k for k in range(cfg.levels)]  # fine to coarse
         c = info.channels
-        nets = {f"G{coarsest}": CoarseG(cfg.z_dim, coarsest, c, cfg.coarse_hidden),
-                f"D{coarsest}": CoarseD(coarsest, c, cfg.coarse_hidden)}  # fmt: skip
+        if cfg.coarse == "conv":
+            nets = {f"G{coarsest}": ConvCoarseG(cfg.z_dim, coarsest, c, cfg.coarse_width),
+                    f"D{coarsest}": ConvCoarseD(coarsest, c, cfg.coarse_width)}  # fmt: skip
+        else:
+            nets = {f"G{coarsest}": CoarseG(cfg.z_dim, coarsest, c, cfg.coarse_hidden),
+                    f"D{coarsest}": CoarseD(coarsest, c, cfg.coarse_hidden)}  # fmt: skip
         for r in self.res[:-1]:
             nets[f"G{r}"] = ResidualG(c, cfg.width)
             nets[f"D{r}"] = ResidualD(c, cfg.width)
@@ -148,8 +203,10 @@ class LAPGAN(GenerativeModel):
         return dict(self.nets.items())
 
     def phases(self) -> list[Phase]:
-        return [p for r in reversed(self.res) for p in (Phase(f"D{r}", f"D{r}"),
-                                                         Phase(f"G{r}", f"G{r}"))]  # fmt: skip
+        """Coarse to fine, D then G per level; the coarsest pair ``coarse_updates`` times (each
+        with fresh noise on the step's real batch: its metrics are the last update's)."""
+        pair = [[Phase(f"{m}{r}", f"{m}{r}") for m in "DG"] for r in reversed(self.res)]
+        return pair[0] * self.cfg.coarse_updates + [p for ps in pair[1:] for p in ps]
 
     def optim_config(self, module: str) -> OptimConfig:
         return self.cfg.optim_g if module.startswith("G") else self.cfg.optim_d
