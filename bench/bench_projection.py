@@ -28,7 +28,7 @@ def main() -> int:
     from sklearn.metrics import roc_auc_score
 
     from gm.data.readers import to_unit_range
-    from gm.metrics.evaluate import _split_store
+    from gm.metrics.evaluate import split_store
     from gm.models.stylegan import num_layers
     from gm.project import ProjectConfig, project, stylegan_parts
     from gm.train.checkpoint import load_checkpoint, trainer_from_checkpoint
@@ -53,7 +53,7 @@ def main() -> int:
         noises = [torch.randn(args.n, 1, 4 * 2 ** (i // 2), 4 * 2 ** (i // 2), generator=g)
                   for i in range(num_layers(level))]  # fmt: skip
         own = G.synthesis(ws, level, alpha, noises=noises).clamp(-1, 1)
-    test = _split_store(args.dataset, side, "test")
+    test = split_store(args.dataset, side, "test")
     pixels, _ = next(test.batches(torch.arange(min(args.n, len(test))), args.n))
     real = to_unit_range(pixels)
     cfg = ProjectConfig(steps=args.steps, lr=args.lr, w_avg_samples=10_000)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lapgan_levels import real_levels, upsampled
 
     from gm.metrics.classifier import load_classifier
-    from gm.metrics.evaluate import _embed, _embed_rows, _split_store
+    from gm.metrics.evaluate import embed, embed_rows, split_store
     from gm.metrics.quality import fid
     from gm.models.lapgan import CoarseD, CoarseG, ConvCoarseD, ConvCoarseG
     from gm.models.losses import logistic_d_loss, logistic_g_loss
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(a.seed)
     clf, extractor = load_classifier(a.classifier)
     size = extractor["resolution"]
-    reference = _embed_rows(clf, _split_store(a.dataset, a.top, "test"), None, size)[0]
+    reference = embed_rows(clf, split_store(a.dataset, a.top, "test"), None, size)[0]
     real = real_levels(a.dataset, [a.resolution], sys.maxsize)[a.resolution]
     channels, z_dim = real.shape[1], 100
     if a.conv:
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "settings": {k: v for k, v in vars(a).items() if k not in ("dataset", "classifier")},
         "train_s": round(seconds, 1),
-        "fid": fid(reference, _embed(clf, upsampled(samples, a.top), size)[0]),
-        "fid_real": fid(reference, _embed(clf, upsampled(real[: a.samples], a.top), size)[0]),
+        "fid": fid(reference, embed(clf, upsampled(samples, a.top), size)[0]),
+        "fid_real": fid(reference, embed(clf, upsampled(real[: a.samples], a.top), size)[0]),
     }
     print(f"{result['settings']}  train {seconds:.0f} s  FID {result['fid']:.2f}  "
           f"(real {a.resolution}x{a.resolution}, upsampled: {result['fid_real']:.2f})")  # fmt: skip

@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def real_levels(dataset, resolutions: list[int], n: int) -> dict[int, torch.Tensor]:
     """The train split's first ``n`` images at each resolution, in [-1, 1] (N, C, r, r)."""
     from gm.data.readers import to_unit_range
-    from gm.metrics.evaluate import _split_store
+    from gm.metrics.evaluate import split_store
 
     out = {}
     for r in resolutions:
-        store = _split_store(dataset, r, "train")
+        store = split_store(dataset, r, "train")
         rows = torch.arange(min(n, len(store)))
         out[r] = torch.cat([to_unit_range(p) for p, _ in store.batches(rows, 500)]).float()
     return out
@@ -53,15 +53,12 @@ def real_levels(dataset, resolutions: list[int], n: int) -> dict[int, torch.Tens
 def finer(model, nets, start: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Run the LAPGAN's levels finer than ``start`` (N, C, r, r) up to the top resolution, as
     its sampler does: x ← clamp(u(x) + G_r'(noise, u(x))) at each finer r'."""
-    from gm.models.lapgan import up
+    from gm.models.lapgan import LaplacianSampler
 
-    x = start
+    sampler, x = LaplacianSampler(model, nets), start
     for r in reversed(model.res[:-1]):
-        if r <= x.shape[-1]:
-            continue
-        low = up(x)
-        noise = torch.randn(len(x), 1, r, r, generator=generator)
-        x = (low + nets[f"G{r}"](noise, low)).clamp(-1, 1)
+        if r > x.shape[-1]:
+            x = sampler.refine(x, torch.randn(len(x), 1, r, r, generator=generator))
     return x
 
 
@@ -77,7 +74,7 @@ def level_table(checkpoint, dataset, classifier, samples: int = 500, seed: int =
     """[(row name, FID)] of a LAPGAN checkpoint, the rows of the module docstring."""
     from gm.errors import DataError
     from gm.metrics.classifier import load_classifier
-    from gm.metrics.evaluate import _embed, _embed_rows, _split_store
+    from gm.metrics.evaluate import embed, embed_rows, split_store
     from gm.metrics.quality import fid
     from gm.train.checkpoint import load_checkpoint, trainer_from_checkpoint
 
@@ -90,12 +87,12 @@ def level_table(checkpoint, dataset, classifier, samples: int = 500, seed: int =
     clf, extractor = load_classifier(classifier)
     size = extractor["resolution"]
     top, coarsest = model.res[0], model.res[-1]
-    reference = _embed_rows(clf, _split_store(dataset, top, "test"), None, size)[0]
+    reference = embed_rows(clf, split_store(dataset, top, "test"), None, size)[0]
     real = real_levels(dataset, model.res, samples)
     g = torch.Generator().manual_seed(seed)
 
     def score(images: torch.Tensor) -> float:
-        return fid(reference, _embed(clf, images, size)[0])
+        return fid(reference, embed(clf, images, size)[0])
 
     def arrow(r: int) -> str:
         return " → ".join(f"G{q}" for q in reversed(model.res) if q > r)

@@ -123,7 +123,7 @@ def test_classifier_learns_lower_levels_as_evaluation_shows_them(digits, tmp_pat
     from gm.data.readers import to_unit_range
     from gm.errors import ConfigError
     from gm.metrics.classifier import present
-    from gm.metrics.evaluate import _split_store, evaluate_checkpoint
+    from gm.metrics.evaluate import evaluate_checkpoint, split_store
     from gm.registry import families
     from gm.train.checkpoint import save_checkpoint
     from gm.train.loop import Trainer
@@ -137,7 +137,7 @@ def test_classifier_learns_lower_levels_as_evaluation_shows_them(digits, tmp_pat
                                levels=levels)  # fmt: skip
         net, report = train_classifier(digits, 16, cfg, progress=False)
         save_classifier(tmp_path / f"c{len(levels)}.pt", net, cfg, report)
-        test = _split_store(digits, 8, "test")
+        test = split_store(digits, 8, "test")
         with torch.no_grad():
             x = present(to_unit_range(next(test.batches(None, 10_000))[0]), 16)
             accuracy[levels] = (net(x).argmax(1) == test.labels).float().mean().item()

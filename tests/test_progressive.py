@@ -294,7 +294,9 @@ def test_lapgan_samples_run_coarse_to_fine():
         x8 = n["G8"](z[:, :8])  # the coarsest image, then a residual per finer level
         x16 = (up(x8) + n["G16"](z[:, 8 : 8 + 256].view(2, 1, 16, 16), up(x8))).clamp(-1, 1)
         x32 = (up(x16) + n["G32"](z[:, 8 + 256 :].view(2, 1, 32, 32), up(x16))).clamp(-1, 1)
+        refined = model.generator().refine(x16, z[:, 8 + 256 :].view(2, 1, 32, 32))
     assert out.shape == (2, 3, 32, 32) and torch.equal(out, x32)
+    assert torch.equal(refined, x32)  # one level up the chain, as bench/lapgan_levels.py uses it
 
 
 def test_lapgan_samples_from_an_ema_of_every_level_generator():

@@ -67,8 +67,12 @@ class EvalConfig:
 
 
 @torch.no_grad()
-def _embed(clf, images: torch.Tensor, size: int | None, batch: int = 500):
-    """(features, logits) of ``images``; ``size`` None: the network resizes itself."""
+def embed(clf, images: torch.Tensor, size: int | None, batch: int = 500):
+    """(features (N, F), logits (N, K)) of ``images`` (N, C, H, W) in [-1, 1] through a
+    feature network (the domain classifier, or Inception), ``batch`` images at a time.
+
+    ``size``: the side the images are resized to first (:func:`gm.metrics.classifier.present`);
+    None when the network resizes itself."""
     from gm.metrics.classifier import present
 
     feats, logits = [], []
@@ -102,20 +106,26 @@ def ood_energies(model, test, seed: int) -> dict[str, tuple[torch.Tensor, torch.
     return {"noise": (inside_e, torch.cat(noise)), "shuffled": (inside_e, torch.cat(shuffled))}
 
 
-def _embed_rows(clf, store, positions, size: int | None, batch: int = 500):
-    """:func:`_embed` of a RowStore's rows ``positions`` (all: None), read ``batch`` at a time:
+def embed_rows(clf, store, positions, size: int | None, batch: int = 500):
+    """:func:`embed` of a RowStore's rows ``positions`` (all: None), read ``batch`` at a time:
     memory holds the features, never the images."""
     from gm.data.readers import to_unit_range
 
     feats, logits = [], []
     for pixels, _ in store.batches(positions, batch):
-        f, lg = _embed(clf, to_unit_range(pixels), size, batch)
+        f, lg = embed(clf, to_unit_range(pixels), size, batch)
         feats.append(f)
         logits.append(lg)
     return torch.cat(feats), torch.cat(logits)
 
 
-def _split_store(dataset_dir, resolution: int, split: str | None):
+def split_store(dataset_dir, resolution: int, split: str | None):
+    """A pyramid dataset's level ``resolution`` as a RowStore of its ``image`` column, rows of
+    ``split`` (train, val, test; None: every row), read in batches (:class:`RowStore`).
+
+    Raises:
+        DataError: naming the file, when the level or the split is missing.
+    """
     from gm.data.parquet import level_path
     from gm.data.rowstore import RowStore
 
@@ -176,8 +186,8 @@ def evaluate_checkpoint(
         net_size, resize = None, extractor.pop("resize")
 
     # real images are read in batches and only their features kept (memory: features)
-    test = _split_store(dataset_dir, info.resolution, "test")
-    train = _split_store(dataset_dir, info.resolution, "train")
+    test = split_store(dataset_dir, info.resolution, "test")
+    train = split_store(dataset_dir, info.resolution, "train")
     n = min(cfg.num_samples, len(train))
     g = torch.Generator().manual_seed(cfg.seed)
     # sorted: each read batch then falls in one or two windows of a streamed split
@@ -197,13 +207,13 @@ def evaluate_checkpoint(
                 "mlflow_run_id": payload["extra"].get("mlflow_run_id", ""),
                 "seed": cfg.seed}  # fmt: skip
         write_samples(samples_path, fake_x, labels, meta)
-    _, label_logits = _embed(clf, fake_x, size)  # conditional accuracy: the domain classifier
-    real_f, real_logits = _embed_rows(net, test, None, net_size, batch=100)
+    _, label_logits = embed(clf, fake_x, size)  # conditional accuracy: the domain classifier
+    real_f, real_logits = embed_rows(net, test, None, net_size, batch=100)
     real_label_logits = None
     if model.conditional and "conditional_accuracy" in cfg.metrics:  # its real baseline
-        real_label_logits = real_logits if net is clf else _embed_rows(clf, test, None, size)[1]
-    base_f, base_logits = _embed_rows(net, train, pick, net_size, batch=100)
-    fake_f, fake_logits = _embed(net, fake_x, net_size, batch=100)
+        real_label_logits = real_logits if net is clf else embed_rows(clf, test, None, size)[1]
+    base_f, base_logits = embed_rows(net, train, pick, net_size, batch=100)
+    fake_f, fake_logits = embed(net, fake_x, net_size, batch=100)
 
     bpd, bpd_images = None, 0
     if "bits_per_dim" in cfg.metrics:
@@ -319,14 +329,14 @@ class KidProbe:
         self.clf, desc = load_classifier(classifier)
         self.size, self.seed = desc["resolution"], seed
         try:
-            real = _split_store(dataset_dir, info.resolution, "val")
+            real = split_store(dataset_dir, info.resolution, "val")
         except DataError:  # no validation image at all
             real = None
         if real is None or len(real) < 8:
-            real = _split_store(dataset_dir, info.resolution, None)
+            real = split_store(dataset_dir, info.resolution, None)
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(real), generator=g)[: min(n, len(real))].sort().values
-        self.real, _ = _embed_rows(self.clf, real, idx, self.size)
+        self.real, _ = embed_rows(self.clf, real, idx, self.size)
         self.n, self.num_classes = len(idx), info.num_classes
 
     def __call__(self, trainer) -> float:
@@ -336,7 +346,7 @@ class KidProbe:
         if trainer.model.conditional:
             labels = torch.arange(self.n) % self.num_classes
         fake = trainer.sample(self.n, labels, seed=self.seed + 1)
-        feats, _ = _embed(self.clf, fake, self.size)
+        feats, _ = embed(self.clf, fake, self.size)
         return kid(self.real, feats, subsets=20, seed=self.seed)[0]
 
 

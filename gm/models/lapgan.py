@@ -271,11 +271,15 @@ class LaplacianSampler(nn.Module):
         x = self.gens[f"G{self.res[-1]}"](latent[:, : self.z_dim])
         offset = self.z_dim
         for r in reversed(self.res[:-1]):
-            noise = latent[:, offset : offset + r * r].reshape(b, 1, r, r)
+            x = self.refine(x, latent[:, offset : offset + r * r].reshape(b, 1, r, r))
             offset += r * r
-            low = up(x)
-            x = (low + self.gens[f"G{r}"](noise, low)).clamp(-1, 1)
         return x
+
+    def refine(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One level up the chain: images x (B, C, r, r) and a noise plane (B, 1, 2r, 2r) →
+        clamp(u(x) + G_2r(noise, u(x)), −1, 1), (B, C, 2r, 2r)."""
+        low = up(x)
+        return (low + self.gens[f"G{2 * x.shape[-1]}"](noise, low)).clamp(-1, 1)
 
 
 @register("lapgan", LAPGANConfig, "Denton et al., NeurIPS 2015 (LAPGAN)")
