@@ -86,23 +86,20 @@ def main(argv: list[str] | None = None) -> dict:
     opt_g = torch.optim.Adam(G.parameters(), a.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), a.lr, betas=(0.5, 0.999))
 
-    def judge(x):
-        return D(x).flatten()
-
     tick = time.perf_counter()
     for _ in range(a.steps * a.updates):
         x = real[torch.randint(len(real), (a.batch_size,))].requires_grad_(a.r1 > 0)
         with torch.no_grad():
             fake = G(torch.randn(a.batch_size, z_dim))
-        d_real = judge(x)
-        loss = logistic_d_loss(d_real, judge(fake))
+        d_real = D(x)  # both pairs' D return logits (B,)
+        loss = logistic_d_loss(d_real, D(fake))
         if a.r1:
             (grad,) = torch.autograd.grad(d_real.sum(), x, create_graph=True)
             loss = loss + a.r1 / 2 * grad.pow(2).sum(dim=(1, 2, 3)).mean()
         opt_d.zero_grad()
         loss.backward()
         opt_d.step()
-        loss = logistic_g_loss(judge(G(torch.randn(a.batch_size, z_dim))))
+        loss = logistic_g_loss(D(G(torch.randn(a.batch_size, z_dim))))
         opt_g.zero_grad()
         loss.backward()
         opt_g.step()

@@ -53,9 +53,7 @@ def real_levels(dataset, resolutions: list[int], n: int) -> dict[int, torch.Tens
 def finer(model, nets, start: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Run the LAPGAN's levels finer than ``start`` (N, C, r, r) up to the top resolution, as
     its sampler does: x ← clamp(u(x) + G_r'(noise, u(x))) at each finer r'."""
-    from gm.models.lapgan import LaplacianSampler
-
-    sampler, x = LaplacianSampler(model, nets), start
+    sampler, x = model.generator(nets), start
     for r in reversed(model.res[:-1]):
         if r > x.shape[-1]:
             x = sampler.refine(x, torch.randn(len(x), 1, r, r, generator=generator))

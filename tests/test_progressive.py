@@ -299,6 +299,13 @@ def test_lapgan_samples_run_coarse_to_fine():
     assert torch.equal(refined, x32)  # one level up the chain, as bench/lapgan_levels.py uses it
 
 
+def lapgan_batch(b: int = 4) -> Batch:
+    """A batch of random 32×32 images with their 16×16 and 8×8 levels (2×2 means)."""
+    x = torch.rand(b, 3, 32, 32) * 2 - 1
+    levels = {16: F.avg_pool2d(x, 2), 8: F.avg_pool2d(x, 4)}
+    return Batch(x, torch.zeros(b, dtype=torch.long), levels=levels)
+
+
 def test_lapgan_samples_from_an_ema_of_every_level_generator():
     from gm.models.lapgan import LAPGAN, LAPGANConfig
 
@@ -306,10 +313,9 @@ def test_lapgan_samples_from_an_ema_of_every_level_generator():
     model = LAPGAN(LAPGANConfig(levels=3, z_dim=8, coarse_hidden=16, width=8), INFO)
     trainer = Trainer(model, ema_beta=0.5)
     assert set(trainer.ema) == {"G8", "G16", "G32"}
-    x = torch.rand(4, 3, 32, 32) * 2 - 1
-    levels = {16: F.avg_pool2d(x, 2), 8: F.avg_pool2d(x, 4)}
+    batch = lapgan_batch()
     for _ in range(3):
-        trainer.train_step(Batch(x, torch.zeros(4, dtype=torch.long), levels=levels))
+        trainer.train_step(batch)
     for name in trainer.ema:  # the copies trail the trained weights
         ema, live = trainer.ema[name].module.state_dict(), model.nets[name].state_dict()
         assert any(not torch.equal(ema[k], live[k]) for k in live), name
@@ -332,10 +338,8 @@ def test_lapgan_conv_coarse_level_updated_several_times_per_step():
     assert isinstance(model.nets["G8"], ConvCoarseG) and isinstance(model.nets["D8"], ConvCoarseD)
     assert [p.name for p in model.phases()] == ["D8", "G8"] * 3 + ["D16", "G16", "D32", "G32"]
     trainer = Trainer(model)
-    x = torch.rand(4, 3, 32, 32) * 2 - 1
-    levels = {16: F.avg_pool2d(x, 2), 8: F.avg_pool2d(x, 4)}
     before = {k: v.clone() for k, v in model.nets["G8"].state_dict().items()}
-    metrics = trainer.train_step(Batch(x, torch.zeros(4, dtype=torch.long), levels=levels))
+    metrics = trainer.train_step(lapgan_batch())
     steps = {name: max(int(s["step"]) for s in opt.state.values())
              for name, opt in trainer.optimizers.items()}  # fmt: skip
     assert steps == {"G8": 3, "D8": 3, "G16": 1, "D16": 1, "G32": 1, "D32": 1}
