@@ -94,9 +94,8 @@ class ConvCoarseG(nn.Module):
         )
         layers: list[nn.Module] = []
         for k in range(n, 0, -1):
-            c_in, c_out = width << k, width << (k - 1)
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out)]
-            layers.append(nn.ReLU(True))
+            conv = nn.ConvTranspose2d(width << k, width << (k - 1), 4, 2, 1)
+            layers += [conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU(True)]
         layers += [nn.Conv2d(width, channels, 3, 1, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
@@ -182,12 +181,10 @@ class LAPGAN(GenerativeModel):
         self.cfg, self.info = cfg, info
         self.res = [info.resolution >> k for k in range(cfg.levels)]  # fine to coarse
         c = info.channels
-        if cfg.coarse == "conv":
-            nets = {f"G{coarsest}": ConvCoarseG(cfg.z_dim, coarsest, c, cfg.coarse_width),
-                    f"D{coarsest}": ConvCoarseD(coarsest, c, cfg.coarse_width)}  # fmt: skip
-        else:
-            nets = {f"G{coarsest}": CoarseG(cfg.z_dim, coarsest, c, cfg.coarse_hidden),
-                    f"D{coarsest}": CoarseD(coarsest, c, cfg.coarse_hidden)}  # fmt: skip
+        conv = cfg.coarse == "conv"
+        G, D = (ConvCoarseG, ConvCoarseD) if conv else (CoarseG, CoarseD)  # the same signatures
+        w = cfg.coarse_width if conv else cfg.coarse_hidden
+        nets = {f"G{coarsest}": G(cfg.z_dim, coarsest, c, w), f"D{coarsest}": D(coarsest, c, w)}
         for r in self.res[:-1]:
             nets[f"G{r}"] = ResidualG(c, cfg.width)
             nets[f"D{r}"] = ResidualD(c, cfg.width)
