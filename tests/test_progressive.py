@@ -89,6 +89,33 @@ def test_equalized_lr_layers_have_unit_variance_activations_at_init():
     assert math.isclose(conv.scale, 1 / math.sqrt(64 * 9))
 
 
+class Seen(torch.nn.Module):
+    """A discriminator that keeps what it is shown (then scores it with the real one)."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.D, self.inputs = D, []
+
+    def forward(self, x, level, alpha):
+        self.inputs.append(x.detach())
+        return self.D(x, level, alpha)
+
+
+@pytest.mark.parametrize(("family", "mode"), [("progan", "nearest"), ("stylegan", "bilinear")])
+def test_mid_fade_in_d_sees_reals_upsampled_as_g_fades(family, mode):
+    """ProGAN's G fades a new level in over its nearest-upsampled lower output, StyleGAN's
+    over its bilinear one; the real images D is shown must be blended the same way."""
+    model = progan() if family == "progan" else stylegan()
+    model.level.fill_(2)  # 16x16, fading in from 8x8
+    model.alpha.fill_(0.0)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    D = Seen(model.D)
+    model.loss("D", Batch(images=images, labels=torch.zeros(4, dtype=torch.long)),
+               {"G": model.G, "D": D})  # fmt: skip
+    low = F.interpolate(F.avg_pool2d(images, 2), scale_factor=2, mode=mode)
+    assert torch.equal(D.inputs[0], low)  # the real images come first
+
+
 def test_minibatch_stddev_appends_one_channel_with_the_group_statistic():
     torch.manual_seed(0)
     x = torch.randn(8, 5, 4, 4)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gm.augment import AugmentFields, build_augment, check_augment
@@ -162,12 +163,14 @@ class ProGANConfig(AugmentFields):  # + augment, ada_* (gm.augment)
         check_augment(self)
 
 
-def blend_reals(images: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The real images D sees while a level fades in: the level below (2×2 mean), upsampled,
-    mixed with the current level like G's output."""
+def blend_reals(images: torch.Tensor, alpha: float, mode: str = "nearest") -> torch.Tensor:
+    """The real images D sees while a level fades in: the level below (2×2 mean), upsampled by
+    ``mode`` as G upsamples its lower output (Progressive GAN nearest, StyleGAN bilinear), mixed
+    with the current level like G's output. (B, C, H, W) → the same shape."""
     if alpha >= 1.0:
         return images
-    return fade(upsample(downsample(images)), images, alpha)
+    low = F.interpolate(downsample(images), scale_factor=2, mode=mode)
+    return fade(low, images, alpha)
 
 
 def wgan_g_loss(d_fake: torch.Tensor) -> torch.Tensor:

@@ -269,7 +269,7 @@ class StyleGAN(GrowingModel, GANPair):
 
     def loss(self, phase: str, batch: Batch, nets: Mapping[str, nn.Module]):
         level, alpha = int(self.level), float(self.alpha)
-        real = blend_reals(batch.images, alpha)
+        real = blend_reals(batch.images, alpha, "bilinear")  # as G fades (above)
         b, device = real.shape[0], real.device
         G, D = nets["G"], nets["D"]
         if phase == "D":
