@@ -47,6 +47,9 @@ from gm.train.protocol import Batch, DataInfo, GANPair, GenerativeModel, OptimCo
 
 PAPER_OPTIM = OptimConfig(lr=1e-3, betas=(0.0, 0.99), eps=1e-8)
 Style = Literal["adain", "demod"]  # how w enters a synthesis layer (StyleLayer)
+# How G doubles its feature maps and a fading level's lower output, and so how the real images
+# D sees mid-fade-in are enlarged (Progressive GAN's is nearest): one name keeps them in step
+UPSAMPLE = "bilinear"
 
 
 class MappingNetwork(nn.Module):
@@ -121,7 +124,7 @@ class StyleLayer(nn.Module):
 
     def forward(self, x, w, noise=None):
         if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, scale_factor=2, mode=UPSAMPLE, align_corners=False)
         if self.demod:
             x = modulated_conv2d(x, self.conv.scaled_weight(), self.style(w))
             return self._noise_bias_act(x, noise)
@@ -185,7 +188,7 @@ class StyleSynthesis(nn.Module):
         rgb = self.to_rgb[level](x)
         if level > 0 and alpha < 1.0:
             low = self.to_rgb[level - 1](prev)
-            rgb = fade(F.interpolate(low, scale_factor=2, mode="bilinear"), rgb, alpha)
+            rgb = fade(F.interpolate(low, scale_factor=2, mode=UPSAMPLE), rgb, alpha)
         return rgb
 
 
@@ -269,7 +272,7 @@ class StyleGAN(GrowingModel, GANPair):
 
     def loss(self, phase: str, batch: Batch, nets: Mapping[str, nn.Module]):
         level, alpha = int(self.level), float(self.alpha)
-        real = blend_reals(batch.images, alpha, "bilinear")  # as G fades (above)
+        real = blend_reals(batch.images, alpha, UPSAMPLE)  # as G fades
         b, device = real.shape[0], real.device
         G, D = nets["G"], nets["D"]
         if phase == "D":
