@@ -69,7 +69,7 @@ def check_literal(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def _convert(value: Any, tp: Any, key: str, json_key: bool = False) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -93,7 +93,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         k_tp, v_tp = get_args(tp)
-        return {_convert(k, k_tp, key): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+        return {
+            _convert(k, k_tp, key, json_key=True): _convert(v, v_tp, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if tp is Any:
         return value
     if tp is type(None):
@@ -105,6 +108,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is int:
+        if json_key and isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)  # a mapping key that went through JSON (a checkpoint's config)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value

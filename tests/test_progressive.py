@@ -416,6 +416,19 @@ def test_trainer_sets_phase_lr_and_resets_optimizers_at_a_new_phase():
     assert trainer.growth_index == 1
 
 
+def test_checkpoint_with_per_resolution_overrides_rebuilds_the_same_config(tmp_path):
+    # the checkpoint keeps the config as JSON, whose object keys are strings: {8: …} → {"8": …}
+    from gm.train.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+
+    per = {8: LevelSettings(batch_size=2, lr=0.005), 16: LevelSettings(fade_images=24)}
+    model = progan(reset_optimizers=True, per_resolution=per)
+    save_checkpoint(tmp_path / "c.pt", "progan", model.cfg, INFO, Trainer(model).state_dict())
+    rebuilt, _, _ = build_from_checkpoint(load_checkpoint(tmp_path / "c.pt"))
+    assert rebuilt.cfg == model.cfg
+    assert rebuilt.cfg.growth.per_resolution[8].lr == 0.005
+    assert rebuilt.growth(10**9).index == model.growth(10**9).index
+
+
 def test_checkpoint_mid_fade_in_restores_alpha_and_resolution(tmp_path):
     from gm.train.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 
