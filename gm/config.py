@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -108,7 +109,7 @@ def _convert(value: Any, tp: Any, key: str, json_key: bool = False) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is int:
-        if json_key and isinstance(value, str) and value.lstrip("-").isdigit():
+        if json_key and isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
             return int(value)  # a mapping key that went through JSON (a checkpoint's config)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")

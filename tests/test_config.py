@@ -7,7 +7,7 @@ import yaml
 
 from gm import params
 from gm.cli import main as gm_main
-from gm.config import check_literal
+from gm.config import check_literal, from_dict
 from gm.data.config import DatasetConfig, PairConfig
 from gm.errors import ConfigError
 
@@ -180,3 +180,18 @@ def test_a_partial_section_keeps_the_familys_own_defaults():
     assert grown.fade_images == 10 and grown.stable_images == ProGANConfig().growth.stable_images
     with pytest.raises(ConfigError, match="codec.optim.bogus: unknown key"):
         from_dict(CodecConfig, {"optim": {"bogus": 1}}, "codec")
+
+
+def test_int_mapping_keys_read_back_from_json_and_bad_keys_name_the_key():
+    # a checkpoint stores the config as JSON: {8: …} comes back as {"8": …}
+    import json
+
+    from gm.models.growth import GrowthConfig
+
+    data = json.loads(json.dumps({"per_resolution": {8: {"lr": 0.002}, 16: {}}}))
+    assert set(data["per_resolution"]) == {"8", "16"}
+    cfg = from_dict(GrowthConfig, data, "growth")
+    assert set(cfg.per_resolution) == {8, 16} and cfg.per_resolution[8].lr == 0.002
+    for bad in ("--8", "²", "8x"):
+        with pytest.raises(ConfigError, match="growth.per_resolution: expected an integer"):
+            from_dict(GrowthConfig, {"per_resolution": {bad: {}}}, "growth")
