@@ -70,7 +70,15 @@ def check_literal(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _convert(value: Any, tp: Any, key: str, json_key: bool = False) -> Any:
+def _json_key(key: Any, tp: Any) -> Any:
+    """An ``int`` mapping key that went through JSON (a checkpoint's config) comes back as a
+    string of digits: read it as the int again; anything else is left for ``_convert``."""
+    if tp is int and isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key):
+        return int(key)
+    return key
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -94,10 +102,8 @@ def _convert(value: Any, tp: Any, key: str, json_key: bool = False) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         k_tp, v_tp = get_args(tp)
-        return {
-            _convert(k, k_tp, key, json_key=True): _convert(v, v_tp, f"{key}.{k}")
-            for k, v in value.items()
-        }
+        return {_convert(_json_key(k, k_tp), k_tp, key): _convert(v, v_tp, f"{key}.{k}")
+                for k, v in value.items()}  # fmt: skip
     if tp is Any:
         return value
     if tp is type(None):
@@ -109,8 +115,6 @@ def _convert(value: Any, tp: Any, key: str, json_key: bool = False) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is int:
-        if json_key and isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
-            return int(value)  # a mapping key that went through JSON (a checkpoint's config)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
