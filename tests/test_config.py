@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import pytest
@@ -136,8 +137,6 @@ def test_malformed_yaml_names_the_file(tmp_path):
 
 
 def test_bool_is_not_an_integer():
-    from gm.config import from_dict
-
     with pytest.raises(ConfigError, match="top_resolution: expected an integer, got True"):
         from_dict(DatasetConfig, {"top_resolution": True})
 
@@ -167,8 +166,6 @@ def test_cli_exits_2_with_the_key_and_no_traceback(tmp_path, capsys):
 def test_a_partial_section_keeps_the_familys_own_defaults():
     """`optim: {lr: …}` overrides the lr and keeps the family's betas and gradient clipping
     (not the bare OptimConfig's), nested sections too; unknown keys are still named."""
-    from gm.config import from_dict
-    from gm.errors import ConfigError
     from gm.models.codec import CodecConfig
     from gm.models.progan import ProGANConfig
 
@@ -184,8 +181,6 @@ def test_a_partial_section_keeps_the_familys_own_defaults():
 
 def test_int_mapping_keys_read_back_from_json_and_bad_keys_name_the_key():
     # a checkpoint stores the config as JSON: {8: …} comes back as {"8": …}
-    import json
-
     from gm.models.growth import GrowthConfig
 
     data = json.loads(json.dumps({"per_resolution": {8: {"lr": 0.002}, 16: {}}}))
