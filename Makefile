@@ -53,7 +53,7 @@ repro-long: repro
 # The quality preset's summary, evaluations, detection reports and sample grids are copied to
 # reports/quality/ (committed); the workspace holds the experiment until `dvc exp apply` of another.
 QUALITY_KEEP := reports/summary.md reports/summary.json reports/eval reports/detect \
-  $(foreach m,cgan cvae ddpm aae,models/$(m)/samples.png) \
+  $(foreach m,cgan cvae ddpm aae dcgan lapgan,models/$(m)/samples.png) \
   $(foreach m,cgan dcgan progan,models/$(m)_ab_none_s0/samples.png models/$(m)_ab_diffaug_s0/samples.png)
 repro-quality: repro
 	gm with-ray -- python -m gm.preset presets/quality/params.yaml --name quality \
