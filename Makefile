@@ -17,7 +17,7 @@ PIP_QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2
 help:
 	@echo "make repro     set up the venv, materialize data/ if missing, run dvc repro (one local Ray for all stages: gm with-ray)"
 	@echo "make repro-long  after repro: the context-model codec's λ sweep (~75 min), as a DVC experiment"
-	@echo "make repro-quality after repro: longer runs and a 3-seed augmentation ablation (29-75 min), reports/quality/"
+	@echo "make repro-quality after repro: longer runs and a 3-seed augmentation ablation (about 1 h), reports/quality/"
 	@echo "make test      set up the venv and run the whole test suite"
 	@echo "make test-fast the tests not marked slow"
 	@echo "make lint      ruff check and format check"
