@@ -29,8 +29,9 @@ def test_the_quality_preset_expands_into_seed_averaged_ablations_of_three_gan_fa
         (f"{f}_ab", a, 3, (0, 1, 2)) for f in families for a in ("none", "ada", "diffaug")
     )
     default = params.parse(base)
-    # the conditional models and two emoji GANs train longer than by default, as they are
-    for job in ("cgan", "cvae", "ddpm", "dcgan", "lapgan"):
+    longer = {"cgan", "cvae", "ddpm", "aae", "dcgan", "lapgan"}  # the preset's train section
+    assert set(preset["train"]) == longer
+    for job in longer:  # more steps, the same model
         assert applied.train[job].run.steps > default.train[job].run.steps
         assert applied.train[job].model == default.train[job].model
     assert set(applied.train) - set(default.train) == set(names)
