@@ -20,12 +20,21 @@ A preset may also hold an ``ablation`` section, expanded into ``train`` jobs (:f
 gives ``train.cgan_ab_none_s0`` … ``train.cgan_ab_diffaug_s2``: 9 jobs that differ only in
 ``model.augment`` and ``run.seed``, which the summary stage averages (gm.metrics.ablation).
 
-``--keep PATH … --into DIR`` copies what the experiment wrote (reports) into ``DIR`` after it
-succeeds, replacing ``DIR`` whole, so that a preset's results can be committed beside the
-default pipeline's (``make repro-quality``: reports/quality/).
+A preset's ``keep`` section names what the experiment wrote that is to be copied into a
+folder after it succeeds (:func:`kept`, :func:`keep`), replacing the folder whole, so that its
+results can be committed beside the default pipeline's (``make repro-quality``:
+reports/quality/)::
+
+    keep:
+      into: reports/quality
+      paths: [reports/summary.md, reports/eval]   # files or folders, copied as they are
+      samples: true   # also models/<job>/samples.png of every job of the preset's train
+                      # section, and of each ablation job and value at its first seed
+
+``--keep PATH … --into DIR`` on the command line replaces the section.
 
 Usage: ``python -m gm.preset PRESET.yaml [--name NAME] [--params params.yaml] [--dry]
-[--keep PATH ... --into DIR]``.
+[--keep PATH ... --into DIR]`` (``--dry`` prints the command and what would be kept).
 """
 
 from __future__ import annotations
@@ -55,10 +64,11 @@ def merge(base: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
 
 
 def expand(preset: dict[str, Any], where: str = "preset") -> dict[str, Any]:
-    """``preset`` with its ``ablation`` section (see the module docstring) turned into
-    ``train`` entries ``<job>_<value>_s<seed>``; ``ConfigError`` naming the key when the
-    section is malformed or a generated name is already a ``train`` entry of the preset."""
-    preset = copy.deepcopy(preset)
+    """``preset``'s params.yaml entries: its ``ablation`` section (see the module docstring)
+    turned into ``train`` entries ``<job>_<value>_s<seed>``, its ``keep`` section (no params
+    entry; :func:`kept`) left out. ``ConfigError`` naming the key when the ablation section is
+    malformed or a generated name is already a ``train`` entry of the preset."""
+    preset = copy.deepcopy({k: v for k, v in preset.items() if k != "keep"})
     ab = preset.pop("ablation", None)
     if ab is None:
         return preset
@@ -81,7 +91,7 @@ def expand(preset: dict[str, Any], where: str = "preset") -> dict[str, Any]:
             raise ConfigError(f"{w}.jobs.{job}: a train job (a mapping)")
         for value in values:
             for seed in seeds:
-                name = f"{job}_{value}_s{seed}"
+                name = ablation_name(job, value, seed)
                 if name in train:
                     raise ConfigError(f"{w}: {name} is also a train entry of the preset")
                 entry = copy.deepcopy(spec)
@@ -89,6 +99,43 @@ def expand(preset: dict[str, Any], where: str = "preset") -> dict[str, Any]:
                 _set(entry, "run.seed", seed)
                 train[name] = entry
     return preset
+
+
+def ablation_name(job: str, value: Any, seed: int) -> str:
+    """The ``train`` entry that :func:`expand` makes of ablation job ``job`` at one value."""
+    return f"{job}_{value}_s{seed}"
+
+
+def kept(preset: dict[str, Any], where: str = "preset") -> tuple[list[str], str] | None:
+    """The paths and the folder of ``preset``'s ``keep`` section (module docstring), or None
+    when it has none. With ``samples: true`` the sample grids of the jobs the preset trains are
+    derived from its ``train`` and ``ablation`` sections, so a job added to the preset is kept
+    without another list to edit. ``ConfigError`` naming the key when the section is malformed
+    (call :func:`expand` on the preset first to check its ablation section)."""
+    spec = preset.get("keep")
+    if spec is None:
+        return None
+    w = f"{where}: keep"
+    if not isinstance(spec, dict) or "into" not in spec or set(spec) - {"into", "paths", "samples"}:
+        raise ConfigError(f"{w}: expected the key into, and optionally paths and samples")
+    into, paths, samples = spec["into"], spec.get("paths", []), spec.get("samples", False)
+    if not isinstance(into, str) or not into:
+        raise ConfigError(f"{w}.into: {into!r}: a folder")
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise ConfigError(f"{w}.paths: {paths!r}: a list of files or folders")
+    if not isinstance(samples, bool):
+        raise ConfigError(f"{w}.samples: {samples!r}: true or false")
+    out = list(paths)
+    if samples:
+        ab = preset.get("ablation") or {}
+        jobs = list(preset.get("train") or {}) + [
+            ablation_name(job, value, ab["seeds"][0]) for job in ab.get("jobs", {})
+            for value in ab["values"]
+        ]  # fmt: skip
+        out += [f"models/{job}/samples.png" for job in jobs]
+    if not out:
+        raise ConfigError(f"{w}: keeps nothing (no paths, samples false)")
+    return out, into
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -146,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml", help="the root params file")
     ap.add_argument("--dry", action="store_true", help="print the command, run nothing")
     ap.add_argument("--keep", nargs="+", default=[], metavar="PATH",
-                    help="after a successful run, copy these outputs into --into")  # fmt: skip
+                    help="after a successful run, copy these outputs into --into "
+                         "(replaces the preset's keep section)")  # fmt: skip
     ap.add_argument("--into", help="the folder --keep copies into (replaced whole)")
     args = ap.parse_args(argv)
     if bool(args.keep) != bool(args.into):
@@ -162,19 +210,22 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{getattr(e, 'filename', None) or path}: {e}") from None
         if not isinstance(preset, dict):
             raise ConfigError(f"{path}: expected a mapping of params.yaml entries")
-        preset = expand(preset, str(path))
+        raw, preset = preset, expand(preset, str(path))
+        keeps = (args.keep, args.into) if args.keep else kept(raw, str(path))
         params.parse(merge(base, preset), f"{root} with {path}")  # bad keys named, before DVC
         name = args.name or path.parent.name
         cmd = ["dvc", "exp", "run", "--name", name]
         for o in overrides(base, preset):
             cmd += ["-S", o]
         print(" ".join(shlex.quote(c) for c in cmd), flush=True)
+        if keeps:
+            print(f"then keeps in {keeps[1]}: {' '.join(keeps[0])}", flush=True)
         if args.dry:
             return 0
         rc = subprocess.run(cmd).returncode
-        if rc == 0 and args.keep:
-            keep(args.keep, args.into)
-            print(f"kept {', '.join(args.keep)} in {args.into}", flush=True)
+        if rc == 0 and keeps:
+            keep(*keeps)
+            print(f"kept {len(keeps[0])} paths in {keeps[1]}", flush=True)
         return rc
 
     return run()

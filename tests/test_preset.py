@@ -1,4 +1,5 @@
-"""Presets (gm.preset): the ablation section's expansion, the quality preset, --keep/--into."""
+"""Presets (gm.preset): the ablation section's expansion, the quality preset, what a preset keeps
+(its keep section, --keep/--into)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import yaml
 
 from gm import params
 from gm.errors import ConfigError
-from gm.preset import expand, keep, main, merge
+from gm.preset import expand, keep, kept, main, merge
 
 from .conftest import REPO
 
@@ -40,9 +41,43 @@ def test_the_quality_preset_expands_into_seed_averaged_ablations_of_three_gan_fa
 def test_make_repro_quality_runs_one_experiment_with_the_generated_jobs(capsys):
     assert main([str(REPO / "presets/quality/params.yaml"), "--params",
                  str(REPO / "params.yaml"), "--dry"]) == 0  # fmt: skip
-    cmd = capsys.readouterr().out
+    cmd, kept_line = capsys.readouterr().out.splitlines()
     assert cmd.startswith("dvc exp run --name quality -S ")
     assert "++train.progan_ab_ada_s1.run.seed=1" in cmd and "ablation" not in cmd
+    assert "keep" not in cmd  # the keep section is gm.preset's, no params.yaml entry
+    # the grids it keeps are those of the jobs it trains, seed 0 of each ablation setting
+    grids = {f"models/{j}/samples.png" for j in ["cgan", "cvae", "ddpm", "aae", "dcgan", "lapgan"]}
+    grids |= {f"models/{f}_ab_{a}_s0/samples.png" for f in ["cgan", "dcgan", "progan"]
+              for a in ["none", "ada", "diffaug"]}  # fmt: skip
+    head, _, paths = kept_line.partition(": ")
+    assert head == "then keeps in reports/quality"
+    assert set(paths.split()) == grids | {
+        "reports/summary.md", "reports/summary.json", "reports/eval", "reports/detect"}  # fmt: skip
+
+
+def test_a_keep_section_derives_the_grids_of_the_jobs_a_preset_trains():
+    job = {"family": "dcgan", "dataset": "emoji", "run": {"steps": 10}}
+    ab = {"key": "model.augment", "values": ["none", "ada"], "seeds": [3, 4], "jobs": {"d": job}}
+    spec = {"into": "out", "paths": ["reports/summary.md"], "samples": True}
+    preset = {"train": {"cgan": {"run": {"steps": 5}}}, "ablation": ab, "keep": spec}
+    assert kept(preset) == (
+        ["reports/summary.md", "models/cgan/samples.png", "models/d_none_s3/samples.png",
+         "models/d_ada_s3/samples.png"], "out")  # fmt: skip
+    # a job added to the preset is kept with no other list to edit
+    preset["train"]["cvae"] = {"run": {"steps": 5}}
+    assert "models/cvae/samples.png" in kept(preset)[0]
+    assert kept({**preset, "keep": {"into": "out", "paths": ["a"]}}) == (["a"], "out")
+    assert kept({"train": {}}) is None
+    for bad, match in [
+        ({"paths": ["a"]}, "keep: expected the key into"),
+        ({"into": "o", "path": ["a"]}, "keep: expected the key into"),
+        ({"into": "", "paths": ["a"]}, r"keep\.into: ''"),
+        ({"into": "o", "paths": "a"}, r"keep\.paths: 'a'"),
+        ({"into": "o", "samples": "yes"}, r"keep\.samples: 'yes': true or false"),
+        ({"into": "o"}, "keeps nothing"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            kept({"keep": bad}, "p.yaml")
 
 
 def test_ablation_sections_are_checked_naming_the_key():
@@ -53,6 +88,7 @@ def test_ablation_sections_are_checked_naming_the_key():
     assert train["d_ada_s1"]["model"]["augment"] == "ada" and train["d_ada_s1"]["run"] == {
         "steps": 10, "seed": 1}  # fmt: skip
     assert "model" not in job  # the section's own job is left as it was
+    assert "keep" not in expand({"ablation": ok, "keep": {"into": "o", "samples": True}})
     for bad, match in [
         ({**ok, "key": "run.seed"}, r"ablation\.key: 'run\.seed'"),
         ({**ok, "values": ["none", "none"]}, r"ablation\.values: .*distinct"),
