@@ -30,12 +30,19 @@ def test_the_quality_preset_expands_into_seed_averaged_ablations_of_three_gan_fa
         (f"{f}_ab", a, 3, (0, 1, 2)) for f in families for a in ("none", "ada", "diffaug")
     )
     default = params.parse(base)
-    longer = {"cgan", "cvae", "ddpm", "aae", "dcgan", "lapgan"}  # the preset's train section
-    assert set(preset["train"]) == longer
+    longer = {"cgan", "cvae", "ddpm", "aae", "dcgan", "lapgan"}
+    on_digits = {"progan_digits": "progan", "stylegan_digits": "stylegan"}
+    assert set(preset["train"]) == longer | set(on_digits)  # the preset's train section
     for job in longer:  # more steps, the same model
         assert applied.train[job].run.steps > default.train[job].run.steps
         assert applied.train[job].model == default.train[job].model
-    assert set(applied.train) - set(default.train) == set(names)
+    for job, src in on_digits.items():  # the pipeline's emoji model, on digits, trained longer
+        new, old = applied.train[job], default.train[src]
+        assert new.family == old.family and new.model == old.model
+        assert new.run.batch_size == old.run.batch_size
+        assert (old.dataset, new.dataset, new.resolution) == ("emoji", "digits", 16)
+        assert new.run.steps > old.run.steps
+    assert set(applied.train) - set(default.train) == set(names) | set(on_digits)
 
 
 def test_make_repro_quality_runs_one_experiment_with_the_generated_jobs(capsys):
@@ -46,7 +53,8 @@ def test_make_repro_quality_runs_one_experiment_with_the_generated_jobs(capsys):
     assert "++train.progan_ab_ada_s1.run.seed=1" in cmd and "ablation" not in cmd
     assert "keep" not in cmd  # the keep section is gm.preset's, no params.yaml entry
     # the grids it keeps are those of the jobs it trains, seed 0 of each ablation setting
-    grids = {f"models/{j}/samples.png" for j in ["cgan", "cvae", "ddpm", "aae", "dcgan", "lapgan"]}
+    grids = {f"models/{j}/samples.png" for j in ["cgan", "cvae", "ddpm", "aae", "dcgan", "lapgan",
+                                                   "progan_digits", "stylegan_digits"]}  # fmt: skip
     grids |= {f"models/{f}_ab_{a}_s0/samples.png" for f in ["cgan", "dcgan", "progan"]
               for a in ["none", "ada", "diffaug"]}  # fmt: skip
     head, _, paths = kept_line.partition(": ")
