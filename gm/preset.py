@@ -110,8 +110,8 @@ def kept(preset: dict[str, Any], where: str = "preset") -> tuple[list[str], str]
     """The paths and the folder of ``preset``'s ``keep`` section (module docstring), or None
     when it has none. With ``samples: true`` the sample grids of the jobs the preset trains are
     derived from its ``train`` and ``ablation`` sections, so a job added to the preset is kept
-    without another list to edit. ``ConfigError`` naming the key when the section is malformed
-    (call :func:`expand` on the preset first to check its ablation section)."""
+    without another list to edit. ``ConfigError`` naming the key when the section, or the
+    ablation section it reads, is malformed."""
     spec = preset.get("keep")
     if spec is None:
         return None
@@ -127,6 +127,7 @@ def kept(preset: dict[str, Any], where: str = "preset") -> tuple[list[str], str]
         raise ConfigError(f"{w}.samples: {samples!r}: true or false")
     out = list(paths)
     if samples:
+        expand(preset, where)  # the ablation section checked before it is read
         ab = preset.get("ablation") or {}
         jobs = list(preset.get("train") or {}) + [
             ablation_name(job, value, ab["seeds"][0]) for job in ab.get("jobs", {})

@@ -86,6 +86,8 @@ def test_a_keep_section_derives_the_grids_of_the_jobs_a_preset_trains():
     ]:
         with pytest.raises(ConfigError, match=match):
             kept({"keep": bad}, "p.yaml")
+    with pytest.raises(ConfigError, match=r"ablation\.seeds"):  # read only once checked
+        kept({**preset, "ablation": {**ab, "seeds": []}}, "p.yaml")
 
 
 def test_ablation_sections_are_checked_naming_the_key():
