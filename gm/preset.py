@@ -33,6 +33,13 @@ reports/quality/)::
 
 ``--keep PATH … --into DIR`` on the command line replaces the section.
 
+A ``train`` job of a preset (or of its ablation section) may be derived from another with
+``from:`` (:func:`derive`): the job as the preset leaves it, with only the keys written beside
+``from`` changed, so a copy of a pipeline job on other data does not repeat its model::
+
+    train:
+      progan_digits: {from: progan, dataset: digits, resolution: 16, run: {steps: 4320}}
+
 Usage: ``python -m gm.preset PRESET.yaml [--name NAME] [--params params.yaml] [--dry]
 [--keep PATH ... --into DIR]`` (``--dry`` prints the command and what would be kept).
 """
@@ -99,6 +106,37 @@ def expand(preset: dict[str, Any], where: str = "preset") -> dict[str, Any]:
                 _set(entry, "run.seed", seed)
                 train[name] = entry
     return preset
+
+
+def derive(base: dict[str, Any], preset: dict[str, Any], where: str = "preset") -> dict[str, Any]:
+    """``preset`` (already :func:`expand`-ed) with each ``train`` job that names ``from: <job>``
+    written out in full: ``train.<job>`` of ``merge(base, preset)`` (the source as the preset
+    leaves it), with the derived job's other keys merged over it (:func:`merge`). A derived job
+    is thus spelled out key by key in the ``dvc exp run -S`` overrides and in the experiment's
+    params, as if written by hand. ``ConfigError`` naming the key when the source is not a
+    ``train`` job, is itself derived, or ``from`` is not a job name, and when the derived job's
+    name is a job of ``base`` (its keys would be merged over that job's, not replace them)."""
+    train = preset.get("train") or {}
+    derived = {n: j for n, j in train.items() if isinstance(j, dict) and "from" in j}
+    if not derived:
+        return preset
+    plain = {**preset, "train": {n: j for n, j in train.items() if n not in derived}}
+    jobs = merge(base, plain).get("train") or {}
+    out = copy.deepcopy(preset)
+    for name, job in derived.items():
+        src, rest = job["from"], {k: v for k, v in job.items() if k != "from"}
+        w = f"{where}: train.{name}.from"
+        if name in (base.get("train") or {}):
+            raise ConfigError(f"{where}: train.{name}: a derived job needs a name of its own "
+                              f"({name!r} is a job of the root params)")  # fmt: skip
+        if not isinstance(src, str) or not src:
+            raise ConfigError(f"{w}: {src!r}: the name of a train job")
+        if src in derived:
+            raise ConfigError(f"{w}: {src!r} is itself derived (from {derived[src]['from']!r})")
+        if not isinstance(jobs.get(src), dict):
+            raise ConfigError(f"{w}: {src!r}: no such train job")
+        out["train"][name] = merge(jobs[src], rest)
+    return out
 
 
 def ablation_name(job: str, value: Any, seed: int) -> str:
@@ -211,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{getattr(e, 'filename', None) or path}: {e}") from None
         if not isinstance(preset, dict):
             raise ConfigError(f"{path}: expected a mapping of params.yaml entries")
-        raw, preset = preset, expand(preset, str(path))
+        raw, preset = preset, derive(base, expand(preset, str(path)), str(path))
         keeps = (args.keep, args.into) if args.keep else kept(raw, str(path))
         params.parse(merge(base, preset), f"{root} with {path}")  # bad keys named, before DVC
         name = args.name or path.parent.name

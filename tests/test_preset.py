@@ -8,7 +8,7 @@ import yaml
 
 from gm import params
 from gm.errors import ConfigError
-from gm.preset import expand, keep, kept, main, merge
+from gm.preset import derive, expand, keep, kept, main, merge, overrides
 
 from .conftest import REPO
 
@@ -18,7 +18,7 @@ def test_the_quality_preset_expands_into_seed_averaged_ablations_of_three_gan_fa
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     preset = yaml.safe_load((REPO / "presets/quality/params.yaml").read_text())
-    applied = params.parse(merge(base, expand(preset)), "quality")
+    applied = params.parse(merge(base, derive(base, expand(preset))), "quality")
     names = [n for n in applied.train if "_ab_" in n]
     assert len(names) == 27 and "dcgan_ab_diffaug_s2" in names
     families = {applied.train[n].family for n in names}
@@ -37,6 +37,7 @@ def test_the_quality_preset_expands_into_seed_averaged_ablations_of_three_gan_fa
         assert applied.train[job].run.steps > default.train[job].run.steps
         assert applied.train[job].model == default.train[job].model
     for job, src in on_digits.items():  # the pipeline's emoji model, on digits, trained longer
+        assert preset["train"][job]["from"] == src and "model" not in preset["train"][job]
         new, old = applied.train[job], default.train[src]
         assert new.family == old.family and new.model == old.model
         assert new.run.batch_size == old.run.batch_size
@@ -88,6 +89,50 @@ def test_a_keep_section_derives_the_grids_of_the_jobs_a_preset_trains():
             kept({"keep": bad}, "p.yaml")
     with pytest.raises(ConfigError, match=r"ablation\.seeds"):  # read only once checked
         kept({**preset, "ablation": {**ab, "seeds": []}}, "p.yaml")
+
+
+def test_a_derived_job_is_its_source_as_the_preset_leaves_it_with_its_own_keys_changed():
+    base = {"train": {"g": {"family": "progan", "dataset": "emoji", "resolution": 32,
+                            "model": {"latent": 128, "growth": {"fade_images": 1600}},
+                            "run": {"steps": 100, "batch_size": 16}}}}  # fmt: skip
+    preset = {"train": {"g": {"run": {"steps": 200}},  # the preset's change to the source
+                        "g_digits": {"from": "g", "dataset": "digits", "resolution": 16,
+                                     "model": {"growth": {"stable_images": 800}}}}}  # fmt: skip
+    out = derive(base, preset)
+    assert out["train"]["g_digits"] == {
+        "family": "progan", "dataset": "digits", "resolution": 16,
+        "model": {"latent": 128, "growth": {"fade_images": 1600, "stable_images": 800}},
+        "run": {"steps": 200, "batch_size": 16}}  # fmt: skip
+    assert preset["train"]["g_digits"]["from"] == "g"  # the preset itself is left as it was
+    # the experiment's overrides spell the derived job out key by key; no `from` reaches DVC
+    cmd = overrides(base, out)
+    assert "++train.g_digits.model.latent=128" in cmd and not any("from" in o for o in cmd)
+    # an ablation job may be derived too: each generated entry is
+    ab = {"key": "model.augment", "values": ["none", "ada"], "seeds": [0],
+          "jobs": {"g_ab": {"from": "g", "run": {"steps": 50}}}}  # fmt: skip
+    gen = derive(base, expand({"ablation": ab}))["train"]
+    assert gen["g_ab_ada_s0"]["model"] == {"latent": 128, "growth": {"fade_images": 1600},
+                                           "augment": "ada"}  # fmt: skip
+    assert gen["g_ab_none_s0"]["run"] == {"steps": 50, "batch_size": 16, "seed": 0}
+    assert derive(base, {"train": {"g": {"run": {"steps": 1}}}}) == {"train": {"g": {"run": {
+        "steps": 1}}}}  # fmt: skip
+    for train, match in [
+        ({"h": {"from": "nope"}}, r"train\.h\.from: 'nope': no such train job"),
+        ({"h": {"from": ""}}, r"train\.h\.from: '': the name of a train job"),
+        ({"h": {"from": "g"}, "k": {"from": "h"}}, r"train\.k\.from: 'h' is itself derived"),
+        ({"g": {"from": "g"}}, r"train\.g: a derived job needs a name of its own"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            derive(base, {"train": train}, "p.yaml")
+
+
+def test_a_preset_deriving_from_no_job_is_refused_before_dvc_runs(tmp_path, capsys):
+    p = tmp_path / "p.yaml"
+    p.write_text("train:\n  x_digits: {from: no_such_job, dataset: digits}\n")
+    assert main([str(p), "--params", str(REPO / "params.yaml"), "--dry"]) == 2
+    out = capsys.readouterr()
+    assert "dvc exp run" not in out.out
+    assert f"{p}: train.x_digits.from: 'no_such_job': no such train job" in out.err
 
 
 def test_ablation_sections_are_checked_naming_the_key():
