@@ -311,14 +311,17 @@ class IntegerNet:
     """A frozen integer copy of a float network of Conv2d / ConvTranspose2d / MaskedConv2d
     layers, each optionally followed by ReLU (Ballé, Johnston & Minnen, ICLR 2019).
 
-    Input: integers at 2**in_frac (in_frac 0: quantized latents), |x| ≤ in_bound. Output:
+    Input: integers at 2**in_frac (in_frac 0: quantized latents) of real value |x| ≤ in_bound,
+    i.e. integers of magnitude ≤ in_bound·2**in_frac (activations of another IntegerNet:
+    in_frac FRAC_BITS, in_bound ACT_BOUND / 2**FRAC_BITS). Output:
     integers at 2**FRAC_BITS, i.e. output / 2**FRAC_BITS ≈ the float network's output. Every
     layer's weights are rounded at the largest power of two that keeps them below
     WEIGHT_BOUND, activations are floored to FRAC_BITS and clamped below ACT_BOUND, and the
     construction checks that no partial sum can reach EXACT_BOUND, so float64 arithmetic on
     these integers is exact whatever the order of the sums (threads, BLAS, CPU).
 
-    Raises ValueError for a layer it cannot make exact (a fan-in above 2**14)."""
+    Raises ValueError for a layer it cannot make exact (possible from a fan-in of about 2**15
+    on inputs of another IntegerNet: 2**22 · 2**14 · fan-in must stay below 2**52)."""
 
     def __init__(self, net: nn.Module, in_frac: int = 0, in_bound: float = 4096):
         mods = list(net) if isinstance(net, nn.Sequential) else [net]

@@ -156,9 +156,28 @@ def test_integer_network_is_exact_whatever_the_backend_and_close_to_the_float_on
         ref = net.h_s(z_hat).double()
     err = (a / 2**coding.FRAC_BITS - ref).abs()
     assert float(err.max()) < 0.01 * float(ref.abs().max()) + 0.01, float(err.max())
-    wide = torch.nn.Conv2d(2**15, 1, 1)
+    act = coding.ACT_BOUND / 2**coding.FRAC_BITS  # another IntegerNet's activations, real units
+    wide = torch.nn.Conv2d(2**18, 1, 1)
     with pytest.raises(ValueError, match="not exact in float64"):
-        coding.IntegerNet(torch.nn.Sequential(wide), coding.FRAC_BITS, coding.ACT_BOUND)
+        coding.IntegerNet(torch.nn.Sequential(wide), coding.FRAC_BITS, act)
+
+
+def test_a_context_codec_of_the_papers_width_builds_its_integer_networks():
+    """Minnen et al. 2018's entropy parameters see 4·M channels (1,280 at M 320): their integer
+    copy is exact at that width. The bound was once taken as real units times 2**FRAC_BITS
+    twice over, which refused a codec of M 128 (fan-in 512) when it was frozen after
+    training."""
+    torch.manual_seed(0)
+    cfg = CodecConfig(**KINDS["context"], n=8, m=320, lmbda=0.01)
+    model = Codec(cfg, DataInfo(64, 3, 1))
+    model.codec.freeze_integer()
+    ep = model.codec.integer["entropy_parameters"]
+    assert ep.layers[0].weight.shape[1] == 4 * 320
+    y = torch.randint(-3, 4, (1, 320, 2, 2)).double()
+    ctx = model.codec.integer["context"](y)
+    hyper = torch.randint(-(2**20), 2**20, (1, 640, 2, 2)).double()
+    out = ep(torch.cat([ctx, hyper], 1))
+    assert out.shape == (1, 640, 2, 2) and torch.equal(out, torch.round(out))
 
 
 @pytest.mark.parametrize("kind", ["hyperprior", "context"])
