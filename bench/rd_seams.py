@@ -80,15 +80,9 @@ def _assemble(parts: list[np.ndarray], k: int) -> np.ndarray:
 
 def jpeg_curve(images: list[np.ndarray]) -> list[tuple[float, float]]:
     """(bpp, mean PSNR) of JPEG over ``images`` at each of JPEG_QUALITIES, by bpp."""
-    from gm.metrics.rd import decode, encode, psnr
+    from gm.metrics.rd import baseline_points
 
-    pixels = sum(im.shape[0] * im.shape[1] for im in images)
-    out = []
-    for q in JPEG_QUALITIES:
-        files = [encode(im, "jpeg", q) for im in images]
-        quality = [psnr(im, decode(f)) for im, f in zip(images, files, strict=True)]
-        out.append((8 * sum(map(len, files)) / pixels, float(np.mean(quality))))
-    return sorted(out)
+    return [(p["bpp"], p["psnr"]) for p in baseline_points(images, "jpeg", settings=JPEG_QUALITIES)]
 
 
 def psnr_at(curve: list[tuple[float, float]], bpp: float) -> float:
@@ -114,16 +108,18 @@ def seam_table(model, in_place: list[np.ndarray], permuted: list[np.ndarray],
                      "psnr": p["psnr"], "vs_jpeg_db": gap})  # fmt: skip
         for b in baselines:
             mid = CODECS[b][2][len(CODECS[b][2]) // 2]
-            q = next(x for x in baseline_points(ims, b) if x["setting"] == mid)
+            (q,) = baseline_points(ims, b, settings=(mid,))
             rows.append({"arrangement": name, "codec": f"{b} {mid}", "bpp": q["bpp"],
                          "psnr": q["psnr"], "vs_jpeg_db": float("nan")})  # fmt: skip
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    import pyarrow.parquet as pq
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     from gm.compress import load_codec
+    from gm.data.parquet import level_path, read_images, read_table
     from gm.errors import DataError
     from gm.train.job import data_info
 
@@ -134,13 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side", type=int, default=256, help="mosaic side (the rd stage's)")
     args = ap.parse_args(argv)
     top = data_info(args.dataset, 0)["resolution"]
-    path = Path(args.dataset) / f"{top}x{top}.parquet"
-    rows = [r for r in pq.read_table(path, columns=["id", "split", "image"]).to_pylist()
-            if r["split"] in args.splits and r["image"]]  # fmt: skip
-    tiles = [np.frombuffer(r["image"], np.uint8).reshape(top, top, -1) for r in rows]
+    path = level_path(args.dataset, top)
+    table = read_table(path, None, ["id", "split", "image"])
+    table = table.filter(pc.is_in(table.column("split"), pa.array(args.splits)))
+    tiles = list(read_images(table))
     if not tiles or tiles[0].shape[-1] != 3:
         raise DataError(f"{path}: no RGB tiles in the splits {', '.join(args.splits)}")
-    in_place, permuted, sources = seam_mosaics([r["id"] for r in rows], tiles, args.side)
+    ids = table.column("id").to_pylist()
+    in_place, permuted, sources = seam_mosaics(ids, tiles, args.side)
     if not in_place:
         raise DataError(f"{path}: no {args.side}x{args.side} block of adjacent tiles of one "
                         f"source in the splits {', '.join(args.splits)}")  # fmt: skip

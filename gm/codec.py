@@ -48,6 +48,7 @@ FRAC_BITS = 10  # fixed-point fractional bits of the integer networks' activatio
 WEIGHT_BOUND = 2**14  # |integer weight| < this, per layer
 ACT_BOUND = 2**22  # |integer activation| < this (clamped)
 EXACT_BOUND = 2**52  # every partial sum of a layer stays below this: exact in float64
+OUTPUT_BOUND = ACT_BOUND / 2**FRAC_BITS  # |an IntegerNet's output| in real units (its in_bound)
 
 # CompressAI's 64 log-spaced scales from 0.11 to 256, as integers at FRAC_BITS (each is at
 # least 0.007 from a rounding tie, so any libm's exp gives the same table).
@@ -312,8 +313,8 @@ class IntegerNet:
     layers, each optionally followed by ReLU (Ballé, Johnston & Minnen, ICLR 2019).
 
     Input: integers at 2**in_frac (in_frac 0: quantized latents) of real value |x| ≤ in_bound,
-    i.e. integers of magnitude ≤ in_bound·2**in_frac (activations of another IntegerNet:
-    in_frac FRAC_BITS, in_bound ACT_BOUND / 2**FRAC_BITS). Output:
+    i.e. integers of magnitude ≤ in_bound·2**in_frac (outputs of another IntegerNet:
+    in_frac FRAC_BITS, in_bound OUTPUT_BOUND). Output:
     integers at 2**FRAC_BITS, i.e. output / 2**FRAC_BITS ≈ the float network's output. Every
     layer's weights are rounded at the largest power of two that keeps them below
     WEIGHT_BOUND, activations are floored to FRAC_BITS and clamped below ACT_BOUND, and the

@@ -120,8 +120,8 @@ def derive(base: dict[str, Any], preset: dict[str, Any], where: str = "preset") 
     derived = {n: j for n, j in train.items() if isinstance(j, dict) and "from" in j}
     if not derived:
         return preset
-    plain = {**preset, "train": {n: j for n, j in train.items() if n not in derived}}
-    jobs = merge(base, plain).get("train") or {}
+    plain = {n: j for n, j in train.items() if n not in derived}
+    jobs = merge(base.get("train") or {}, plain)  # the jobs as the preset leaves them
     out = copy.deepcopy(preset)
     for name, job in derived.items():
         src, rest = job["from"], {k: v for k, v in job.items() if k != "from"}

@@ -156,10 +156,9 @@ def test_integer_network_is_exact_whatever_the_backend_and_close_to_the_float_on
         ref = net.h_s(z_hat).double()
     err = (a / 2**coding.FRAC_BITS - ref).abs()
     assert float(err.max()) < 0.01 * float(ref.abs().max()) + 0.01, float(err.max())
-    act = coding.ACT_BOUND / 2**coding.FRAC_BITS  # another IntegerNet's activations, real units
-    wide = torch.nn.Conv2d(2**18, 1, 1)
+    wide = torch.nn.Conv2d(2**18, 1, 1)  # on another IntegerNet's outputs
     with pytest.raises(ValueError, match="not exact in float64"):
-        coding.IntegerNet(torch.nn.Sequential(wide), coding.FRAC_BITS, act)
+        coding.IntegerNet(torch.nn.Sequential(wide), coding.FRAC_BITS, coding.OUTPUT_BOUND)
 
 
 def test_a_context_codec_of_the_papers_width_builds_its_integer_networks():

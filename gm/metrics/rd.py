@@ -79,11 +79,13 @@ def ms_ssim(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 def baseline_points(
-    images: list[np.ndarray], codec: str, with_ms_ssim: bool = False
-) -> list[dict[str, float]]:
+    images: list[np.ndarray], codec: str, with_ms_ssim: bool = False,
+    settings: tuple[int, ...] | None = None,
+) -> list[dict[str, float]]:  # fmt: skip
     """Mean bpp and PSNR (and MS-SSIM) over ``images`` (uint8 HxWx3) at each quality of
-    ``codec``; bpp counts the whole files (pixels of all images together)."""
-    _, _, settings = CODECS[codec]
+    ``codec`` (``settings``, default its sweep in CODECS), by bpp; bpp counts the whole files
+    (pixels of all images together)."""
+    settings = settings or CODECS[codec][2]
     points = []
     for s in settings:
         bits = pixels = 0

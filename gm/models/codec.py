@@ -171,11 +171,8 @@ class CodecNet(nn.Module):
             self.integer["h_s"] = coding.IntegerNet(self.h_s, 0, r)
         if self.cfg.context == "autoregressive":
             self.integer["context"] = coding.IntegerNet(self.context, 0, r)
-            # inputs: h_s's and the context's integer activations (below ACT_BOUND as
-            # integers at FRAC_BITS: ACT_BOUND / 2**FRAC_BITS in real units)
-            act = coding.ACT_BOUND / 2**coding.FRAC_BITS
-            self.integer["entropy_parameters"] = coding.IntegerNet(
-                self.entropy_parameters, coding.FRAC_BITS, act
+            self.integer["entropy_parameters"] = coding.IntegerNet(  # on the two nets' outputs
+                self.entropy_parameters, coding.FRAC_BITS, coding.OUTPUT_BOUND
             )
 
     def integer_parameters(self, z_hat: torch.Tensor, y_hat: torch.Tensor | None = None):
