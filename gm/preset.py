@@ -109,20 +109,22 @@ def expand(preset: dict[str, Any], where: str = "preset") -> dict[str, Any]:
 
 
 def derive(base: dict[str, Any], preset: dict[str, Any], where: str = "preset") -> dict[str, Any]:
-    """``preset`` (already :func:`expand`-ed) with each ``train`` job that names ``from: <job>``
-    written out in full: ``train.<job>`` of ``merge(base, preset)`` (the source as the preset
-    leaves it), with the derived job's other keys merged over it (:func:`merge`). A derived job
-    is thus spelled out key by key in the ``dvc exp run -S`` overrides and in the experiment's
-    params, as if written by hand. ``ConfigError`` naming the key when the source is not a
-    ``train`` job, is itself derived, or ``from`` is not a job name, and when the derived job's
-    name is a job of ``base`` (its keys would be merged over that job's, not replace them)."""
+    """``preset``'s params.yaml entries (:func:`expand`, which it calls first, so that ablation
+    jobs derive too) with each ``train`` job that names ``from: <job>`` written out in full:
+    ``train.<job>`` as the preset leaves it (the root's job with the preset's changes), with
+    the derived job's other keys merged over it (:func:`merge`). A derived job is thus spelled
+    out key by key in the ``dvc exp run -S`` overrides and in the experiment's params, as if
+    written by hand. ``ConfigError`` naming the key when the source is not a ``train`` job, is
+    itself derived, or ``from`` is not a job name, and when the derived job's name is a job of
+    ``base`` (its keys would be merged over that job's, not replace them)."""
+    preset = expand(preset, where)
     train = preset.get("train") or {}
     derived = {n: j for n, j in train.items() if isinstance(j, dict) and "from" in j}
     if not derived:
         return preset
     plain = {n: j for n, j in train.items() if n not in derived}
     jobs = merge(base.get("train") or {}, plain)  # the jobs as the preset leaves them
-    out = copy.deepcopy(preset)
+    out = preset  # expand's own copy
     for name, job in derived.items():
         src, rest = job["from"], {k: v for k, v in job.items() if k != "from"}
         w = f"{where}: train.{name}.from"
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{getattr(e, 'filename', None) or path}: {e}") from None
         if not isinstance(preset, dict):
             raise ConfigError(f"{path}: expected a mapping of params.yaml entries")
-        raw, preset = preset, derive(base, expand(preset, str(path)), str(path))
+        raw, preset = preset, derive(base, preset, str(path))
         keeps = (args.keep, args.into) if args.keep else kept(raw, str(path))
         params.parse(merge(base, preset), f"{root} with {path}")  # bad keys named, before DVC
         name = args.name or path.parent.name

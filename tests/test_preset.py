@@ -18,7 +18,7 @@ def test_the_quality_preset_expands_into_seed_averaged_ablations_of_three_gan_fa
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     preset = yaml.safe_load((REPO / "presets/quality/params.yaml").read_text())
-    applied = params.parse(merge(base, derive(base, expand(preset))), "quality")
+    applied = params.parse(merge(base, derive(base, preset)), "quality")
     names = [n for n in applied.train if "_ab_" in n]
     assert len(names) == 27 and "dcgan_ab_diffaug_s2" in names
     families = {applied.train[n].family for n in names}
@@ -110,7 +110,7 @@ def test_a_derived_job_is_its_source_as_the_preset_leaves_it_with_its_own_keys_c
     # an ablation job may be derived too: each generated entry is
     ab = {"key": "model.augment", "values": ["none", "ada"], "seeds": [0],
           "jobs": {"g_ab": {"from": "g", "run": {"steps": 50}}}}  # fmt: skip
-    gen = derive(base, expand({"ablation": ab}))["train"]
+    gen = derive(base, {"ablation": ab})["train"]  # expanded first
     assert gen["g_ab_ada_s0"]["model"] == {"latent": 128, "growth": {"fade_images": 1600},
                                            "augment": "ada"}  # fmt: skip
     assert gen["g_ab_none_s0"]["run"] == {"steps": 50, "batch_size": 16, "seed": 0}
