@@ -256,3 +256,31 @@ def mirror(batch, seed: int, step: int, rank: int = 0):
 
     return Batch(f(batch.images), batch.labels, {r: f(v) for r, v in batch.levels.items()},
                  f(batch.inputs))  # fmt: skip
+
+
+def rot90(batch, seed: int, step: int, rank: int = 0):
+    """Dataset 90-degree rotations (``run.rot90``): each image of the batch turned by 0, 90,
+    180 or 270 degrees counter-clockwise (uniformly, ``torch.rot90`` over H and W), chosen
+    from (seed, rank, step) alone and independently of :func:`mirror`'s flips, with its
+    pyramid levels and paired inputs, so a resumed run sees the same batches. With
+    ``run.mirror``, each of the square's 8 symmetries is equally likely: the flips and
+    rotations super-resolution (Lim et al., EDSR, 2017) and learned-codec training use to
+    multiply a small set of patches. Raises ValueError for images that are not square."""
+    from gm.train.protocol import Batch
+
+    n = batch.images.shape[0]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step + 104_729)
+    turns = torch.randint(0, 4, (n,), generator=g)
+
+    def f(x):
+        if x is None:
+            return None
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"run.rot90: {x.shape[-2]}x{x.shape[-1]} images are not square")
+        out = x
+        for k in (1, 2, 3):
+            out = _where((turns == k).to(x.device), torch.rot90(x, k, (-2, -1)), out)
+        return out
+
+    return Batch(f(batch.images), batch.labels, {r: f(v) for r, v in batch.levels.items()},
+                 f(batch.inputs))  # fmt: skip

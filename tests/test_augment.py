@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gm.augment import Augment, ada_augment, diff_augment, mirror
+from gm.augment import Augment, ada_augment, diff_augment, mirror, rot90
 from gm.config import from_dict
 from gm.errors import ConfigError
 from gm.registry import families
@@ -140,6 +140,33 @@ def test_mirror_flips_half_the_batch_the_same_way_at_the_same_step():
         assert torch.equal(one.levels[8][i], b.levels[8][i].flip(-1) if flipped[i]
                            else b.levels[8][i])  # fmt: skip
     assert not torch.equal(mirror(b, seed=0, step=6).images, one.images)
+
+
+def test_rot90_turns_each_image_its_own_way_the_same_at_the_same_step():
+    x = images(n=64)
+    b = Batch(x, torch.arange(64), {8: x[:, :, ::2, ::2]}, x[:, :, ::4, ::4])  # an SR pair
+    one = rot90(b, seed=0, step=5)
+    assert torch.equal(rot90(b, seed=0, step=5).images, one.images)  # resume: the same batch
+    assert torch.equal(one.labels, b.labels)
+    turns = []
+    for i in range(64):
+        (k,) = [k for k in range(4) if torch.equal(one.images[i], x[i].rot90(k, (-2, -1)))]
+        turns.append(k)
+        assert torch.equal(one.inputs[i], b.inputs[i].rot90(k, (-2, -1)))  # its input alike
+        assert torch.equal(one.levels[8][i], b.levels[8][i].rot90(k, (-2, -1)))
+    assert all(6 < turns.count(k) < 26 for k in range(4)), turns  # each turn, uniformly
+    assert not torch.equal(rot90(b, seed=0, step=6).images, one.images)
+    # independent of mirror's flips at the same (seed, step): all 8 symmetries occur
+    both = rot90(mirror(b, seed=0, step=5), seed=0, step=5).images
+    seen = set()
+    for i in range(64):
+        for flip in (False, True):
+            for k in range(4):
+                if torch.equal(both[i], (x[i].flip(-1) if flip else x[i]).rot90(k, (-2, -1))):
+                    seen.add((flip, k))
+    assert len(seen) == 8, seen
+    with pytest.raises(ValueError, match="run.rot90: 16x8 images are not square"):
+        rot90(Batch(torch.zeros(2, 3, 16, 8), torch.zeros(2)), seed=0, step=0)
 
 
 @pytest.mark.parametrize("name", ["dcgan", "progan", "stylegan", "lapgan", "srgan", "pix2pix",

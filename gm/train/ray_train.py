@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from gm.augment import mirror
+from gm.augment import mirror, rot90
 from gm.config import check
 from gm.errors import DataError
 
@@ -61,6 +61,9 @@ class RunSettings:
     # dataset x-flip (Progressive GAN, StyleGAN): half of each batch flipped left-right, chosen
     # from (seed, rank, step), so a resumed run sees the same batches (gm.augment.mirror)
     mirror: bool = False
+    # dataset 90-degree rotations: each image of a batch turned by 0, 90, 180 or 270 degrees,
+    # chosen from (seed, rank, step) (gm.augment.rot90); with mirror, the square's 8 symmetries
+    rot90: bool = False
     # samples (and as many validation images) of the in-training KID at each checkpoint, when
     # the stage has a domain classifier: its cost is this many samples (an unrolled sampler's
     # many network calls each); evaluate@ scores the final model on evaluate.num_samples.
@@ -315,6 +318,8 @@ def run_loop(config: dict[str, Any], host) -> None:
         batch = next(batches)
         if run.mirror:
             batch = mirror(batch, run.seed, trainer.step, rank)
+        if run.rot90:
+            batch = rot90(batch, run.seed, trainer.step, rank)
         grow = trainer.model.growth(trainer.images_seen)  # the phase this step trains in
         metrics = trainer.train_step(batch)
         now = time.perf_counter()
