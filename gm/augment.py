@@ -241,21 +241,30 @@ def same_draws(fn, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+def _draws(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
+    """The generator of a dataset transform's draws at one step: a function of (seed, rank,
+    step) alone, one independent ``stream`` per transform, so a resumed run sees the same
+    batches."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step + stream * 104_729)
+
+
+def _every_image(batch, f):
+    """``batch`` with ``f`` applied to its images, their pyramid levels and paired inputs."""
+    from gm.train.protocol import Batch
+
+    def g(x):
+        return None if x is None else f(x)
+
+    return Batch(g(batch.images), batch.labels, {r: g(v) for r, v in batch.levels.items()},
+                 g(batch.inputs))  # fmt: skip
+
+
 def mirror(batch, seed: int, step: int, rank: int = 0):
     """Dataset x-flip (``run.mirror``, as in Progressive GAN and StyleGAN): half the images of
     the batch, chosen from (seed, rank, step) alone, flipped left-right with their pyramid
     levels and paired inputs, so a resumed run sees the same batches."""
-    from gm.train.protocol import Batch
-
-    n = batch.images.shape[0]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step)
-    flip = torch.rand(n, generator=g) < 0.5
-
-    def f(x):
-        return None if x is None else _where(flip.to(x.device), x.flip(-1), x)
-
-    return Batch(f(batch.images), batch.labels, {r: f(v) for r, v in batch.levels.items()},
-                 f(batch.inputs))  # fmt: skip
+    flip = torch.rand(batch.images.shape[0], generator=_draws(seed, step, rank, 0)) < 0.5
+    return _every_image(batch, lambda x: _where(flip.to(x.device), x.flip(-1), x))
 
 
 def rot90(batch, seed: int, step: int, rank: int = 0):
@@ -266,15 +275,9 @@ def rot90(batch, seed: int, step: int, rank: int = 0):
     ``run.mirror``, each of the square's 8 symmetries is equally likely: the flips and
     rotations super-resolution (Lim et al., EDSR, 2017) and learned-codec training use to
     multiply a small set of patches. Raises ValueError for images that are not square."""
-    from gm.train.protocol import Batch
-
-    n = batch.images.shape[0]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step + 104_729)
-    turns = torch.randint(0, 4, (n,), generator=g)
+    turns = torch.randint(0, 4, (batch.images.shape[0],), generator=_draws(seed, step, rank, 1))
 
     def f(x):
-        if x is None:
-            return None
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(f"run.rot90: {x.shape[-2]}x{x.shape[-1]} images are not square")
         out = x
@@ -282,5 +285,4 @@ def rot90(batch, seed: int, step: int, rank: int = 0):
             out = _where((turns == k).to(x.device), torch.rot90(x, k, (-2, -1)), out)
         return out
 
-    return Batch(f(batch.images), batch.labels, {r: f(v) for r, v in batch.levels.items()},
-                 f(batch.inputs))  # fmt: skip
+    return _every_image(batch, f)
