@@ -280,9 +280,9 @@ def rot90(batch, seed: int, step: int, rank: int = 0):
     def f(x):
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(f"run.rot90: {x.shape[-2]}x{x.shape[-1]} images are not square")
-        out = x
-        for k in (1, 2, 3):
-            out = _where((turns == k).to(x.device), torch.rot90(x, k, (-2, -1)), out)
+        out, at = x.clone(), turns.to(x.device)
+        for k in (1, 2, 3):  # each image rotated once: only those of each turn
+            out[at == k] = torch.rot90(x[at == k], k, (-2, -1))
         return out
 
     return _every_image(batch, f)
