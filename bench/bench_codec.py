@@ -1,6 +1,7 @@
 """Learned-codec benchmark: encode and decode speed in megapixels per second for every
 learned codec beside JPEG, WebP and JPEG 2000 in the same run, and the rate–distortion
-comparison on held-out photo mosaics (≥ 256×256) with header bytes apart.
+comparison on the rd stage's held-out images (blocks of the photos, up to 256×256) with header
+bytes apart.
 
     python bench/bench_codec.py [--sweep tune/codec_rd ...] [--repeat 3] [--threads 2]
 
@@ -41,10 +42,12 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = params.load(REPO / "params.yaml").rd[args.rd]
-    images = rd.load_mosaics(REPO / "datasets/pyramid" / cfg.dataset, cfg.split, cfg.mosaic)
+    images = rd.held_out_images(cfg, REPO / "datasets/pyramid" / cfg.dataset, 0)
     n = len(images)
-    mp = n * cfg.mosaic**2 / 1e6  # megapixels per pass
-    print(f"{n} held-out {cfg.mosaic}x{cfg.mosaic} mosaics of {cfg.dataset}/{cfg.split}, "
+    pixels = sum(im.shape[0] * im.shape[1] for im in images)
+    mp = pixels / 1e6  # megapixels per pass
+    what = "blocks in place" if cfg.layout == "blocks" else f"{cfg.mosaic}² mosaics"
+    print(f"{n} held-out {what} ({mp:.2f} MP) of {cfg.dataset}/{cfg.split}, "
           f"torch threads {args.threads}, best of {args.repeat}")  # fmt: skip
     print(f"{'codec':>28} {'setting':>8} {'enc MP/s':>9} {'×JPEG':>6} {'dec MP/s':>9} "
           f"{'×JPEG':>6} {'bpp file':>8} {'payload':>8} {'estim.':>7} {'hdr B':>5} "
@@ -57,7 +60,7 @@ def main() -> int:
                          args.repeat)  # fmt: skip
         dec = mp / timed(lambda fs=files: [rd.decode(f) for f in fs], args.repeat)
         speed[name] = (enc, dec)
-        bpp = 8 * sum(map(len, files)) / (n * cfg.mosaic**2)
+        bpp = 8 * sum(map(len, files)) / pixels
         psnr = np.mean([rd.psnr(im, rd.decode(f)) for im, f in zip(images, files, strict=True)])
         print(f"{name:>28} {q:>8} {enc:9.2f} {enc / speed['jpeg'][0]:6.3f} {dec:9.2f} "
               f"{dec / speed['jpeg'][1]:6.3f} {bpp:8.3f} {'':>8} {'':>7} {'':>5} "

@@ -152,6 +152,10 @@ def _parse_rd(raw: dict[str, Any], p: Params) -> dict[str, Any]:
             raise ConfigError(f"{where}.dataset: {cfg.dataset} is not RGB (channels: "
                               f"{p.datasets[cfg.dataset].channels}); the baselines code "
                               "RGB")  # fmt: skip
+        if cfg.layout == "blocks" and p.datasets[cfg.dataset].split_by != "block":
+            raise ConfigError(f"{where}.layout: blocks needs datasets.{cfg.dataset}.split_by: "
+                              f"block (it is {p.datasets[cfg.dataset].split_by}); or set "
+                              "layout: mosaic")  # fmt: skip
         sweep = p.tune.get(cfg.sweep)
         if sweep is None:
             raise ConfigError(f"{where}.sweep: {cfg.sweep!r} is not a key of tune "

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     from gm.metrics.rd import (
         comparison_strip,
         evaluate_rd,
-        load_mosaics,
+        held_out_images,
+        held_out_label,
         load_sweep,
         plot_rd,
         rd_rows,
@@ -43,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep = load_sweep(args.sweep)  # every codec loaded once, for the table and the strip
     result = evaluate_rd(cfg, args.dataset, sweep, progress=not args.quiet)
     plot = plot_rd(result, f"rd.{args.name}")
-    mosaics = load_mosaics(args.dataset, cfg.split, cfg.mosaic, 1)
+    first = held_out_images(cfg, args.dataset, 1)[0]  # the first mosaic, the largest block
     from PIL import Image
 
-    strip = Image.fromarray(comparison_strip(mosaics[0], result, sweep))
+    strip = Image.fromarray(comparison_strip(first, result, sweep))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = rd_rows(result)
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics
         | {
             "images": result["images"],
+            "layout": result["layout"],
             "mosaic": result["mosaic"],
+            "block": result["block"],
             "anchor": result["anchor"],
             "container_bytes": result["container_bytes"],
             "anchor_speed": result["anchor_speed"],
@@ -73,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     _log_mlflow(repo_root(), args.name, cfg, result, metrics, out)
     bd = result["bd_rate"]["learned"]
-    print(f"rd.{args.name}: {len(result['learned'])} learned points on {result['images']} "
-          f"{cfg.mosaic}² mosaics; BD-rate vs {cfg.anchor}: "
+    print(f"rd.{args.name}: {len(result['learned'])} learned points on "
+          f"{held_out_label(result)}; BD-rate vs {cfg.anchor}: "
           f"{'n/a' if bd is None else f'{bd:+.1f} %'} → {out}.json/.csv/.png")  # fmt: skip
     return 0
 

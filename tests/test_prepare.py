@@ -16,7 +16,7 @@ from gm.data.prepare import prepare_dataset, row_order_key
 from gm.data.pyramid import box_down, build_pyramid, nearest_up
 from gm.data.readers import load_level, read_table
 from gm.data.splits import assign_split, unit_hash
-from gm.errors import DataError
+from gm.errors import ConfigError, DataError
 from gm.io import atomic_dir, atomic_files
 
 from .conftest import random_rgb, save
@@ -156,6 +156,36 @@ def test_tiles_of_one_source_share_a_split(tmp_path, rng):
         by_source.setdefault(src, set()).add(split)
     assert all(len(s) == 1 for s in by_source.values())
     assert t.column("label_name").to_pylist()[0] == "raw"  # no class folders: one class
+
+
+def test_block_split_keeps_each_group_of_neighbouring_tiles_in_one_split(tmp_path, rng):
+    # 2 photos of 5x7 tiles (16 px), blocks of 2x2 tiles: 3x4 blocks each, edge blocks partial
+    for i in range(2):
+        save(tmp_path / "raw" / f"photo{i}.png", random_rgb(rng, 5 * 16 + 3, 7 * 16 + 5))
+    cfg = DatasetConfig(
+        top_resolution=16,
+        fit="tile",
+        split_by="block",
+        split_block=2,
+        split=SplitConfig(train=0.5, val=0.25, test=0.25),
+    )
+    prepare_dataset(tmp_path / "raw", tmp_path / "ds", cfg, progress=False)
+    t = read_table(tmp_path / "ds" / "16x16.parquet", None)
+    assert t.num_rows == 2 * 5 * 7
+    blocks: dict[tuple, set] = {}
+    for id_, split in zip(t.column("id").to_pylist(), t.column("split").to_pylist()):
+        src, pos = id_.split("#r")
+        r, c = map(int, pos.split("c"))
+        blocks.setdefault((src, r // 2, c // 2), set()).add(split)
+        assert split == assign_split(f"{src}#b{r // 2}c{c // 2}", cfg.split)
+    assert len(blocks) == 2 * 3 * 4 and all(len(s) == 1 for s in blocks.values())
+    # the blocks of one photo do not all share a split (that would be split_by: source)
+    assert all(len(set().union(*(s for k, s in blocks.items() if k[0] == src))) > 1
+               for src in ("photo0.png", "photo1.png"))  # fmt: skip
+    with pytest.raises(ConfigError, match="split_by.*fit: tile"):
+        DatasetConfig(fit="center_crop", split_by="block")
+    with pytest.raises(ConfigError, match="split_block"):
+        DatasetConfig(fit="tile", split_by="block", split_block=0)
 
 
 def test_parquet_input(tmp_path, rng):

@@ -132,6 +132,48 @@ def test_no_kept_checkpoints_and_too_few_tiles_are_clear_errors(tmp_path, toy_da
         rd.load_mosaics(toy_dataset, "train", 256)
 
 
+def test_blocks_layout_puts_held_out_tiles_back_where_they_were_cut(tmp_path, toy_dataset):
+    from PIL import Image
+
+    from gm.data.config import DatasetConfig, SplitConfig
+    from gm.data.prepare import prepare_dataset
+    from gm.errors import DataError
+
+    # one smooth 16-px-tile photo of 5x7 tiles (+ a margin cut off), blocks of 2x2 tiles
+    photo = smooth_images(1, 128, 3)[0][: 5 * 16 + 3, : 7 * 16 + 5]
+    (tmp_path / "photo").mkdir()
+    Image.fromarray(photo).save(tmp_path / "photo" / "p.png")
+    cfg = DatasetConfig(top_resolution=16, fit="tile", split_by="block", split_block=2,
+                        split=SplitConfig(train=0.5, val=0.25, test=0.25))  # fmt: skip
+    ds = tmp_path / "blocks"
+    prepare_dataset(tmp_path / "photo", ds, cfg, progress=False)
+    grid = photo[1 : 1 + 5 * 16, 2 : 2 + 7 * 16]  # the centred 5x7-tile grid
+    found = 0
+    for split in ("train", "val", "test"):
+        blocks = rd.load_blocks(ds, split)
+        areas = [b.shape[0] * b.shape[1] for b in blocks]
+        assert areas == sorted(areas, reverse=True)  # the largest first
+        for b in blocks:
+            h, w = b.shape[:2]
+            assert h in (16, 32) and w in (16, 32)
+            # each block is one contiguous region of the photo, on the 2x2-tile block grid
+            hits = [(y, x) for y in range(0, 80, 32) for x in range(0, 112, 32)
+                    if np.array_equal(grid[y : y + h, x : x + w], b)]  # fmt: skip
+            assert len(hits) == 1
+            found += h * w // 256
+    assert found == 5 * 7  # every tile in exactly one block
+    assert len(rd.load_blocks(ds, "train", 2)) == 2
+    # through the stage: blocks of different sizes, counted and labelled as such
+    rcfg = rd.RDConfig(dataset="p", sweep="s", split="train", layout="blocks")
+    result = rd.evaluate_rd(rcfg, ds, sweep_dir(tmp_path, (0.01, 0.1)),
+                            progress=False)  # fmt: skip
+    n = len(rd.load_blocks(ds, "train"))
+    assert result["images"] == n and result["layout"] == "blocks" and result["block"] == 32
+    assert rd.held_out_label(result) == f"{n} held-out blocks in place (up to 32²)"
+    with pytest.raises(DataError, match="split_by: block .*split_by: image"):
+        rd.load_blocks(toy_dataset, "train")
+
+
 def default_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -144,6 +186,8 @@ def default_params() -> dict:
         (lambda p: p["tune"]["codec_rd"].update(keep_checkpoints=False), "does not keep its"),
         (lambda p: p["rd"]["photos"].update(dataset="digits"), "dataset: digits is not RGB"),
         (lambda p: p["rd"]["photos"].update(mosaic=100), "mosaic: 100 is not a power of two"),
+        (lambda p: p["datasets"]["photos"].update(split_by="image"),
+         "rd.photos.layout: blocks needs datasets.photos.split_by: block"),
         (lambda p: p["rd"]["photos"].update(anchor="png"), "anchor: 'png' is not in baselines"),
         (lambda p: p["rd"]["photos"].update(baselines=["jpeg", "avif"]), "baselines: 'avif'"),
         (lambda p: p["train"].update(c=p["train_codec"]["codec"]), "train.c.family: learned"),

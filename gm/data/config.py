@@ -54,8 +54,11 @@ class DatasetConfig:
     resample: Resample = "lanczos"  # filter used to resize to top_resolution
     split: SplitConfig = field(default_factory=SplitConfig)
     # What the split hash is taken of: image = each output image's id; source = its source
-    # file, so all tiles of one photo land in the same split (no leakage across splits).
-    split_by: Literal["image", "source"] = "image"
+    # file, so all tiles of one photo land in the same split (no leakage across splits);
+    # block = a split_block x split_block group of neighbouring tiles of one photo (fit: tile),
+    # so held-out images are contiguous regions of the photos (rd's layout: blocks).
+    split_by: Literal["image", "source", "block"] = "image"
+    split_block: int = 4  # tiles per side of a block (split_by: block)
 
     def __post_init__(self):
         check(
@@ -64,6 +67,12 @@ class DatasetConfig:
             f"{self.top_resolution} is not a power of two >= 4",
         )
         check(self.top_resolution <= 4096, "top_resolution", "must be <= 4096")
+        check(self.split_block >= 1, "split_block", f"{self.split_block} is not >= 1")
+        check(
+            self.split_by != "block" or self.fit == "tile",
+            "split_by",
+            f"'block' groups tiles, and fit is {self.fit!r} (set fit: tile)",
+        )
         check(
             len(self.background) == 3 and all(0 <= v <= 255 for v in self.background),
             "background",

@@ -167,6 +167,7 @@ def _resize(a: np.ndarray, size: int, resample: str) -> np.ndarray:
 class Square:
     suffix: str  # "" for the whole image, "#r{row}c{col}" for a tile
     pixels: np.ndarray  # (top, top, channels) uint8
+    tile: tuple[int, int] | None = None  # (row, col) in the photo's tile grid; None: whole
 
 
 def fit_square(a: np.ndarray, cfg: DatasetConfig) -> Iterator[Square]:
@@ -184,7 +185,8 @@ def fit_square(a: np.ndarray, cfg: DatasetConfig) -> Iterator[Square]:
         for r in range(rows):
             for c in range(cols):
                 y, x = y0 + r * top, x0 + c * top
-                yield Square(f"#r{r}c{c}", np.ascontiguousarray(a[y : y + top, x : x + top]))
+                tile = np.ascontiguousarray(a[y : y + top, x : x + top])
+                yield Square(f"#r{r}c{c}", tile, (r, c))
         return
     if h != w:
         if cfg.fit == "reject":

@@ -54,7 +54,7 @@ from gm.data.parquet import (
 )
 from gm.data.pyramid import build_pyramid
 from gm.data.remote import is_uri, read_objects, scan_uri
-from gm.data.splits import SPLITS, assign_split
+from gm.data.splits import SPLITS, assign_split, split_key
 from gm.errors import DataError, GmError
 from gm.io import atomic_dir, atomic_path, sha256_file, write_json
 
@@ -249,8 +249,7 @@ def process_batch(batch: dict[str, np.ndarray], cfg: DatasetConfig) -> pa.Table:
                 add(item, id_, id_, cls, skip=e.reason)
             continue
         for sq in squares:
-            key = id_ + sq.suffix if cfg.split_by == "image" else id_
-            split = assign_split(key, cfg.split)
+            split = assign_split(split_key(id_, sq.suffix, sq.tile, cfg), cfg.split)
             add(item, id_ + sq.suffix, id_, cls, split, pyramid=build_pyramid(sq.pixels))
     cols = {k: pa.array(v, pa.string()) for k, v in out.items() if k not in
             ("item", "digest", "sum", "sumsq")}  # fmt: skip

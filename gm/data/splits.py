@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from gm.data.config import SplitConfig
+from gm.data.config import DatasetConfig, SplitConfig
 
 SPLITS = ("train", "val", "test")
 
@@ -25,3 +25,15 @@ def assign_split(key: str, fractions: SplitConfig) -> str:
     if u < fractions.train + fractions.val or fractions.test == 0:
         return "val" if fractions.val > 0 else "train"
     return "test"
+
+
+def split_key(source: str, suffix: str, tile: tuple[int, int] | None, cfg: DatasetConfig) -> str:
+    """The key an output image's split is hashed from (``cfg.split_by``): its id (``source`` +
+    ``suffix``), its source file, or (``block``) the ``split_block``-square group of tiles
+    holding grid position ``tile`` = (row, col), e.g. ``"retina.jpg#b2c0"``."""
+    if cfg.split_by == "source":
+        return source
+    if cfg.split_by == "block" and tile is not None:
+        b = cfg.split_block
+        return f"{source}#b{tile[0] // b}c{tile[1] // b}"
+    return source + suffix

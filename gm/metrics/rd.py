@@ -10,7 +10,9 @@ Bjøntegaard delta rate (BD-rate) between two rate–distortion curves.
   (:func:`rd_front`); :func:`bd_overlap` is the share of the PSNR range it covers. Negative:
   the test codec needs fewer bits.
 - :func:`mosaic`: small images tiled into larger ones, so that per-file headers do not decide
-  the comparison (images of at least 256×256).
+  the comparison (images of at least 256×256); :func:`load_blocks`: a block-split dataset's
+  held-out tiles put back where they were cut, contiguous regions of the photos without the
+  mosaics' seams between unrelated tiles.
 - :func:`evaluate_rd`: trained learned codecs (``train_codec`` jobs) beside the baselines on
   the held-out mosaics: bpp of the real ``.gmc`` files, their entropy-coded payload apart from
   the header, the estimate from the model's likelihoods, PSNR, MS-SSIM, the compression ratio
@@ -182,8 +184,12 @@ class RDConfig:
     sweep: str  # a key of tune with keep_checkpoints over a train_codec job: its kept
     # checkpoints are the learned codec's RD points (2+ on the RD front for a BD-rate)
     split: Literal["train", "val", "test"] = "test"
+    # mosaic: the split's tiles in stored order, tiled into mosaic x mosaic images (seams
+    # between unrelated tiles); blocks: each held-out block of a dataset prepared with
+    # split_by: block, its tiles in place (a contiguous region of one photo, no seams)
+    layout: Literal["mosaic", "blocks"] = "mosaic"
     mosaic: int = 256  # side of the mosaics the tiles are assembled into (>= 256 in reports)
-    max_images: int = 0  # 0: every full mosaic
+    max_images: int = 0  # 0: every full mosaic (every block, the largest first)
     baselines: tuple[str, ...] = ("jpeg", "webp", "jpeg2000")
     anchor: str = "jpeg"  # BD-rates are against this baseline
 
@@ -219,6 +225,69 @@ def load_mosaics(dataset_dir: str | Path, split: str, side: int, max_images: int
             f"{side}x{side} mosaic ({(side // top) ** 2} needed); lower rd.*.mosaic"
         )
     return out[:max_images] if max_images else out
+
+
+def load_blocks(dataset_dir: str | Path, split: str, max_images: int = 0) -> list[np.ndarray]:
+    """The ``split`` tiles of a dataset prepared with ``split_by: block`` and ``fit: tile``, put
+    back where they were cut: one (rows·T, cols·T, 3) uint8 image per block (T the tile side;
+    up to ``split_block`` tiles a side, fewer at a photo's edge), the largest first, then in
+    stored order. Raises DataError if the dataset was split otherwise or is not RGB."""
+    import json
+    import re
+
+    from gm.data.parquet import level_path, read_images, read_table
+    from gm.errors import DataError
+    from gm.train.job import data_info
+
+    top = data_info(dataset_dir, 0)["resolution"]
+    config = json.loads((Path(dataset_dir) / "manifest.json").read_text()).get("config", {})
+    if config.get("split_by") != "block":
+        raise DataError(f"{dataset_dir}: layout blocks needs a dataset prepared with split_by: "
+                        f"block (it has split_by: {config.get('split_by', 'image')}); or set "
+                        "rd.*.layout: mosaic")  # fmt: skip
+    b = int(config["split_block"])
+    table = read_table(level_path(dataset_dir, top), split, ["id", "source", "image"])
+    tiles = read_images(table)
+    if len(tiles) and tiles.shape[-1] != 3:
+        raise DataError(f"{dataset_dir}: the {split} split needs RGB images "
+                        f"(has {tiles.shape[-1]} channels)")  # fmt: skip
+    blocks: dict[tuple[str, int, int], dict[tuple[int, int], np.ndarray]] = {}
+    ids, sources = table.column("id").to_pylist(), table.column("source").to_pylist()
+    for id_, source, tile in zip(ids, sources, tiles, strict=True):
+        m = re.search(r"#r(\d+)c(\d+)$", id_)
+        if m is None:
+            raise DataError(f"{dataset_dir}: {id_!r} is not a tile id (source#r<row>c<col>)")
+        r, c = int(m[1]), int(m[2])
+        blocks.setdefault((source, r // b, c // b), {})[(r % b, c % b)] = tile
+    out = []
+    for key, cells in blocks.items():
+        rows = 1 + max(r for r, _ in cells)
+        cols = 1 + max(c for _, c in cells)
+        if len(cells) != rows * cols:  # tiles are cut on a full grid: never, unless edited
+            raise DataError(f"{dataset_dir}: block {key} of the {split} split is not a full "
+                            f"rectangle of tiles ({len(cells)} of {rows}x{cols})")  # fmt: skip
+        grid = [[cells[(r, c)] for c in range(cols)] for r in range(rows)]
+        out.append(np.concatenate([np.concatenate(row, 1) for row in grid], 0))
+    if not out:
+        raise DataError(f"{dataset_dir}: the {split} split has no tiles")
+    out.sort(key=lambda a: -a.shape[0] * a.shape[1])  # stable: stored order among equals
+    return out[:max_images] if max_images else out
+
+
+def held_out_images(cfg: RDConfig, dataset_dir: str | Path,
+                    max_images: int | None = None) -> list[np.ndarray]:  # fmt: skip
+    """``cfg.layout``'s images of ``cfg.split``: :func:`load_mosaics` or :func:`load_blocks`."""
+    n = cfg.max_images if max_images is None else max_images
+    if cfg.layout == "blocks":
+        return load_blocks(dataset_dir, cfg.split, n)
+    return load_mosaics(dataset_dir, cfg.split, cfg.mosaic, n)
+
+
+def held_out_label(result: dict[str, Any]) -> str:
+    """The held-out images in words: 7 held-out 256² mosaics, 15 held-out blocks in place."""
+    if result.get("layout") == "blocks":
+        return f"{result['images']} held-out blocks in place (up to {result['block']}²)"
+    return f"{result['images']} held-out {result['mosaic']}² mosaics"
 
 
 def codec_point(model, images: list[np.ndarray]) -> dict[str, Any]:
@@ -302,7 +371,7 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
     from tqdm import tqdm
 
     codecs = _sweep(sweep)
-    images = load_mosaics(dataset_dir, cfg.split, cfg.mosaic, cfg.max_images)
+    images = held_out_images(cfg, dataset_dir)
     learned = []
     for trial, model in tqdm(codecs, desc="learned codecs", disable=not progress):
         point = {"name": trial["trial_id"], "lmbda": model.cfg.lmbda, "steps": trial["steps"],
@@ -321,8 +390,10 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
     jpeg_speed = _baseline_speed(images, cfg.anchor)
     return {
         "images": len(images),
-        "mosaic": cfg.mosaic,
-        "pixels_per_image": cfg.mosaic * cfg.mosaic,
+        "layout": cfg.layout,
+        "mosaic": cfg.mosaic if cfg.layout == "mosaic" else 0,
+        "block": max(max(a.shape[:2]) for a in images) if cfg.layout == "blocks" else 0,
+        "pixels_per_image": sum(a.shape[0] * a.shape[1] for a in images) / len(images),
         "anchor": cfg.anchor,
         "learned": learned,
         "baselines": baselines,
@@ -375,7 +446,7 @@ def plot_rd(result: dict[str, Any], title: str):
     if bd is not None:
         bd_text += f" (over {result['bd_overlap'][result['anchor']]:.0%} of the PSNR range)"
     axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{title}: {result['images']} held-out {result['mosaic']}² mosaics; "
+    fig.suptitle(f"{title}: {held_out_label(result)}; "
                  f"BD-rate of the learned codec vs {result['anchor'].upper()}: {bd_text}",
                  fontsize=10)  # fmt: skip
     fig.tight_layout()

@@ -246,10 +246,13 @@ class Codec(GenerativeModel):
     @torch.no_grad()
     def rate_distortion(self, images: torch.Tensor) -> dict[str, float]:
         """Estimated bpp (from the likelihoods of the quantized latents) and PSNR of the
-        quantized reconstruction, over a batch of images in [−1, 1]."""
+        quantized reconstruction, over a batch of images in [−1, 1]. Sides that are not a
+        multiple of the stride are padded as :meth:`compress` pads them (the estimate is of
+        the file's bits; PSNR over the image's own pixels)."""
         x01 = (images + 1) / 2
-        x_hat, bits_y, bits_z = self.codec(x01, noise=False)
-        mse = F.mse_loss(x_hat.clamp(0, 1), x01).item()
+        h, w = x01.shape[2:]
+        x_hat, bits_y, bits_z = self.codec(self._pad(x01), noise=False)
+        mse = F.mse_loss(x_hat[..., :h, :w].clamp(0, 1), x01).item()
         pixels = x01.shape[0] * x01.shape[2] * x01.shape[3]
         return {"bpp_estimate": float((bits_y + bits_z).sum()) / pixels,
                 "psnr": -10 * math.log10(max(mse, 1e-10))}  # fmt: skip
