@@ -88,6 +88,11 @@ def test_ms_ssim_is_one_for_equal_images_lower_for_noisy_and_nan_when_too_small(
     assert rd.ms_ssim(a, a) == pytest.approx(1.0, abs=1e-5)
     assert rd.ms_ssim(a, noisy) < 0.95
     assert math.isnan(rd.ms_ssim([x[:64, :64] for x in a], [x[:64, :64] for x in a]))
+    # images of several sizes (the rd stage's blocks): the mean over those large enough
+    mixed_a, mixed_b = [a[0], a[1][:192], a[1][:128]], [noisy[0], noisy[1][:192], noisy[1][:128]]
+    each = [rd.ms_ssim([x], [y]) for x, y in zip(mixed_a[:2], mixed_b[:2], strict=True)]
+    assert rd.ms_ssim(mixed_a, mixed_b) == pytest.approx(np.mean(each), abs=1e-6)
+    assert each[0] != pytest.approx(each[1], abs=1e-4)  # a mean of two different values
 
 
 def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dataset):

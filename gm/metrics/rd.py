@@ -66,18 +66,30 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def ms_ssim(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Mean MS-SSIM (Wang et al. 2003; torchmetrics, 5 scales, 11×11 Gaussian window) of
-    pairs of equally sized uint8 HxWxC images, batched; NaN for sides under 161 pixels."""
+    """Mean MS-SSIM (Wang et al. 2003; torchmetrics, 5 scales, 11×11 Gaussian window) over
+    pairs of uint8 HxWxC images (``a[i]`` and ``b[i]`` of one size; sizes may differ between
+    pairs), batched by size. Pairs with a side under 161 pixels (4 halvings of an 11-pixel
+    window do not fit) are left out; NaN if all are."""
     import torch
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 
     def t(xs):
         return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255
 
-    if min(a[0].shape[:2]) < 161:  # 4 halvings of an 11-pixel window do not fit
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(a):
+        if min(x.shape[:2]) >= 161:
+            by_size.setdefault(x.shape, []).append(i)
+    if not by_size:
         return math.nan
+    total = 0.0
     with torch.no_grad():
-        return float(multiscale_structural_similarity_index_measure(t(b), t(a), data_range=1.0))
+        for idx in by_size.values():
+            score = multiscale_structural_similarity_index_measure(
+                t([b[i] for i in idx]), t([a[i] for i in idx]), data_range=1.0
+            )
+            total += float(score) * len(idx)
+    return total / sum(map(len, by_size.values()))
 
 
 def baseline_points(
