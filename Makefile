@@ -12,10 +12,11 @@ export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 PIP_QUIET := 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2 || true)
 
-.PHONY: help venv data repro repro-long repro-quality browser test test-fast lint bench gpu-check lock clean
+.PHONY: help venv data repro repro-short repro-long repro-quality browser test test-fast lint bench gpu-check lock clean
 
 help:
 	@echo "make repro     set up the venv, materialize data/ if missing, run dvc repro (one local Ray for all stages: gm with-ray)"
+	@echo "make repro-short after repro: the context-model codec's λ sweep at 4,000 steps (~22 min), as a DVC experiment"
 	@echo "make repro-long  after repro: the context-model codec's λ sweep (~75 min), as a DVC experiment"
 	@echo "make repro-quality after repro: longer runs and a 3-seed augmentation ablation (about 1 h), reports/quality/"
 	@echo "make test      set up the venv and run the whole test suite"
@@ -47,6 +48,9 @@ repro: data
 
 # A preset is one DVC experiment of the root pipeline (gm/preset.py): nothing is declared on
 # main that only the preset makes, so `dvc status` after `make repro` is clean.
+repro-short: repro
+	gm with-ray -- python -m gm.preset presets/short/params.yaml --name short
+
 repro-long: repro
 	gm with-ray -- python -m gm.preset presets/long/params.yaml --name long
 

@@ -207,17 +207,19 @@ def test_rd_and_codec_params_are_checked_naming_the_key(edit, match):
         params.parse(p)
 
 
-def test_the_long_preset_sweeps_the_context_model_of_the_same_codec_job(tmp_path, capsys):
-    """presets/long is one DVC experiment of the root pipeline: its overrides, applied by DVC's
-    own code to params.yaml, add the stages tune@codec_rd_long and rd@photos_long and change
-    nothing else (the codec job is params.yaml's own; the search sets the context model)."""
+@pytest.mark.parametrize("name", ["long", "short"])
+def test_the_codec_presets_sweep_the_context_model_of_the_same_codec_job(name, tmp_path, capsys):
+    """presets/long and presets/short are each one DVC experiment of the root pipeline: their
+    overrides, applied by DVC's own code to params.yaml, add the stages tune@codec_rd_<name>
+    and rd@photos_<name> and change nothing else (the codec job is params.yaml's own; the
+    search sets the context model, flips and rotations; the held-out blocks are scored)."""
     import yaml
     from dvc.utils.hydra import apply_overrides
 
     from gm.preset import main, merge, overrides
 
     base = yaml.safe_load((REPO / "params.yaml").read_text())
-    preset = yaml.safe_load((REPO / "presets/long/params.yaml").read_text())
+    preset = yaml.safe_load((REPO / f"presets/{name}/params.yaml").read_text())
     assert set(preset) == {"tune", "rd"}  # adds entries only; main declares no preset stage
     target = tmp_path / "params.yaml"
     target.write_text((REPO / "params.yaml").read_text())
@@ -228,20 +230,22 @@ def test_the_long_preset_sweeps_the_context_model_of_the_same_codec_job(tmp_path
         k: v for k, v in base.items() if k not in ("tune", "rd")
     }
     default, long = params.parse(base), params.parse(applied)
-    sweep = long.tune[long.rd["photos_long"].sweep]
+    assert long.rd[f"photos_{name}"].layout == "blocks"
+    sweep = long.tune[long.rd[f"photos_{name}"].sweep]
     assert sweep.keep_checkpoints and sweep.job == default.tune["codec_rd"].job
     assert sweep.space["model.lmbda"] == default.tune["codec_rd"].space["model.lmbda"]
     assert sweep.space["model.context"] == {"grid": ["autoregressive"]}
+    assert sweep.space["run.mirror"] == sweep.space["run.rot90"] == {"grid": [True]}
     assert sweep.steps > 10 * default.tune["codec_rd"].steps
     assert long.tune["codec_rd"] == default.tune["codec_rd"]  # the default sweep is untouched
     # `make repro-long` prints and runs one `dvc exp run --name long`
-    assert main([str(REPO / "presets/long/params.yaml"), "--params",
+    assert main([str(REPO / f"presets/{name}/params.yaml"), "--params",
                  str(REPO / "params.yaml"), "--dry"]) == 0  # fmt: skip
-    assert capsys.readouterr().out.startswith("dvc exp run --name long -S ")
+    assert capsys.readouterr().out.startswith(f"dvc exp run --name {name} -S ")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("tune: {codec_rd_long: {job: nope}}\n")
+    bad.write_text(f"tune: {{codec_rd_{name}: {{job: nope}}}}\n")
     assert main([str(bad), "--params", str(REPO / "params.yaml"), "--dry"]) == 2
-    assert "tune.codec_rd_long" in capsys.readouterr().err
+    assert f"tune.codec_rd_{name}" in capsys.readouterr().err
 
 
 def test_warm_start_loads_weights_but_not_optimizer_or_step():
