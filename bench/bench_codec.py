@@ -46,8 +46,10 @@ def main() -> int:
     n = len(images)
     pixels = sum(im.shape[0] * im.shape[1] for im in images)
     mp = pixels / 1e6  # megapixels per pass
-    what = "blocks in place" if cfg.layout == "blocks" else f"{cfg.mosaic}² mosaics"
-    print(f"{n} held-out {what} ({mp:.2f} MP) of {cfg.dataset}/{cfg.split}, "
+    side = max(max(im.shape[:2]) for im in images)
+    what = rd.held_out_label({"layout": cfg.layout, "images": n, "mosaic": cfg.mosaic,
+                              "block": side})  # fmt: skip
+    print(f"{what} ({mp:.2f} MP) of {cfg.dataset}/{cfg.split}, "
           f"torch threads {args.threads}, best of {args.repeat}")  # fmt: skip
     print(f"{'codec':>28} {'setting':>8} {'enc MP/s':>9} {'×JPEG':>6} {'dec MP/s':>9} "
           f"{'×JPEG':>6} {'bpp file':>8} {'payload':>8} {'estim.':>7} {'hdr B':>5} "
