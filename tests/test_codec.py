@@ -283,8 +283,9 @@ def test_bd_rate_of_a_curve_needing_10_percent_fewer_bits_is_minus_10():
         bd_rate(anchor, [(1.0, 30.0), (2.0, 29.0)])  # the second point is dominated
 
 
-# The long preset's measured curves (reports/rd/photos_long.csv, rounded): the learned codec
-# needs more bits than JPEG 2000 at every PSNR it reaches, and its top-λ point is dominated
+# Curves the long preset measured on mosaics of held-out tiles, before the block split (the
+# report committed before 5 Dec 2026, rounded): the learned codec needs more bits than JPEG
+# 2000 at every PSNR it reaches, and its top-λ point is dominated
 # (more bits, less PSNR than the one below it). VCEG-M33's single cubic fit gave -5.35 % here.
 LEARNED = [(0.2615, 26.804), (0.6113, 28.580), (1.1459, 29.386), (1.4163, 29.050)]
 JPEG2000 = [(0.1204, 24.756), (0.2014, 27.212), (0.3000, 29.176), (0.4796, 31.487),
