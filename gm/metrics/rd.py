@@ -14,9 +14,10 @@ Bjøntegaard delta rate (BD-rate) between two rate–distortion curves.
   held-out tiles put back where they were cut, contiguous regions of the photos without the
   mosaics' seams between unrelated tiles.
 - :func:`evaluate_rd`: trained learned codecs (``train_codec`` jobs) beside the baselines on
-  the held-out images (``layout``: blocks or mosaics): bpp of the real ``.gmc`` files, their entropy-coded payload apart from
-  the header, the estimate from the model's likelihoods, PSNR, MS-SSIM, the compression ratio
-  against raw 24-bit, encode/decode speed, and BD-rates (the DVC stage ``rd@<name>``).
+  the held-out images (``layout``: blocks or mosaics): bpp of the real ``.gmc`` files, their
+  entropy-coded payload apart from the header, the estimate from the model's likelihoods,
+  PSNR, MS-SSIM, the compression ratio against raw 24-bit, encode/decode speed, and BD-rates
+  (the DVC stage ``rd@<name>``).
 """
 
 from __future__ import annotations
