@@ -43,12 +43,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cfg = params.load(REPO / "params.yaml").rd[args.rd]
     images = rd.held_out_images(cfg, REPO / "datasets/pyramid" / cfg.dataset, 0)
-    n = len(images)
     pixels = sum(im.shape[0] * im.shape[1] for im in images)
     mp = pixels / 1e6  # megapixels per pass
-    side = max(max(im.shape[:2]) for im in images)
-    what = rd.held_out_label({"layout": cfg.layout, "images": n, "mosaic": cfg.mosaic,
-                              "block": side})  # fmt: skip
+    what = rd.held_out_label(rd.held_out_layout(cfg, images))
     print(f"{what} ({mp:.2f} MP) of {cfg.dataset}/{cfg.split}, "
           f"torch threads {args.threads}, best of {args.repeat}")  # fmt: skip
     print(f"{'codec':>28} {'setting':>8} {'enc MP/s':>9} {'×JPEG':>6} {'dec MP/s':>9} "

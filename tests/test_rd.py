@@ -229,16 +229,16 @@ def test_the_codec_presets_sweep_the_context_model_of_the_same_codec_job(name, t
     assert {k: v for k, v in applied.items() if k not in ("tune", "rd")} == {
         k: v for k, v in base.items() if k not in ("tune", "rd")
     }
-    default, long = params.parse(base), params.parse(applied)
-    assert long.rd[f"photos_{name}"].layout == "blocks"
-    sweep = long.tune[long.rd[f"photos_{name}"].sweep]
+    default, with_preset = params.parse(base), params.parse(applied)
+    assert with_preset.rd[f"photos_{name}"].layout == "blocks"
+    sweep = with_preset.tune[with_preset.rd[f"photos_{name}"].sweep]
     assert sweep.keep_checkpoints and sweep.job == default.tune["codec_rd"].job
     assert sweep.space["model.lmbda"] == default.tune["codec_rd"].space["model.lmbda"]
     assert sweep.space["model.context"] == {"grid": ["autoregressive"]}
     assert sweep.space["run.mirror"] == sweep.space["run.rot90"] == {"grid": [True]}
     assert sweep.steps > 10 * default.tune["codec_rd"].steps
-    assert long.tune["codec_rd"] == default.tune["codec_rd"]  # the default sweep is untouched
-    # `make repro-long` prints and runs one `dvc exp run --name long`
+    assert with_preset.tune["codec_rd"] == default.tune["codec_rd"]  # default sweep untouched
+    # `make repro-<name>` prints and runs one `dvc exp run --name <name>`
     assert main([str(REPO / f"presets/{name}/params.yaml"), "--params",
                  str(REPO / "params.yaml"), "--dry"]) == 0  # fmt: skip
     assert capsys.readouterr().out.startswith(f"dvc exp run --name {name} -S ")

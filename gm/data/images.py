@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -163,9 +164,24 @@ def _resize(a: np.ndarray, size: int, resample: str) -> np.ndarray:
     return out[..., None] if out.ndim == 2 else out
 
 
+_TILE_SUFFIX = re.compile(r"#r(\d+)c(\d+)$")
+
+
+def tile_suffix(row: int, col: int) -> str:
+    """The id suffix of the tile at grid position (row, col) of its photo: ``#r{row}c{col}``."""
+    return f"#r{row}c{col}"
+
+
+def tile_position(image_id: str) -> tuple[int, int] | None:
+    """(row, col) of a tile from its id (``source#r<row>c<col>``, :func:`tile_suffix`); None
+    for the id of a whole image."""
+    m = _TILE_SUFFIX.search(image_id)
+    return None if m is None else (int(m[1]), int(m[2]))
+
+
 @dataclass(frozen=True)
 class Square:
-    suffix: str  # "" for the whole image, "#r{row}c{col}" for a tile
+    suffix: str  # "" for the whole image, tile_suffix(row, col) for a tile
     pixels: np.ndarray  # (top, top, channels) uint8
     tile: tuple[int, int] | None = None  # (row, col) in the photo's tile grid; None: whole
 
@@ -186,7 +202,7 @@ def fit_square(a: np.ndarray, cfg: DatasetConfig) -> Iterator[Square]:
             for c in range(cols):
                 y, x = y0 + r * top, x0 + c * top
                 tile = np.ascontiguousarray(a[y : y + top, x : x + top])
-                yield Square(f"#r{r}c{c}", tile, (r, c))
+                yield Square(tile_suffix(r, c), tile, (r, c))
         return
     if h != w:
         if cfg.fit == "reject":

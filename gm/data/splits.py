@@ -27,6 +27,11 @@ def assign_split(key: str, fractions: SplitConfig) -> str:
     return "test"
 
 
+def tile_block(tile: tuple[int, int], block: int) -> tuple[int, int]:
+    """The (row, col) of the ``block``-square group of tiles holding grid position ``tile``."""
+    return tile[0] // block, tile[1] // block
+
+
 def split_key(source: str, suffix: str, tile: tuple[int, int] | None, cfg: DatasetConfig) -> str:
     """The key an output image's split is hashed from (``cfg.split_by``): its id (``source`` +
     ``suffix``), its source file, or (``block``) the ``split_block``-square group of tiles
@@ -34,6 +39,6 @@ def split_key(source: str, suffix: str, tile: tuple[int, int] | None, cfg: Datas
     if cfg.split_by == "source":
         return source
     if cfg.split_by == "block" and tile is not None:
-        b = cfg.split_block
-        return f"{source}#b{tile[0] // b}c{tile[1] // b}"
+        row, col = tile_block(tile, cfg.split_block)
+        return f"{source}#b{row}c{col}"
     return source + suffix

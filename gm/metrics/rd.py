@@ -245,20 +245,19 @@ def load_blocks(dataset_dir: str | Path, split: str, max_images: int = 0) -> lis
     back where they were cut: one (rows·T, cols·T, 3) uint8 image per block (T the tile side;
     up to ``split_block`` tiles a side, fewer at a photo's edge), the largest first, then in
     stored order. Raises DataError if the dataset was split otherwise or is not RGB."""
-    import json
-    import re
-
+    from gm.data.images import tile_position
     from gm.data.parquet import level_path, read_images, read_table
+    from gm.data.splits import tile_block
     from gm.errors import DataError
-    from gm.train.job import data_info
+    from gm.train.job import read_manifest
 
-    top = data_info(dataset_dir, 0)["resolution"]
-    config = json.loads((Path(dataset_dir) / "manifest.json").read_text()).get("config", {})
+    manifest = read_manifest(dataset_dir)
+    config = manifest.get("config", {})
     if config.get("split_by") != "block":
         raise DataError(f"{dataset_dir}: layout blocks needs a dataset prepared with split_by: "
                         f"block (it has split_by: {config.get('split_by', 'image')}); or set "
                         "rd.*.layout: mosaic")  # fmt: skip
-    b = int(config["split_block"])
+    top, b = max(manifest["resolutions"]), int(config["split_block"])
     table = read_table(level_path(dataset_dir, top), split, ["id", "source", "image"])
     tiles = read_images(table)
     if len(tiles) and tiles.shape[-1] != 3:
@@ -267,11 +266,11 @@ def load_blocks(dataset_dir: str | Path, split: str, max_images: int = 0) -> lis
     blocks: dict[tuple[str, int, int], dict[tuple[int, int], np.ndarray]] = {}
     ids, sources = table.column("id").to_pylist(), table.column("source").to_pylist()
     for id_, source, tile in zip(ids, sources, tiles, strict=True):
-        m = re.search(r"#r(\d+)c(\d+)$", id_)
-        if m is None:
+        position = tile_position(id_)
+        if position is None:
             raise DataError(f"{dataset_dir}: {id_!r} is not a tile id (source#r<row>c<col>)")
-        r, c = int(m[1]), int(m[2])
-        blocks.setdefault((source, r // b, c // b), {})[(r % b, c % b)] = tile
+        r, c = position
+        blocks.setdefault((source, *tile_block(position, b)), {})[(r % b, c % b)] = tile
     out = []
     for key, cells in blocks.items():
         rows = 1 + max(r for r, _ in cells)
@@ -294,6 +293,15 @@ def held_out_images(cfg: RDConfig, dataset_dir: str | Path,
     if cfg.layout == "blocks":
         return load_blocks(dataset_dir, cfg.split, n)
     return load_mosaics(dataset_dir, cfg.split, cfg.mosaic, n)
+
+
+def held_out_layout(cfg: RDConfig, images: list[np.ndarray]) -> dict[str, Any]:
+    """How ``images`` (from :func:`held_out_images`) were laid out: ``layout``, ``images``
+    (count), ``mosaic`` (side, mosaics only) and ``block`` (largest side, blocks only)."""
+    blocks = cfg.layout == "blocks"
+    return {"images": len(images), "layout": cfg.layout,
+            "mosaic": 0 if blocks else cfg.mosaic,
+            "block": max(max(a.shape[:2]) for a in images) if blocks else 0}  # fmt: skip
 
 
 def held_out_label(result: dict[str, Any]) -> str:
@@ -402,10 +410,7 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
     dominated = [p["name"] for p in learned if (p["bpp"], p["psnr"]) not in front]
     jpeg_speed = _baseline_speed(images, cfg.anchor)
     return {
-        "images": len(images),
-        "layout": cfg.layout,
-        "mosaic": cfg.mosaic if cfg.layout == "mosaic" else 0,
-        "block": max(max(a.shape[:2]) for a in images) if cfg.layout == "blocks" else 0,
+        **held_out_layout(cfg, images),
         "pixels_per_image": sum(a.shape[0] * a.shape[1] for a in images) / len(images),
         "anchor": cfg.anchor,
         "learned": learned,

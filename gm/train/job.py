@@ -77,14 +77,20 @@ class TrainConfig:
         return from_dict(fams[self.family].config, self.model, f"{prefix}model")
 
 
+def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """A prepared or paired dataset's ``manifest.json``; DataError naming it if unreadable."""
+    path = Path(dataset_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the dataset manifest ({e})") from None
+
+
 def data_info(dataset_dir: str | os.PathLike, resolution: int) -> dict[str, int]:
     """DataInfo of a prepared dataset (from its manifest) at ``resolution`` (0 = top); of a
     paired dataset: its target resolution, channels and classes."""
     path = Path(dataset_dir) / "manifest.json"
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the dataset manifest ({e})") from None
+    m = read_manifest(dataset_dir)
     if "resolutions" not in m and "files" in m:  # a paired dataset (gm.data.pairs)
         import pyarrow.parquet as pq
 
