@@ -45,7 +45,7 @@ def main() -> int:
     images = rd.held_out_images(cfg, REPO / "datasets/pyramid" / cfg.dataset, 0)
     pixels = sum(im.shape[0] * im.shape[1] for im in images)
     mp = pixels / 1e6  # megapixels per pass
-    what = rd.held_out_label(rd.held_out_layout(cfg, images))
+    what = rd.held_out_label(rd.held_out_layout(cfg, [im.shape for im in images]))
     print(f"{what} ({mp:.2f} MP) of {cfg.dataset}/{cfg.split}, "
           f"torch threads {args.threads}, best of {args.repeat}")  # fmt: skip
     print(f"{'codec':>28} {'setting':>8} {'enc MP/s':>9} {'×JPEG':>6} {'dec MP/s':>9} "

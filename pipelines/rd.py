@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     from gm.metrics.rd import (
         comparison_strip,
         evaluate_rd,
-        held_out_images,
         held_out_label,
+        iter_held_out,
         load_sweep,
         plot_rd,
         rd_rows,
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = load_sweep(args.sweep)  # every codec loaded once, for the table and the strip
     result = evaluate_rd(cfg, args.dataset, sweep, progress=not args.quiet)
     plot = plot_rd(result, f"rd.{args.name}")
-    first = held_out_images(cfg, args.dataset, 1)[0]  # the first mosaic, the largest block
+    first = next(iter_held_out(cfg, args.dataset, 1))  # the first mosaic, the largest block
     from PIL import Image
 
     strip = Image.fromarray(comparison_strip(first, result, sweep))
@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# each learned point's numbers in the DVC metrics and MLflow (learned_<i>_<key>)
+POINT_METRICS = ("lmbda", "bpp", "bpp_payload", "bpp_estimate", "psnr", "psnr_pooled", "ms_ssim",
+                 "ratio")  # fmt: skip
+
+
 def _metrics(result: dict) -> dict:
     """The headline numbers (DVC metrics, MLflow): BD-rates and each learned point."""
     m = {f"bd_rate_vs_{result['anchor']}": result["bd_rate"]["learned"]}
@@ -91,7 +96,7 @@ def _metrics(result: dict) -> dict:
     m |= {f"bd_overlap_{b}": v for b, v in result["bd_overlap"].items()}
     m["dominated_points"] = len(result["dominated"])
     for i, pt in enumerate(result["learned"]):
-        for k in ("lmbda", "bpp", "bpp_payload", "bpp_estimate", "psnr", "ms_ssim", "ratio"):
+        for k in POINT_METRICS:
             m[f"learned_{i}_{k}"] = pt[k]
     speed = result["learned"][-1]
     anchor = result["anchor_speed"]
@@ -119,13 +124,14 @@ def _log_mlflow(root, name: str, cfg, result: dict, metrics: dict, out: Path) ->
     now = int(time.time() * 1000)
     values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
     for i, pt in enumerate(result["learned"]):  # curves over the points, in rate order
-        for k in ("bpp", "bpp_estimate", "bpp_payload", "psnr", "ms_ssim"):
+        for k in ("bpp", "bpp_estimate", "bpp_payload", "psnr", "psnr_pooled", "ms_ssim"):
             values.append(Metric(f"learned/{k}", float(pt[k]), now, i))
     for b, pts in result["baselines"].items():
         for i, pt in enumerate(pts):
             values += [
                 Metric(f"{b}/bpp", pt["bpp"], now, i),
                 Metric(f"{b}/psnr", pt["psnr"], now, i),
+                Metric(f"{b}/psnr_pooled", pt["psnr_pooled"], now, i),
             ]
     tracking.retry(client.log_batch, handle.run_id, metrics=values)
     for suffix in (".json", ".csv", ".png"):

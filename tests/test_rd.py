@@ -137,21 +137,67 @@ def test_no_kept_checkpoints_and_too_few_tiles_are_clear_errors(tmp_path, toy_da
         rd.load_mosaics(toy_dataset, "train", 256)
 
 
-def test_blocks_layout_puts_held_out_tiles_back_where_they_were_cut(tmp_path, toy_dataset):
+def test_a_tally_pools_squared_error_beside_the_mean_of_per_image_psnrs():
+    a, b = smooth_images(2, 64, 5)
+    noisy = np.clip(b.astype(int) + 10 * (np.arange(b.size).reshape(b.shape) % 2), 0, 255)
+    noisy = noisy.astype(np.uint8)
+    tally = rd.Tally(with_ms_ssim=False)
+    tally.add(a, a, 100)  # coded losslessly: 100 dB by convention
+    tally.add(b, noisy, 300)
+    p = tally.point()
+    mse = np.mean((b.astype(float) - noisy) ** 2) / 2  # over both images' values
+    assert p["bpp"] == 8 * 400 / (2 * 64 * 64)
+    assert p["psnr"] == pytest.approx((100 + rd.psnr(b, noisy)) / 2)
+    assert p["psnr_pooled"] == pytest.approx(10 * math.log10(255**2 / mse))
+    assert p["psnr_pooled"] < p["psnr"] - 20  # the lossless image does not dominate it
+
+
+def test_iter_split_reads_one_row_group_at_a_time(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
     from PIL import Image
 
+    from gm.data import parquet
+    from gm.data.config import DatasetConfig
+    from gm.data.prepare import prepare_dataset
+
+    for i, img in enumerate(smooth_images(12, 32, 9)):
+        d = tmp_path / "raw" / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i}.png")
+    monkeypatch.setattr(parquet, "ROW_GROUP_BYTES", 3 * 32 * 32 * 3)  # 3 top-level rows a group
+    prepare_dataset(tmp_path / "raw", tmp_path / "ds", DatasetConfig(top_resolution=32),
+                    progress=False)  # fmt: skip
+    path = parquet.level_path(tmp_path / "ds", 32)
+    assert pq.ParquetFile(path).num_row_groups == 4
+    for split in ("train", "val", "test"):
+        parts = list(parquet.iter_split(path, split, ["id", "image"]))
+        assert all(0 < t.num_rows <= 3 and t.column_names == ["id", "image"] for t in parts)
+        whole = parquet.read_table(path, split, ["id"]).column("id").to_pylist()
+        assert [i for t in parts for i in t.column("id").to_pylist()] == whole
+
+
+def test_blocks_layout_puts_held_out_tiles_back_where_they_were_cut(
+    tmp_path, toy_dataset, monkeypatch
+):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from gm.data import parquet
     from gm.data.config import DatasetConfig, SplitConfig
     from gm.data.prepare import prepare_dataset
     from gm.errors import DataError
 
-    # one smooth 16-px-tile photo of 5x7 tiles (+ a margin cut off), blocks of 2x2 tiles
+    # one smooth 16-px-tile photo of 5x7 tiles (+ a margin cut off), blocks of 2x2 tiles,
+    # stored 3 tiles a row group, so that blocks span row groups as large photos' do
     photo = smooth_images(1, 128, 3)[0][: 5 * 16 + 3, : 7 * 16 + 5]
     (tmp_path / "photo").mkdir()
     Image.fromarray(photo).save(tmp_path / "photo" / "p.png")
     cfg = DatasetConfig(top_resolution=16, fit="tile", split_by="block", split_block=2,
                         split=SplitConfig(train=0.5, val=0.25, test=0.25))  # fmt: skip
     ds = tmp_path / "blocks"
+    monkeypatch.setattr(parquet, "ROW_GROUP_BYTES", 3 * 16 * 16 * 3)
     prepare_dataset(tmp_path / "photo", ds, cfg, progress=False)
+    assert pq.ParquetFile(parquet.level_path(ds, 16)).num_row_groups == 12
     grid = photo[1 : 1 + 5 * 16, 2 : 2 + 7 * 16]  # the centred 5x7-tile grid
     found = 0
     for split in ("train", "val", "test"):
@@ -170,10 +216,24 @@ def test_blocks_layout_puts_held_out_tiles_back_where_they_were_cut(tmp_path, to
     assert len(rd.load_blocks(ds, "train", 2)) == 2
     # through the stage: blocks of different sizes, counted and labelled as such
     rcfg = rd.RDConfig(dataset="p", sweep="s", split="train", layout="blocks")
-    result = rd.evaluate_rd(rcfg, ds, sweep_dir(tmp_path, (0.01, 0.1)),
-                            progress=False)  # fmt: skip
-    n = len(rd.load_blocks(ds, "train"))
+    sweep = rd.load_sweep(sweep_dir(tmp_path, (0.01, 0.1)))
+    result = rd.evaluate_rd(rcfg, ds, sweep, progress=False)
+    blocks = rd.load_blocks(ds, "train")
+    n = len(blocks)
     assert result["images"] == n and result["layout"] == "blocks" and result["block"] == 32
+    # one pass over the streamed blocks scores as each codec's own pass over all of them
+    for b in ("jpeg", "webp"):
+        alone = rd.baseline_points(blocks, b)
+        assert [(p["bpp"], p["setting"]) for p in alone] == [
+            (p["bpp"], p["setting"]) for p in result["baselines"][b]
+        ]
+        assert [p["psnr"] for p in alone] == pytest.approx(
+            [p["psnr"] for p in result["baselines"][b]]
+        )
+    for trial, model in sweep:
+        (p,) = [p for p in result["learned"] if p["name"] == trial["trial_id"]]
+        alone = rd.codec_point(model, blocks)
+        assert p["bpp"] == alone["bpp"] and p["psnr"] == pytest.approx(alone["psnr"])
     assert rd.held_out_label(result) == f"{n} held-out blocks in place (up to 32²)"
     with pytest.raises(DataError, match="split_by: block .*split_by: image"):
         rd.load_blocks(toy_dataset, "train")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,22 @@ def read_table(path: Path, split: str | None, columns: list[str] | None = None) 
     read_metadata(path)
     filters = (pc.field("split") == split) if split else None
     return pq.read_table(path, columns=columns, filters=filters)
+
+
+def iter_split(path: Path, split: str, columns: list[str]) -> Iterator[pa.Table]:
+    """The ``split`` rows of a gm level file, one row group at a time in file order (``columns``
+    of each; row groups without such rows are skipped). Memory: one row group, about
+    :data:`ROW_GROUP_BYTES`, whatever the file's size. Raises DataError for an unknown split
+    or a file that is not gm's."""
+    check_split(split)
+    read_metadata(path)
+    f = pq.ParquetFile(path)
+    wanted = list(dict.fromkeys([*columns, "split"]))
+    for g in range(f.num_row_groups):
+        t = f.read_row_group(g, columns=wanted)
+        t = t.filter(pc.equal(t.column("split").cast(pa.string()), split))
+        if t.num_rows:
+            yield t.select(columns)
 
 
 def read_images(table: pa.Table, column: str = "image") -> np.ndarray:

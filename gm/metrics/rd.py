@@ -10,14 +10,15 @@ Bjøntegaard delta rate (BD-rate) between two rate–distortion curves.
   (:func:`rd_front`); :func:`bd_overlap` is the share of the PSNR range it covers. Negative:
   the test codec needs fewer bits.
 - :func:`mosaic`: small images tiled into larger ones, so that per-file headers do not decide
-  the comparison (images of at least 256×256); :func:`load_blocks`: a block-split dataset's
+  the comparison (images of at least 256×256); :func:`iter_blocks`: a block-split dataset's
   held-out tiles put back where they were cut, contiguous regions of the photos without the
-  mosaics' seams between unrelated tiles.
+  mosaics' seams between unrelated tiles. Both stream the dataset a row group at a time.
 - :func:`evaluate_rd`: trained learned codecs (``train_codec`` jobs) beside the baselines on
   the held-out images (``layout``: blocks or mosaics): bpp of the real ``.gmc`` files, their
   entropy-coded payload apart from the header, the estimate from the model's likelihoods,
-  PSNR, MS-SSIM, the compression ratio against raw 24-bit, encode/decode speed, and BD-rates
-  (the DVC stage ``rd@<name>``).
+  PSNR (the mean over images, and pooled over their pixels), MS-SSIM, the compression ratio
+  against raw 24-bit, encode/decode speed, and BD-rates (the DVC stage ``rd@<name>``), in one
+  pass over the images (:class:`Tally`): memory is one image, not the held-out split.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import io
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,29 +95,151 @@ def ms_ssim(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return total / sum(map(len, by_size.values()))
 
 
+class Tally:
+    """Running sums over images for one point of a curve (one codec at one setting), so that a
+    curve is measured one image at a time: file bits, pixels, each image's PSNR, the pooled
+    squared error and each image's MS-SSIM. :meth:`point` gives ``bpp`` (all files' bits over
+    all pixels), ``psnr`` (the mean of the images' PSNRs, the curve BD-rates use),
+    ``psnr_pooled`` (PSNR of the mean squared error over every pixel of every image: an image
+    coded losslessly, 100 dB in ``psnr``, does not dominate it) and ``ms_ssim`` (the mean over
+    images with both sides >= 161; NaN if none)."""
+
+    def __init__(self, with_ms_ssim: bool = True):
+        self.with_ms_ssim = with_ms_ssim
+        self.bits = self.pixels = self.images = self.values = self.ms_images = 0
+        self.psnr_sum = self.squared_error = self.ms_sum = 0.0
+
+    def add(self, image: np.ndarray, back: np.ndarray, nbytes: int) -> None:
+        """``image`` and its decoded ``back`` (uint8 HxWxC), from a file of ``nbytes``."""
+        err = image.astype(np.float64) - back.astype(np.float64)
+        self.bits += 8 * nbytes
+        self.pixels += image.shape[0] * image.shape[1]
+        self.images += 1
+        self.values += err.size
+        self.squared_error += float(np.sum(err**2))
+        self.psnr_sum += psnr(image, back)
+        if self.with_ms_ssim and min(image.shape[:2]) >= 161:
+            self.ms_sum += ms_ssim([image], [back])
+            self.ms_images += 1
+
+    def point(self) -> dict[str, float]:
+        mse = self.squared_error / self.values
+        point = {"bpp": self.bits / self.pixels, "psnr": self.psnr_sum / self.images,
+                 "psnr_pooled": 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)}  # fmt: skip
+        if self.with_ms_ssim:
+            point["ms_ssim"] = self.ms_sum / self.ms_images if self.ms_images else math.nan
+        return point
+
+
+class BaselineTally:
+    """A standard codec's curve (:func:`baseline_points`), one image at a time: ``add`` every
+    image, then ``points``."""
+
+    def __init__(self, codec: str, with_ms_ssim: bool = False,
+                 settings: tuple[int, ...] | None = None):  # fmt: skip
+        self.codec = codec
+        self.tallies = {s: Tally(with_ms_ssim) for s in settings or CODECS[codec][2]}
+
+    def add(self, image: np.ndarray) -> None:
+        for s, tally in self.tallies.items():
+            data = encode(image, self.codec, s)
+            tally.add(image, decode(data), len(data))
+
+    def points(self) -> list[dict[str, float]]:
+        points = [{"setting": s} | t.point() for s, t in self.tallies.items()]
+        return sorted(points, key=lambda p: p["bpp"])
+
+
 def baseline_points(
-    images: list[np.ndarray], codec: str, with_ms_ssim: bool = False,
+    images: Iterable[np.ndarray], codec: str, with_ms_ssim: bool = False,
     settings: tuple[int, ...] | None = None,
 ) -> list[dict[str, float]]:  # fmt: skip
     """Mean bpp and PSNR (and MS-SSIM) over ``images`` (uint8 HxWx3) at each quality of
     ``codec`` (``settings``, default its sweep in CODECS), by bpp; bpp counts the whole files
-    (pixels of all images together)."""
-    settings = settings or CODECS[codec][2]
-    points = []
-    for s in settings:
-        bits = pixels = 0
-        psnrs, backs = [], []
-        for img in images:
-            data = encode(img, codec, s)
-            bits += 8 * len(data)
-            pixels += img.shape[0] * img.shape[1]
-            backs.append(decode(data))
-            psnrs.append(psnr(img, backs[-1]))
-        point = {"setting": s, "bpp": bits / pixels, "psnr": float(np.mean(psnrs))}
-        if with_ms_ssim:
-            point["ms_ssim"] = ms_ssim(images, backs)
-        points.append(point)
-    return sorted(points, key=lambda p: p["bpp"])
+    (pixels of all images together). Keys as :meth:`Tally.point`, plus ``setting``."""
+    tally = BaselineTally(codec, with_ms_ssim, settings)
+    for img in images:
+        tally.add(img)
+    return tally.points()
+
+
+class CodecTally:
+    """One trained codec's point (:func:`codec_point`), one image at a time."""
+
+    def __init__(self, model):
+        self.model, self.tally = model, Tally()
+        self.header = self.est_bits = 0.0
+        self.enc_s = self.dec_s = 0.0
+        self.exact = True
+
+    def add(self, img: np.ndarray) -> None:
+        import torch
+
+        from gm import codec as coding
+
+        model = self.model
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
+        t0 = time.perf_counter()
+        data = coding.pack(model.compress(x))
+        t1 = time.perf_counter()
+        packed = coding.unpack(data)
+        back = model.decompress(packed)
+        t2 = time.perf_counter()
+        self.enc_s, self.dec_s = self.enc_s + t1 - t0, self.dec_s + t2 - t1
+        self.exact &= bool(torch.equal(back, model.reconstruct(x)))
+        out = (back.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        self.header += coding.header_bytes(packed)
+        n = img.shape[0] * img.shape[1]
+        self.est_bits += model.rate_distortion(x[None] * 2 - 1)["bpp_estimate"] * n
+        self.tally.add(img, out, len(data))
+
+    def point(self) -> dict[str, Any]:
+        t = self.tally
+        bpp = t.bits / t.pixels
+        return {
+            **t.point(),
+            "bpp_payload": (t.bits - 8 * self.header) / t.pixels,
+            "bpp_estimate": self.est_bits / t.pixels,
+            "header_bytes": self.header / t.images,
+            "ratio": 24 / bpp,
+            "encode_images_per_s": t.images / self.enc_s,
+            "decode_images_per_s": t.images / self.dec_s,
+            "decode_exact": self.exact,
+        }
+
+
+def codec_point(model, images: Iterable[np.ndarray]) -> dict[str, Any]:
+    """One trained codec on ``images``: real files (pack/unpack), their size with and without
+    the header, the likelihood estimate, quality of the decoded 8-bit images (keys as
+    :meth:`Tally.point`), encode/decode images/s and whether every decode equals the model's
+    quantized reconstruction (``decode_exact``)."""
+    tally = CodecTally(model)
+    for img in images:
+        tally.add(img)
+    return tally.point()
+
+
+class SpeedTally:
+    """Encode and decode images/s of a standard codec at its middle setting (the speed
+    ratio's reference), one image at a time."""
+
+    def __init__(self, codec: str):
+        _, _, settings = CODECS[codec]
+        self.codec, self.setting = codec, settings[len(settings) // 2]
+        self.images, self.enc_s, self.dec_s = 0, 0.0, 0.0
+
+    def add(self, image: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        data = encode(image, self.codec, self.setting)
+        t1 = time.perf_counter()
+        decode(data)
+        t2 = time.perf_counter()
+        self.images += 1
+        self.enc_s, self.dec_s = self.enc_s + t1 - t0, self.dec_s + t2 - t1
+
+    def speed(self) -> dict[str, float]:
+        return {"encode_images_per_s": self.images / self.enc_s,
+                "decode_images_per_s": self.images / self.dec_s}  # fmt: skip
 
 
 def container_overhead(codec: str) -> int:
@@ -215,39 +339,75 @@ class RDConfig:
         check(self.anchor in self.baselines, "anchor", f"{self.anchor!r} is not in baselines")
 
 
-def load_mosaics(dataset_dir: str | Path, split: str, side: int, max_images: int = 0):
+def iter_mosaics(dataset_dir: str | Path, split: str, side: int,
+                 max_images: int = 0) -> Iterator[np.ndarray]:  # fmt: skip
     """The ``split`` tiles of a prepared RGB dataset (top level), in stored order, as
-    ``side``×``side`` uint8 mosaics."""
-    from gm.data.readers import ImageDataset
+    ``side``×``side`` uint8 mosaics, one at a time (the last, partial mosaic is dropped).
+    Memory: one row group of tiles and one mosaic, whatever the split's size. Raises
+    DataError (before the first mosaic where it can) if the tiles are not RGB, larger than
+    ``side`` or too few for one mosaic."""
+    from gm.data.parquet import iter_split, level_path, read_images
     from gm.errors import DataError
     from gm.train.job import data_info
 
     top = data_info(dataset_dir, 0)["resolution"]
-    ds = ImageDataset(dataset_dir, top, split=split)
-    tiles = [t for t in ds.pixels.numpy()]
-    if not tiles or tiles[0].shape[-1] != 3:
-        raise DataError(f"{dataset_dir}: the {split} split needs RGB images (has "
-                        f"{len(tiles)} of {tiles[0].shape[-1] if tiles else 0} "
-                        "channels)")  # fmt: skip
     if top > side:
         raise DataError(f"{dataset_dir}: {top}x{top} tiles do not fit {side}x{side} mosaics")
-    out = mosaic(tiles, side)
-    if not out:
+    per, pending, made, seen = (side // top) ** 2, [], 0, 0
+    for table in iter_split(level_path(dataset_dir, top), split, ["image"]):
+        tiles = read_images(table)
+        if tiles.shape[-1] != 3:
+            raise DataError(f"{dataset_dir}: the {split} split needs RGB images (has "
+                            f"{tiles.shape[-1]} channels)")  # fmt: skip
+        for tile in tiles:
+            pending.append(tile)
+            seen += 1
+            if len(pending) == per:
+                yield mosaic(pending, side)[0]
+                pending, made = [], made + 1
+                if made == max_images:
+                    return
+    if not made:
         raise DataError(
-            f"{dataset_dir}: {len(tiles)} {split} tiles of {top}x{top} do not fill one "
-            f"{side}x{side} mosaic ({(side // top) ** 2} needed); lower rd.*.mosaic"
+            f"{dataset_dir}: {seen} {split} tiles of {top}x{top} do not fill one "
+            f"{side}x{side} mosaic ({per} needed); lower rd.*.mosaic"
         )
-    return out[:max_images] if max_images else out
 
 
-def load_blocks(dataset_dir: str | Path, split: str, max_images: int = 0) -> list[np.ndarray]:
+def load_mosaics(dataset_dir: str | Path, split: str, side: int,
+                 max_images: int = 0) -> list[np.ndarray]:  # fmt: skip
+    """:func:`iter_mosaics` as a list (every mosaic in memory at once)."""
+    return list(iter_mosaics(dataset_dir, split, side, max_images))
+
+
+def _block_key(dataset_dir, id_: str, source: str, b: int):
+    """(block key (source, block row, block column), cell (row, column) in the block)."""
+    from gm.data.images import tile_position
+    from gm.data.splits import tile_block
+    from gm.errors import DataError
+
+    position = tile_position(id_)
+    if position is None:
+        raise DataError(f"{dataset_dir}: {id_!r} is not a tile id (source#r<row>c<col>)")
+    r, c = position
+    return (source, *tile_block(position, b)), (r % b, c % b)
+
+
+def iter_blocks(dataset_dir: str | Path, split: str,
+                max_images: int = 0) -> Iterator[np.ndarray]:  # fmt: skip
     """The ``split`` tiles of a dataset prepared with ``split_by: block`` and ``fit: tile``, put
     back where they were cut: one (rows·T, cols·T, 3) uint8 image per block (T the tile side;
-    up to ``split_block`` tiles a side, fewer at a photo's edge), the largest first, then in
-    stored order. Raises DataError if the dataset was split otherwise or is not RGB."""
-    from gm.data.images import tile_position
-    from gm.data.parquet import level_path, read_images, read_table
-    from gm.data.splits import tile_block
+    up to ``split_block`` tiles a side, fewer at a photo's edge), yielded as each block is
+    complete in file order. ``max_images`` keeps the largest blocks (stored order among equal
+    sizes).
+
+    Two passes over the top level: the tile ids first (the index: a few bytes per tile), then
+    the pixels one row group at a time. Memory: one row group and the blocks begun but not yet
+    complete; prepare stores the tiles of one photo together, so that is at most one photo's
+    ``split`` tiles, whatever the dataset's size. Raises DataError, before the first block, if
+    the dataset was split otherwise, a block is not a full rectangle of tiles or the split is
+    empty; and if the images are not RGB."""
+    from gm.data.parquet import iter_split, level_path, read_images
     from gm.errors import DataError
     from gm.train.job import read_manifest
 
@@ -257,51 +417,75 @@ def load_blocks(dataset_dir: str | Path, split: str, max_images: int = 0) -> lis
         raise DataError(f"{dataset_dir}: layout blocks needs a dataset prepared with split_by: "
                         f"block (it has split_by: {config.get('split_by', 'image')}); or set "
                         "rd.*.layout: mosaic")  # fmt: skip
-    top, b = max(manifest["resolutions"]), int(config["split_block"])
-    table = read_table(level_path(dataset_dir, top), split, ["id", "source", "image"])
-    tiles = read_images(table)
-    if len(tiles) and tiles.shape[-1] != 3:
-        raise DataError(f"{dataset_dir}: the {split} split needs RGB images "
-                        f"(has {tiles.shape[-1]} channels)")  # fmt: skip
-    blocks: dict[tuple[str, int, int], dict[tuple[int, int], np.ndarray]] = {}
-    ids, sources = table.column("id").to_pylist(), table.column("source").to_pylist()
-    for id_, source, tile in zip(ids, sources, tiles, strict=True):
-        position = tile_position(id_)
-        if position is None:
-            raise DataError(f"{dataset_dir}: {id_!r} is not a tile id (source#r<row>c<col>)")
-        r, c = position
-        blocks.setdefault((source, *tile_block(position, b)), {})[(r % b, c % b)] = tile
-    out = []
-    for key, cells in blocks.items():
-        rows = 1 + max(r for r, _ in cells)
-        cols = 1 + max(c for _, c in cells)
-        if len(cells) != rows * cols:  # tiles are cut on a full grid: never, unless edited
-            raise DataError(f"{dataset_dir}: block {key} of the {split} split is not a full "
-                            f"rectangle of tiles ({len(cells)} of {rows}x{cols})")  # fmt: skip
-        grid = [[cells[(r, c)] for c in range(cols)] for r in range(rows)]
-        out.append(np.concatenate([np.concatenate(row, 1) for row in grid], 0))
-    if not out:
+    path, b = level_path(dataset_dir, max(manifest["resolutions"])), int(config["split_block"])
+    cells: dict[tuple[str, int, int], set[tuple[int, int]]] = {}  # in order of first tile
+    for table in iter_split(path, split, ["id", "source"]):
+        for id_, source in zip(table.column("id").to_pylist(),
+                               table.column("source").to_pylist(), strict=True):  # fmt: skip
+            key, cell = _block_key(dataset_dir, id_, source, b)
+            cells.setdefault(key, set()).add(cell)
+    if not cells:
         raise DataError(f"{dataset_dir}: the {split} split has no tiles")
-    out.sort(key=lambda a: -a.shape[0] * a.shape[1])  # stable: stored order among equals
-    return out[:max_images] if max_images else out
+    area = {}
+    for key, have in cells.items():
+        rows, cols = 1 + max(r for r, _ in have), 1 + max(c for _, c in have)
+        if len(have) != rows * cols:  # tiles are cut on a full grid: never, unless edited
+            raise DataError(f"{dataset_dir}: block {key} of the {split} split is not a full "
+                            f"rectangle of tiles ({len(have)} of {rows}x{cols})")  # fmt: skip
+        area[key] = rows * cols
+    chosen = sorted(cells, key=lambda k: -area[k])  # stable: stored order among equals
+    chosen = set(chosen[:max_images] if max_images else chosen)
+    begun: dict[tuple[str, int, int], dict[tuple[int, int], np.ndarray]] = {}
+    for table in iter_split(path, split, ["id", "source", "image"]):
+        tiles = read_images(table)
+        if tiles.shape[-1] != 3:
+            raise DataError(f"{dataset_dir}: the {split} split needs RGB images "
+                            f"(has {tiles.shape[-1]} channels)")  # fmt: skip
+        ids, sources = table.column("id").to_pylist(), table.column("source").to_pylist()
+        for id_, source, tile in zip(ids, sources, tiles, strict=True):
+            key, cell = _block_key(dataset_dir, id_, source, b)
+            if key not in chosen:
+                continue
+            got = begun.setdefault(key, {})
+            got[cell] = tile
+            if len(got) == area[key]:
+                del begun[key]
+                rows, cols = 1 + max(r for r, _ in got), 1 + max(c for _, c in got)
+                grid = [[got[(r, c)] for c in range(cols)] for r in range(rows)]
+                yield np.concatenate([np.concatenate(row, 1) for row in grid], 0)
+
+
+def load_blocks(dataset_dir: str | Path, split: str, max_images: int = 0) -> list[np.ndarray]:
+    """:func:`iter_blocks` as a list, the largest first (every block in memory at once)."""
+    out = list(iter_blocks(dataset_dir, split, max_images))
+    out.sort(key=lambda a: -a.shape[0] * a.shape[1])
+    return out
+
+
+def iter_held_out(cfg: RDConfig, dataset_dir: str | Path,
+                  max_images: int | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+    """``cfg.layout``'s images of ``cfg.split``, one at a time: :func:`iter_mosaics` or
+    :func:`iter_blocks` (``max_images`` None: ``cfg.max_images``)."""
+    n = cfg.max_images if max_images is None else max_images
+    if cfg.layout == "blocks":
+        return iter_blocks(dataset_dir, cfg.split, n)
+    return iter_mosaics(dataset_dir, cfg.split, cfg.mosaic, n)
 
 
 def held_out_images(cfg: RDConfig, dataset_dir: str | Path,
                     max_images: int | None = None) -> list[np.ndarray]:  # fmt: skip
-    """``cfg.layout``'s images of ``cfg.split``: :func:`load_mosaics` or :func:`load_blocks`."""
-    n = cfg.max_images if max_images is None else max_images
-    if cfg.layout == "blocks":
-        return load_blocks(dataset_dir, cfg.split, n)
-    return load_mosaics(dataset_dir, cfg.split, cfg.mosaic, n)
+    """:func:`iter_held_out` as a list (in memory at once: for benchmarks and small splits)."""
+    return list(iter_held_out(cfg, dataset_dir, max_images))
 
 
-def held_out_layout(cfg: RDConfig, images: list[np.ndarray]) -> dict[str, Any]:
-    """How ``images`` (from :func:`held_out_images`) were laid out: ``layout``, ``images``
-    (count), ``mosaic`` (side, mosaics only) and ``block`` (largest side, blocks only)."""
+def held_out_layout(cfg: RDConfig, shapes: list[tuple[int, ...]]) -> dict[str, Any]:
+    """How the held-out images of ``shapes`` (their (H, W, C)) were laid out: ``layout``,
+    ``images`` (count), ``mosaic`` (side, mosaics only) and ``block`` (largest side, blocks
+    only)."""
     blocks = cfg.layout == "blocks"
-    return {"images": len(images), "layout": cfg.layout,
+    return {"images": len(shapes), "layout": cfg.layout,
             "mosaic": 0 if blocks else cfg.mosaic,
-            "block": max(max(a.shape[:2]) for a in images) if blocks else 0}  # fmt: skip
+            "block": max(max(s[:2]) for s in shapes) if blocks else 0}  # fmt: skip
 
 
 def held_out_label(result: dict[str, Any]) -> str:
@@ -309,50 +493,6 @@ def held_out_label(result: dict[str, Any]) -> str:
     if result.get("layout") == "blocks":
         return f"{result['images']} held-out blocks in place (up to {result['block']}²)"
     return f"{result['images']} held-out {result['mosaic']}² mosaics"
-
-
-def codec_point(model, images: list[np.ndarray]) -> dict[str, Any]:
-    """One trained codec on ``images``: real files (pack/unpack), their size with and without
-    the header, the likelihood estimate, quality of the decoded 8-bit images, speed."""
-    import torch
-
-    from gm import codec as coding
-
-    file_bits = header = est_bits = pixels = 0
-    psnrs, outs, exact = [], [], True
-    enc_s = dec_s = 0.0
-    for img in images:
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
-        t0 = time.perf_counter()
-        data = coding.pack(model.compress(x))
-        t1 = time.perf_counter()
-        packed = coding.unpack(data)
-        back = model.decompress(packed)
-        t2 = time.perf_counter()
-        enc_s, dec_s = enc_s + t1 - t0, dec_s + t2 - t1
-        rec = model.reconstruct(x)
-        exact &= bool(torch.equal(back, rec))
-        out = (back.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        file_bits += 8 * len(data)
-        header += coding.header_bytes(packed)
-        n = img.shape[0] * img.shape[1]
-        pixels += n
-        est_bits += model.rate_distortion(x[None] * 2 - 1)["bpp_estimate"] * n
-        psnrs.append(psnr(img, out))
-        outs.append(out)
-    bpp = file_bits / pixels
-    return {
-        "bpp": bpp,
-        "bpp_payload": (file_bits - 8 * header) / pixels,
-        "bpp_estimate": est_bits / pixels,
-        "header_bytes": header / len(images),
-        "psnr": float(np.mean(psnrs)),
-        "ms_ssim": ms_ssim(images, outs),
-        "ratio": 24 / bpp,
-        "encode_images_per_s": len(images) / enc_s,
-        "decode_images_per_s": len(images) / dec_s,
-        "decode_exact": exact,
-    }
 
 
 def _rd(points: list[dict]) -> list[tuple[float, float]]:
@@ -388,33 +528,46 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
                 progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """The rate–distortion table: each kept codec of the sweep (its OUT folder, or
     :func:`load_sweep`'s result) as a point, each baseline's sweep, BD-rates (None where the
-    curves' PSNR ranges do not overlap or a front has < 2 points)."""
+    curves' PSNR ranges do not overlap or a front has < 2 points).
+
+    One pass over the held-out images (:func:`iter_held_out`): each image is coded by every
+    learned codec and every baseline setting, then dropped, so memory is one image (and the
+    reader's row group), not the split."""
     from tqdm import tqdm
 
     codecs = _sweep(sweep)
-    images = held_out_images(cfg, dataset_dir)
+    tallies = [(trial, model, CodecTally(model)) for trial, model in codecs]
+    baselines = {b: BaselineTally(b, with_ms_ssim=True) for b in cfg.baselines}
+    speed = SpeedTally(cfg.anchor)
+    shapes = []
+    for img in tqdm(iter_held_out(cfg, dataset_dir), desc="held-out images", unit="image",
+                    disable=not progress):  # fmt: skip
+        shapes.append(img.shape)
+        for _, _, tally in tallies:
+            tally.add(img)
+        for tally in baselines.values():
+            tally.add(img)
+        speed.add(img)
     learned = []
-    for trial, model in tqdm(codecs, desc="learned codecs", disable=not progress):
+    for trial, model, tally in tallies:
         point = {"name": trial["trial_id"], "lmbda": model.cfg.lmbda, "steps": trial["steps"],
                  "mlflow_run_id": trial.get("mlflow_run_id", "")}  # fmt: skip
-        learned.append(point | codec_point(model, images))
+        learned.append(point | tally.point())
     learned.sort(key=lambda p: p["bpp"])
-    baselines = {b: baseline_points(images, b, with_ms_ssim=True)
-                 for b in tqdm(cfg.baselines, desc="baselines", disable=not progress)}  # fmt: skip
-    anchor = baselines[cfg.anchor]
+    curves = {b: tally.points() for b, tally in baselines.items()}
+    anchor = curves[cfg.anchor]
     bd = {"learned": _bd(anchor, learned)}
-    bd |= {b: _bd(anchor, pts) for b, pts in baselines.items() if b != cfg.anchor}
-    vs = {b: _bd(pts, learned) for b, pts in baselines.items() if b != cfg.anchor}
-    overlap = {b: round(bd_overlap(_rd(pts), _rd(learned)), 3) for b, pts in baselines.items()}
+    bd |= {b: _bd(anchor, pts) for b, pts in curves.items() if b != cfg.anchor}
+    vs = {b: _bd(pts, learned) for b, pts in curves.items() if b != cfg.anchor}
+    overlap = {b: round(bd_overlap(_rd(pts), _rd(learned)), 3) for b, pts in curves.items()}
     front = rd_front(_rd(learned))
     dominated = [p["name"] for p in learned if (p["bpp"], p["psnr"]) not in front]
-    jpeg_speed = _baseline_speed(images, cfg.anchor)
     return {
-        **held_out_layout(cfg, images),
-        "pixels_per_image": sum(a.shape[0] * a.shape[1] for a in images) / len(images),
+        **held_out_layout(cfg, shapes),
+        "pixels_per_image": sum(s[0] * s[1] for s in shapes) / len(shapes),
         "anchor": cfg.anchor,
         "learned": learned,
-        "baselines": baselines,
+        "baselines": curves,
         "container_bytes": {b: container_overhead(b) for b in cfg.baselines},
         "bd_rate": bd,  # % bits against the anchor at equal PSNR (negative: fewer bits)
         "bd_rate_learned_vs": vs,  # the learned curve against each other baseline
@@ -422,22 +575,8 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
         # BD-rate averages over that part only; the bjontegaard package warns below 0.75)
         "bd_overlap": overlap,
         "dominated": dominated,  # learned points off the RD front, left out of the BD-rates
-        "anchor_speed": jpeg_speed,
+        "anchor_speed": speed.speed(),
     }
-
-
-def _baseline_speed(images: list[np.ndarray], codec: str) -> dict[str, float]:
-    """Encode and decode images/s of ``codec`` at its middle setting (for the speed ratio)."""
-    _, _, settings = CODECS[codec]
-    s = settings[len(settings) // 2]
-    t0 = time.perf_counter()
-    files = [encode(img, codec, s) for img in images]
-    t1 = time.perf_counter()
-    for f in files:
-        decode(f)
-    t2 = time.perf_counter()
-    return {"encode_images_per_s": len(images) / (t1 - t0),
-            "decode_images_per_s": len(images) / (t2 - t1)}  # fmt: skip
 
 
 def plot_rd(result: dict[str, Any], title: str):
@@ -478,13 +617,14 @@ def rd_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for p in result["learned"]:
         rows.append({"codec": "learned", "setting": p["name"], "bpp": p["bpp"],
-                     "psnr": p["psnr"], "ms_ssim": p["ms_ssim"],
+                     "psnr": p["psnr"], "psnr_pooled": p["psnr_pooled"], "ms_ssim": p["ms_ssim"],
                      "bpp_estimate": p["bpp_estimate"],
                      "bpp_payload": p["bpp_payload"]})  # fmt: skip
     for b, pts in result["baselines"].items():
         for p in pts:
             rows.append({"codec": b, "setting": p["setting"], "bpp": p["bpp"], "psnr": p["psnr"],
-                         "ms_ssim": p["ms_ssim"], "bpp_estimate": "",
+                         "psnr_pooled": p["psnr_pooled"], "ms_ssim": p["ms_ssim"],
+                         "bpp_estimate": "",
                          "bpp_payload": ""})  # fmt: skip
     return rows
 
