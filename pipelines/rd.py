@@ -94,6 +94,11 @@ def _metrics(result: dict) -> dict:
           for b, v in result["bd_rate"].items() if b != "learned"}  # fmt: skip
     m |= {f"bd_rate_vs_{b}": v for b, v in result["bd_rate_learned_vs"].items()}
     m |= {f"bd_overlap_{b}": v for b, v in result["bd_overlap"].items()}
+    for b, v in result["bd_rate_pooled"].items():  # "jpeg" or "webp_vs_jpeg"
+        pair = b if "_vs_" in b else f"learned_vs_{b}"
+        m[f"bd_rate_pooled_{pair}"] = v["bd_rate"]
+        if "overlap" in v:
+            m[f"bd_overlap_pooled_{b}"] = v["overlap"]
     m["dominated_points"] = len(result["dominated"])
     for i, pt in enumerate(result["learned"]):
         for k in POINT_METRICS:

@@ -117,6 +117,11 @@ def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dat
         assert result["container_bytes"][b] > 0
     assert set(result["bd_rate"]) == {"learned", "webp", "jpeg2000"}
     assert set(result["bd_overlap"]) == {"jpeg", "webp", "jpeg2000"}
+    pooled = result["bd_rate_pooled"]
+    assert set(pooled) == {"jpeg", "webp", "jpeg2000", "webp_vs_jpeg", "jpeg2000_vs_jpeg"}
+    assert all(0 <= pooled[b]["overlap"] <= 1 for b in ("jpeg", "webp", "jpeg2000"))
+    for p in (*learned, *result["baselines"]["jpeg"]):  # pooled: the MSE of all pixels
+        assert 0 < p["psnr_pooled"] < 100
     assert all(0 <= v <= 1 for v in result["bd_overlap"].values())
     front = rd.rd_front([(p["bpp"], p["psnr"]) for p in learned])
     assert len(result["dominated"]) == len(learned) - len(front)
@@ -365,6 +370,9 @@ def test_the_rd_stage_writes_its_reports_and_logs_both_rates_to_mlflow(
     metrics = json.loads(out.with_suffix(".json").read_text())
     assert metrics["decode_exact"] is True
     assert {f"learned_{i}_bpp" for i in range(4)} <= set(metrics)
+    assert {f"learned_{i}_psnr_pooled" for i in range(4)} <= set(metrics)
+    assert {"bd_rate_pooled_learned_vs_jpeg", "bd_overlap_pooled_jpeg",
+            "bd_rate_pooled_jpeg2000_vs_jpeg"} <= set(metrics)  # fmt: skip
     with open(out.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
     assert {r["codec"] for r in rows} == {"learned", "jpeg", "webp", "jpeg2000"}

@@ -495,13 +495,13 @@ def held_out_label(result: dict[str, Any]) -> str:
     return f"{result['images']} held-out {result['mosaic']}² mosaics"
 
 
-def _rd(points: list[dict]) -> list[tuple[float, float]]:
-    return [(p["bpp"], p["psnr"]) for p in points]
+def _rd(points: list[dict], psnr: str = "psnr") -> list[tuple[float, float]]:
+    return [(p["bpp"], p[psnr]) for p in points]
 
 
-def _bd(anchor: list[dict], test: list[dict]) -> float | None:
+def _bd(anchor: list[dict], test: list[dict], psnr: str = "psnr") -> float | None:
     try:
-        return round(bd_rate(_rd(anchor), _rd(test)), 2)
+        return round(bd_rate(_rd(anchor, psnr), _rd(test, psnr)), 2)
     except ValueError:
         return None
 
@@ -560,6 +560,13 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
     bd |= {b: _bd(anchor, pts) for b, pts in curves.items() if b != cfg.anchor}
     vs = {b: _bd(pts, learned) for b, pts in curves.items() if b != cfg.anchor}
     overlap = {b: round(bd_overlap(_rd(pts), _rd(learned)), 3) for b, pts in curves.items()}
+    # the same on the pooled PSNR: one figure per codec pair, its overlap beside it
+    pooled = {b: {"bd_rate": _bd(pts, learned, "psnr_pooled"),
+                  "overlap": round(bd_overlap(_rd(pts, "psnr_pooled"),
+                                              _rd(learned, "psnr_pooled")), 3)}
+              for b, pts in curves.items()}  # fmt: skip
+    pooled |= {f"{b}_vs_{cfg.anchor}": {"bd_rate": _bd(anchor, pts, "psnr_pooled")}
+               for b, pts in curves.items() if b != cfg.anchor}  # fmt: skip
     front = rd_front(_rd(learned))
     dominated = [p["name"] for p in learned if (p["bpp"], p["psnr"]) not in front]
     return {
@@ -574,23 +581,31 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
         # share of the joint PSNR range the learned curve and each baseline both cover (a
         # BD-rate averages over that part only; the bjontegaard package warns below 0.75)
         "bd_overlap": overlap,
+        # BD-rates of the learned curve against each baseline (and of each baseline against
+        # the anchor) on psnr_pooled: it weighs the images a codec codes worst more than the
+        # per-image mean does
+        "bd_rate_pooled": pooled,
         "dominated": dominated,  # learned points off the RD front, left out of the BD-rates
         "anchor_speed": speed.speed(),
     }
 
 
 def plot_rd(result: dict[str, Any], title: str):
-    """PSNR and MS-SSIM against bpp for every curve, as a PIL image."""
+    """PSNR (the mean over images, and pooled), and MS-SSIM against bpp for every curve, as a
+    PIL image."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(15.5, 4.4), dpi=110)
     curves = [(b.upper() if b != "jpeg2000" else "JPEG 2000", pts, "o-", 1.2)
               for b, pts in result["baselines"].items()]  # fmt: skip
     curves.append(("learned codec", result["learned"], "s-", 2.4))
-    for ax, key, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ms_ssim", "MS-SSIM")):
+    panels = ((axes[0], "psnr", "PSNR (dB), mean over images"),
+              (axes[1], "psnr_pooled", "PSNR (dB) of the pooled squared error"),
+              (axes[2], "ms_ssim", "MS-SSIM"))  # fmt: skip
+    for ax, key, label in panels:
         for name, pts, style, lw in curves:
             ax.plot([p["bpp"] for p in pts], [p[key] for p in pts], style, lw=lw, ms=3.5,
                     label=name)  # fmt: skip
