@@ -43,10 +43,14 @@ CODECS = {
 }
 
 
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of a mean squared error of 8-bit values (100 for a lossless code)."""
+    return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return psnr_of_mse(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 def encode(image: np.ndarray, codec: str, setting: int) -> bytes:
@@ -123,9 +127,8 @@ class Tally:
             self.ms_images += 1
 
     def point(self) -> dict[str, float]:
-        mse = self.squared_error / self.values
         point = {"bpp": self.bits / self.pixels, "psnr": self.psnr_sum / self.images,
-                 "psnr_pooled": 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)}  # fmt: skip
+                 "psnr_pooled": psnr_of_mse(self.squared_error / self.values)}  # fmt: skip
         if self.with_ms_ssim:
             point["ms_ssim"] = self.ms_sum / self.ms_images if self.ms_images else math.nan
         return point
@@ -194,14 +197,13 @@ class CodecTally:
         self.tally.add(img, out, len(data))
 
     def point(self) -> dict[str, Any]:
-        t = self.tally
-        bpp = t.bits / t.pixels
+        t, point = self.tally, self.tally.point()
         return {
-            **t.point(),
+            **point,
             "bpp_payload": (t.bits - 8 * self.header) / t.pixels,
             "bpp_estimate": self.est_bits / t.pixels,
             "header_bytes": self.header / t.images,
-            "ratio": 24 / bpp,
+            "ratio": 24 / point["bpp"],
             "encode_images_per_s": t.images / self.enc_s,
             "decode_images_per_s": t.images / self.dec_s,
             "decode_exact": self.exact,
@@ -426,13 +428,14 @@ def iter_blocks(dataset_dir: str | Path, split: str,
             cells.setdefault(key, set()).add(cell)
     if not cells:
         raise DataError(f"{dataset_dir}: the {split} split has no tiles")
-    area = {}
+    grid: dict[tuple[str, int, int], tuple[int, int]] = {}  # block key -> (rows, cols)
     for key, have in cells.items():
         rows, cols = 1 + max(r for r, _ in have), 1 + max(c for _, c in have)
         if len(have) != rows * cols:  # tiles are cut on a full grid: never, unless edited
             raise DataError(f"{dataset_dir}: block {key} of the {split} split is not a full "
                             f"rectangle of tiles ({len(have)} of {rows}x{cols})")  # fmt: skip
-        area[key] = rows * cols
+        grid[key] = rows, cols
+    area = {key: rows * cols for key, (rows, cols) in grid.items()}
     chosen = sorted(cells, key=lambda k: -area[k])  # stable: stored order among equals
     chosen = set(chosen[:max_images] if max_images else chosen)
     begun: dict[tuple[str, int, int], dict[tuple[int, int], np.ndarray]] = {}
@@ -450,9 +453,9 @@ def iter_blocks(dataset_dir: str | Path, split: str,
             got[cell] = tile
             if len(got) == area[key]:
                 del begun[key]
-                rows, cols = 1 + max(r for r, _ in got), 1 + max(c for _, c in got)
-                grid = [[got[(r, c)] for c in range(cols)] for r in range(rows)]
-                yield np.concatenate([np.concatenate(row, 1) for row in grid], 0)
+                rows, cols = grid[key]
+                yield np.concatenate([np.concatenate([got[(r, c)] for c in range(cols)], 1)
+                                      for r in range(rows)], 0)  # fmt: skip
 
 
 def load_blocks(dataset_dir: str | Path, split: str, max_images: int = 0) -> list[np.ndarray]:
