@@ -316,7 +316,7 @@ def test_standard_codecs_trade_rate_for_quality_and_mosaics_tile_exactly():
     big = mosaic(tiles, 128)
     assert len(big) == 1 and big[0].shape == (128, 128, 3)
     assert np.array_equal(big[0][64:, :64], tiles[2])
-    for codec in ("jpeg", "webp", "jpeg2000"):
+    for codec in ("jpeg", "webp", "jpeg2000", "jpeg2000_psnr"):
         points = baseline_points(big, codec)
         rates = [p["bpp"] for p in points]
         quality = [p["psnr"] for p in points]

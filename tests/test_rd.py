@@ -81,6 +81,26 @@ def test_a_codec_point_measures_real_files_against_the_estimate():
     assert p["psnr"] == pytest.approx(np.mean([rd.psnr(a, b) for a, b in zip(images, recs8)]))
 
 
+def test_jpeg2000_by_ratio_spends_equal_bits_and_by_psnr_reaches_equal_quality():
+    # two images of unlike content: a smooth one and one with fine texture
+    smooth = smooth_images(1, 128, 3)[0]
+    busy = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    busy = ((busy.astype(int) + smooth) // 2).astype(np.uint8)
+    for target in (26, 34):
+        files = [rd.encode(im, "jpeg2000_psnr", target) for im in (smooth, busy)]
+        quality = [rd.psnr(im, rd.decode(f)) for im, f in zip((smooth, busy), files)]
+        # each image near the target PSNR, the busy one at several times the smooth one's bits
+        assert all(abs(q - target) < 1.5 for q in quality), quality
+        assert len(files[1]) > 3 * len(files[0])
+    files = [rd.encode(im, "jpeg2000", 16) for im in (smooth, busy)]  # ratio 16: 1.5 bpp
+    quality = [rd.psnr(im, rd.decode(f)) for im, f in zip((smooth, busy), files)]
+    assert abs(len(files[0]) - len(files[1])) < 0.1 * len(files[1])  # the same bits
+    assert quality[0] > quality[1] + 5  # so the smooth image comes out far better
+    with pytest.raises(ConfigError, match="jpeg2001"):
+        rd.RDConfig(dataset="d", sweep="s", baselines=("jpeg", "jpeg2001"))
+    assert rd.LABELS.keys() == rd.CODECS.keys()  # every curve has a name in the plots
+
+
 def test_ms_ssim_is_one_for_equal_images_lower_for_noisy_and_nan_when_too_small():
     a = smooth_images(2, 256, 1)
     noisy = [np.clip(x.astype(int) + np.random.default_rng(0).integers(-40, 40, x.shape), 0, 255)
@@ -110,16 +130,18 @@ def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dat
     ]
     assert [p["bpp"] for p in learned] == sorted(p["bpp"] for p in learned)
     assert all(p["decode_exact"] for p in learned)
-    for b in ("jpeg", "webp", "jpeg2000"):
+    baselines = ("jpeg", "webp", "jpeg2000", "jpeg2000_psnr")
+    assert tuple(result["baselines"]) == baselines  # the default set, in order
+    for b in baselines:
         pts = result["baselines"][b]
         assert len(pts) == len(rd.CODECS[b][2])
         assert pts[-1]["psnr"] > pts[0]["psnr"]  # more bits, better quality
         assert result["container_bytes"][b] > 0
-    assert set(result["bd_rate"]) == {"learned", "webp", "jpeg2000"}
-    assert set(result["bd_overlap"]) == {"jpeg", "webp", "jpeg2000"}
+    assert set(result["bd_rate"]) == {"learned", *baselines[1:]}
+    assert set(result["bd_overlap"]) == set(baselines)
     pooled = result["bd_rate_pooled"]
-    assert set(pooled) == {"jpeg", "webp", "jpeg2000", "webp_vs_jpeg", "jpeg2000_vs_jpeg"}
-    assert all(0 <= pooled[b]["overlap"] <= 1 for b in ("jpeg", "webp", "jpeg2000"))
+    assert set(pooled) == {*baselines, *(f"{b}_vs_jpeg" for b in baselines[1:])}
+    assert all(0 <= pooled[b]["overlap"] <= 1 for b in baselines)
     for p in (*learned, *result["baselines"]["jpeg"]):  # pooled: the MSE of all pixels
         assert 0 < p["psnr_pooled"] < 100
     assert all(0 <= v <= 1 for v in result["bd_overlap"].values())
@@ -372,10 +394,11 @@ def test_the_rd_stage_writes_its_reports_and_logs_both_rates_to_mlflow(
     assert {f"learned_{i}_bpp" for i in range(4)} <= set(metrics)
     assert {f"learned_{i}_psnr_pooled" for i in range(4)} <= set(metrics)
     assert {"bd_rate_pooled_learned_vs_jpeg", "bd_overlap_pooled_jpeg",
-            "bd_rate_pooled_jpeg2000_vs_jpeg"} <= set(metrics)  # fmt: skip
+            "bd_rate_pooled_jpeg2000_vs_jpeg", "bd_rate_pooled_jpeg2000_psnr_vs_jpeg",
+            "bd_rate_vs_jpeg2000_psnr"} <= set(metrics)  # fmt: skip
     with open(out.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
-    assert {r["codec"] for r in rows} == {"learned", "jpeg", "webp", "jpeg2000"}
+    assert {r["codec"] for r in rows} == {"learned", "jpeg", "webp", "jpeg2000", "jpeg2000_psnr"}
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert (out.parent / "toy_samples.png").is_file()
     for run_id in trial_runs.values():  # estimated and actual bpp side by side

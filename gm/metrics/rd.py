@@ -3,7 +3,11 @@ Bjøntegaard delta rate (BD-rate) between two rate–distortion curves.
 
 - :func:`baseline_points`: JPEG, WebP and JPEG 2000 (Pillow's encoders) on the same images,
   bpp from the encoded file sizes (container headers included, as a user's files would
-  have them; :func:`container_overhead` reports what a near-empty file costs apart).
+  have them; :func:`container_overhead` reports what a near-empty file costs apart). JPEG 2000
+  runs twice: by target compression ratio (``jpeg2000``: every image gets the same bpp) and
+  by target PSNR (``jpeg2000_psnr``: every image about the same quality), the two rate
+  controls of OpenJPEG; which one a comparison uses decides how the bits are spread over
+  images of unlike content (the pooled PSNR of :class:`Tally` sees the difference).
 - :func:`bd_rate`: the average bitrate difference (%) of a test curve against an anchor
   over their common PSNR range (Bjøntegaard, VCEG-M33), with log-rate interpolated piecewise
   (PCHIP, as in the JVET common test conditions) through each curve's undominated points
@@ -38,9 +42,16 @@ from gm.config import check
 CODECS = {
     "jpeg": ("JPEG", "quality", (10, 20, 30, 40, 50, 60, 70, 80, 90, 95)),
     "webp": ("WEBP", "quality", (5, 10, 20, 30, 40, 50, 60, 70, 80, 90)),
-    # JPEG 2000 by target compression ratio (quality_layers), high ratio = low rate
+    # JPEG 2000 by target compression ratio (quality_layers), high ratio = low rate: the same
+    # bits per pixel for every image, whatever its content
     "jpeg2000": ("JPEG2000", "quality_layers", (200, 120, 80, 50, 35, 25, 16, 10, 6, 4)),
+    # JPEG 2000 by target PSNR in dB (OpenJPEG's fixed-quality mode, Pillow's quality_mode
+    # "dB"): about the same PSNR for every image, the bits going where the content needs them
+    "jpeg2000_psnr": ("JPEG2000", "quality_layers", (22, 24, 26, 28, 30, 32, 34, 36, 38, 42)),
 }
+# the curves' names in plots and tables
+LABELS = {"jpeg": "JPEG", "webp": "WebP", "jpeg2000": "JPEG 2000 (ratio target)",
+          "jpeg2000_psnr": "JPEG 2000 (PSNR target)"}  # fmt: skip
 
 
 def psnr_of_mse(mse: float) -> float:
@@ -54,13 +65,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def encode(image: np.ndarray, codec: str, setting: int) -> bytes:
+    """``image`` (uint8 HxWx3) as the file ``codec`` (a key of CODECS) writes at ``setting``
+    (its quality, compression ratio or target PSNR in dB)."""
     from PIL import Image
 
     fmt, key, _ = CODECS[codec]
     buf = io.BytesIO()
     kwargs = {key: [setting] if key == "quality_layers" else setting}
-    if codec == "jpeg2000":
-        kwargs |= {"quality_mode": "rates", "irreversible": True}
+    if fmt == "JPEG2000":  # the 9/7 wavelet (lossy), rate- or quality-driven
+        kwargs |= {"quality_mode": "dB" if codec == "jpeg2000_psnr" else "rates",
+                   "irreversible": True}  # fmt: skip
     Image.fromarray(image).save(buf, format=fmt, **kwargs)
     return buf.getvalue()
 
@@ -329,7 +343,7 @@ class RDConfig:
     layout: Literal["mosaic", "blocks"] = "mosaic"
     mosaic: int = 256  # side of the mosaics the tiles are assembled into (>= 256 in reports)
     max_images: int = 0  # 0: every full mosaic (every block, the largest first)
-    baselines: tuple[str, ...] = ("jpeg", "webp", "jpeg2000")
+    baselines: tuple[str, ...] = ("jpeg", "webp", "jpeg2000", "jpeg2000_psnr")
     anchor: str = "jpeg"  # BD-rates are against this baseline
 
     def __post_init__(self):
@@ -602,8 +616,7 @@ def plot_rd(result: dict[str, Any], title: str):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15.5, 4.4), dpi=110)
-    curves = [(b.upper() if b != "jpeg2000" else "JPEG 2000", pts, "o-", 1.2)
-              for b, pts in result["baselines"].items()]  # fmt: skip
+    curves = [(LABELS[b], pts, "o-", 1.2) for b, pts in result["baselines"].items()]
     curves.append(("learned codec", result["learned"], "s-", 2.4))
     panels = ((axes[0], "psnr", "PSNR (dB), mean over images"),
               (axes[1], "psnr_pooled", "PSNR (dB) of the pooled squared error"),
