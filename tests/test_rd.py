@@ -8,6 +8,7 @@ import copy
 import csv
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -363,7 +364,7 @@ def test_kept_checkpoints_are_matched_by_their_searched_values(tmp_path):
 
 
 def test_the_rd_stage_writes_its_reports_and_logs_both_rates_to_mlflow(
-    tmp_path, toy_dataset, monkeypatch
+    tmp_path, toy_dataset, monkeypatch, capsys
 ):
     from mlflow import MlflowClient
 
@@ -409,6 +410,22 @@ def test_the_rd_stage_writes_its_reports_and_logs_both_rates_to_mlflow(
     arts = {a.path for a in client.list_artifacts(rd_runs[0].info.run_id)}
     assert {"toy.json", "toy.csv", "toy.png", "toy_samples.png"} <= arts
     assert "learned/bpp" in rd_runs[0].data.metrics
+    # bench/rd_baselines.py: the report's learned points against baselines coded afresh give
+    # the stage's own BD-rates, so a report can be compared with a baseline added later
+    sys.path.insert(0, str(REPO / "bench"))
+    from rd_baselines import main as rd_baselines
+
+    capsys.readouterr()
+    assert rd_baselines([str(out.with_suffix(".json")), "--dataset", str(toy_dataset),
+                         "--params", str(tmp_path / "params.yaml"), "--name", "toy",
+                         "--baselines", "jpeg", "jpeg2000_psnr"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    for baseline, key in (("jpeg", "bd_rate_vs_jpeg"),
+                          ("jpeg2000_psnr", "bd_rate_vs_jpeg2000_psnr")):  # fmt: skip
+        line = next(t for t in text.splitlines() if f"learned vs {baseline}, mean PSNR" in t)
+        want = "n/a" if metrics[key] is None else f"{metrics[key]:+.1f} %"
+        assert f"BD-rate {want}" in line, (line, metrics[key])
+    assert "JPEG 2000 (PSNR target)" in text
 
 
 def test_bad_rd_name_exits_2_naming_it(tmp_path, capsys):
