@@ -39,14 +39,15 @@ def learned_points(report: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from gm import params
-    from gm.metrics.rd import LABELS, BaselineTally, bd_overlap, bd_rate, iter_held_out
+    from gm.metrics.rd import CODECS, LABELS, BaselineTally, bd_overlap, bd_rate, iter_held_out
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("report", help="an rd report's metrics JSON (reports/rd/<name>.json)")
     ap.add_argument("--dataset", required=True, help="the prepared dataset the report scored")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--name", default="photos", help="the rd section whose held-out images to use")
-    ap.add_argument("--baselines", nargs="+", default=["jpeg", "jpeg2000", "jpeg2000_psnr"])
+    ap.add_argument("--baselines", nargs="+", choices=list(CODECS),
+                    default=["jpeg", "jpeg2000", "jpeg2000_psnr"])  # fmt: skip
     args = ap.parse_args(argv)
     report = json.loads(Path(args.report).read_text())
     learned = learned_points(report)

@@ -453,6 +453,9 @@ def test_rd_baselines_scores_a_reports_learned_curve_against_baselines_coded_afr
     assert "learned vs jpeg, pooled PSNR: BD-rate -50.0 %, overlap 100%" in text
     assert "JPEG 2000 (PSNR target) (jpeg2000_psnr)" in text
     assert "learned vs jpeg2000_psnr, mean PSNR" in text
+    with pytest.raises(SystemExit):  # an unknown codec: argparse names the choices
+        rd_baselines([*argv[:-2], "jpeg2001"])
+    assert "invalid choice: 'jpeg2001'" in capsys.readouterr().err
     # a report of other images is refused, naming the dataset
     path.write_text(json.dumps(report | {"images": len(images) + 1}))
     with pytest.raises(SystemExit, match=f"{toy_dataset}: {len(images)} held-out images"):
