@@ -22,7 +22,6 @@ def main(argv: list[str] | None = None) -> int:
         comparison_strip,
         evaluate_rd,
         held_out_label,
-        iter_held_out,
         load_sweep,
         plot_rd,
         rd_rows,
@@ -44,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep = load_sweep(args.sweep)  # every codec loaded once, for the table and the strip
     result = evaluate_rd(cfg, args.dataset, sweep, progress=not args.quiet)
     plot = plot_rd(result, f"rd.{args.name}")
-    first = next(iter_held_out(cfg, args.dataset, 1))  # the first mosaic, the largest block
     from PIL import Image
 
-    strip = Image.fromarray(comparison_strip(first, result, sweep))
+    # the largest held-out image (the first among equals), kept by the pass above
+    strip = Image.fromarray(comparison_strip(result["example"], result, sweep))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = rd_rows(result)

@@ -116,7 +116,8 @@ def test_ms_ssim_is_one_for_equal_images_lower_for_noisy_and_nan_when_too_small(
     assert each[0] != pytest.approx(each[1], abs=1e-4)  # a mean of two different values
 
 
-def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dataset):
+def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dataset,
+                                                                monkeypatch):  # fmt: skip
     # toy_dataset: 16x16 RGB tiles; 16 of them fill one 64x64 mosaic
     cfg = rd.RDConfig(dataset="toy", sweep="s", split="train", mosaic=64)
     sweep = sweep_dir(tmp_path)
@@ -150,9 +151,17 @@ def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dat
     assert len(result["dominated"]) == len(learned) - len(front)
     rows = rd.rd_rows(result)
     assert len(rows) == 4 + sum(len(rd.CODECS[b][2]) for b in rd.CODECS)
-    strip = rd.comparison_strip(rd.load_mosaics(toy_dataset, "train", 64, 1)[0], result, sweep,
-                                crop=64)  # fmt: skip
+    # the strip's image, kept by the pass: the first mosaic (all are the same size)
+    assert np.array_equal(result["example"], rd.load_mosaics(toy_dataset, "train", 64, 1)[0])
+    strip = rd.comparison_strip(result["example"], result, sweep, crop=64)
     assert strip.shape == (64, 64 * 6 + 4 * 5, 3)  # original, 4 learned, JPEG
+    # images of several sizes in the pass (blocks at a photo's edge): the largest is kept, the
+    # first of two equal ones, whatever comes before or after it
+    a, b, c = smooth_images(3, 64, 11)
+    images = [a, np.concatenate([b, a]), np.concatenate([c, b]), b]
+    monkeypatch.setattr(rd, "iter_held_out", lambda *args: iter(images))
+    again = rd.evaluate_rd(cfg, toy_dataset, sweep, progress=False)
+    assert again["images"] == 4 and np.array_equal(again["example"], images[1])
 
 
 def test_no_kept_checkpoints_and_too_few_tiles_are_clear_errors(tmp_path, toy_dataset):
@@ -263,6 +272,9 @@ def test_blocks_layout_puts_held_out_tiles_back_where_they_were_cut(
         alone = rd.codec_point(model, blocks)
         assert p["bpp"] == alone["bpp"] and p["psnr"] == pytest.approx(alone["psnr"])
     assert rd.held_out_label(result) == f"{n} held-out blocks in place (up to 32²)"
+    # the strip's image: the largest block, the one a reader asked for one block gets
+    assert result["example"].shape[:2] == (32, 32)
+    assert np.array_equal(result["example"], rd.load_blocks(ds, "train", 1)[0])
     with pytest.raises(DataError, match="split_by: block .*split_by: image"):
         rd.load_blocks(toy_dataset, "train")
 

@@ -549,17 +549,20 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
 
     One pass over the held-out images (:func:`iter_held_out`): each image is coded by every
     learned codec and every baseline setting, then dropped, so memory is one image (and the
-    reader's row group), not the split."""
+    reader's row group), not the split; the largest image seen is kept (``example``: the first
+    yielded among equals, for :func:`comparison_strip`), so at most two images are held."""
     from tqdm import tqdm
 
     codecs = _sweep(sweep)
     tallies = [(trial, model, CodecTally(model)) for trial, model in codecs]
     baselines = {b: BaselineTally(b, with_ms_ssim=True) for b in cfg.baselines}
     speed = SpeedTally(cfg.anchor)
-    shapes = []
+    shapes, example = [], None
     for img in tqdm(iter_held_out(cfg, dataset_dir), desc="held-out images", unit="image",
                     disable=not progress):  # fmt: skip
         shapes.append(img.shape)
+        if example is None or img.shape[0] * img.shape[1] > example.shape[0] * example.shape[1]:
+            example = img
         for _, _, tally in tallies:
             tally.add(img)
         for tally in baselines.values():
@@ -604,6 +607,7 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
         "bd_rate_pooled": pooled,
         "dominated": dominated,  # learned points off the RD front, left out of the BD-rates
         "anchor_speed": speed.speed(),
+        "example": example,  # uint8 HxWx3: the largest held-out image (not for the JSON)
     }
 
 
