@@ -52,8 +52,8 @@ def main() -> int:
           f"{'×JPEG':>6} {'bpp file':>8} {'payload':>8} {'estim.':>7} {'hdr B':>5} "
           f"{'PSNR':>6} {'MS-SSIM':>7}")  # fmt: skip
     speed = {}
-    for name, (_, _, settings) in rd.CODECS.items():
-        q = settings[len(settings) // 2]
+    for name, codec in rd.CODECS.items():
+        q = codec.middle
         files = [rd.encode(im, name, q) for im in images]
         enc = mp / timed(lambda name=name, q=q: [rd.encode(im, name, q) for im in images],
                          args.repeat)  # fmt: skip

@@ -39,7 +39,15 @@ def learned_points(report: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from gm import params
-    from gm.metrics.rd import CODECS, LABELS, BaselineTally, bd_overlap, bd_rate, iter_held_out
+    from gm.metrics.rd import (
+        CODECS,
+        LABELS,
+        BaselineTally,
+        bd_overlap,
+        bd_rate_of,
+        iter_held_out,
+        rd_curve,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("report", help="an rd report's metrics JSON (reports/rd/<name>.json)")
@@ -69,12 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             mean, pooled = p["psnr"], p["psnr_pooled"]
             print(f"  {p['setting']:>4}  {p['bpp']:.3f}  {mean:6.2f} / {pooled:6.2f}")
         for key, name in (("psnr", "mean PSNR"), ("psnr_pooled", "pooled PSNR")):
-            base, test = ([(p["bpp"], p[key]) for p in c] for c in (pts, learned))
-            try:
-                text = f"{bd_rate(base, test):+.1f} %"
-            except ValueError as e:
-                text = f"n/a ({e})"
-            overlap = bd_overlap(base, test)
+            bd = bd_rate_of(pts, learned, key, digits=1)
+            text = "n/a" if bd is None else f"{bd:+.1f} %"  # as the stage reports it
+            overlap = bd_overlap(rd_curve(pts, key), rd_curve(learned, key))
             print(f"  learned vs {b}, {name}: BD-rate {text}, overlap {overlap:.0%}")
     return 0
 

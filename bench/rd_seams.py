@@ -107,7 +107,7 @@ def seam_table(model, in_place: list[np.ndarray], permuted: list[np.ndarray],
         rows.append({"arrangement": name, "codec": "learned", "bpp": p["bpp"],
                      "psnr": p["psnr"], "vs_jpeg_db": gap})  # fmt: skip
         for b in baselines:
-            mid = CODECS[b][2][len(CODECS[b][2]) // 2]
+            mid = CODECS[b].middle
             (q,) = baseline_points(ims, b, settings=(mid,))
             rows.append({"arrangement": name, "codec": f"{b} {mid}", "bpp": q["bpp"],
                          "psnr": q["psnr"], "vs_jpeg_db": float("nan")})  # fmt: skip

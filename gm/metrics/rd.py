@@ -33,21 +33,48 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from gm.config import check
 
+
+class StandardCodec(NamedTuple):
+    """A standard codec as Pillow writes it: ``settings`` (its sweep, low rate first or by
+    quality) go to the save option ``key``, with the fixed save ``options`` beside it."""
+
+    format: str  # Pillow's format name
+    key: str  # the save option a setting is passed as
+    settings: tuple[int, ...]
+    options: dict[str, Any]
+
+    @property
+    def middle(self) -> int:
+        """The middle setting of the sweep (the speed and container-size reference)."""
+        return self.settings[len(self.settings) // 2]
+
+
+# JPEG 2000: the 9/7 wavelet (irreversible, lossy) under either of OpenJPEG's rate controls
 CODECS = {
-    "jpeg": ("JPEG", "quality", (10, 20, 30, 40, 50, 60, 70, 80, 90, 95)),
-    "webp": ("WEBP", "quality", (5, 10, 20, 30, 40, 50, 60, 70, 80, 90)),
-    # JPEG 2000 by target compression ratio (quality_layers), high ratio = low rate: the same
-    # bits per pixel for every image, whatever its content
-    "jpeg2000": ("JPEG2000", "quality_layers", (200, 120, 80, 50, 35, 25, 16, 10, 6, 4)),
-    # JPEG 2000 by target PSNR in dB (OpenJPEG's fixed-quality mode, Pillow's quality_mode
-    # "dB"): about the same PSNR for every image, the bits going where the content needs them
-    "jpeg2000_psnr": ("JPEG2000", "quality_layers", (22, 24, 26, 28, 30, 32, 34, 36, 38, 42)),
+    "jpeg": StandardCodec("JPEG", "quality", (10, 20, 30, 40, 50, 60, 70, 80, 90, 95), {}),
+    "webp": StandardCodec("WEBP", "quality", (5, 10, 20, 30, 40, 50, 60, 70, 80, 90), {}),
+    # by target compression ratio (quality_layers), high ratio = low rate: the same bits per
+    # pixel for every image, whatever its content
+    "jpeg2000": StandardCodec(
+        "JPEG2000",
+        "quality_layers",
+        (200, 120, 80, 50, 35, 25, 16, 10, 6, 4),
+        {"quality_mode": "rates", "irreversible": True},
+    ),
+    # by target PSNR in dB (OpenJPEG's fixed-quality mode): about the same PSNR for every
+    # image, the bits going where the content needs them
+    "jpeg2000_psnr": StandardCodec(
+        "JPEG2000",
+        "quality_layers",
+        (22, 24, 26, 28, 30, 32, 34, 36, 38, 42),
+        {"quality_mode": "dB", "irreversible": True},
+    ),
 }
 # the curves' names in plots and tables
 LABELS = {"jpeg": "JPEG", "webp": "WebP", "jpeg2000": "JPEG 2000 (ratio target)",
@@ -69,13 +96,10 @@ def encode(image: np.ndarray, codec: str, setting: int) -> bytes:
     (its quality, compression ratio or target PSNR in dB)."""
     from PIL import Image
 
-    fmt, key, _ = CODECS[codec]
+    c = CODECS[codec]
     buf = io.BytesIO()
-    kwargs = {key: [setting] if key == "quality_layers" else setting}
-    if fmt == "JPEG2000":  # the 9/7 wavelet (lossy), rate- or quality-driven
-        kwargs |= {"quality_mode": "dB" if codec == "jpeg2000_psnr" else "rates",
-                   "irreversible": True}  # fmt: skip
-    Image.fromarray(image).save(buf, format=fmt, **kwargs)
+    value = [setting] if c.key == "quality_layers" else setting  # one quality layer
+    Image.fromarray(image).save(buf, format=c.format, **{c.key: value}, **c.options)
     return buf.getvalue()
 
 
@@ -155,7 +179,7 @@ class BaselineTally:
     def __init__(self, codec: str, with_ms_ssim: bool = False,
                  settings: tuple[int, ...] | None = None):  # fmt: skip
         self.codec = codec
-        self.tallies = {s: Tally(with_ms_ssim) for s in settings or CODECS[codec][2]}
+        self.tallies = {s: Tally(with_ms_ssim) for s in settings or CODECS[codec].settings}
 
     def add(self, image: np.ndarray) -> None:
         for s, tally in self.tallies.items():
@@ -240,8 +264,7 @@ class SpeedTally:
     ratio's reference), one image at a time."""
 
     def __init__(self, codec: str):
-        _, _, settings = CODECS[codec]
-        self.codec, self.setting = codec, settings[len(settings) // 2]
+        self.codec, self.setting = codec, CODECS[codec].middle
         self.images, self.enc_s, self.dec_s = 0, 0.0, 0.0
 
     def add(self, image: np.ndarray) -> None:
@@ -260,8 +283,7 @@ class SpeedTally:
 
 def container_overhead(codec: str) -> int:
     """Bytes of the file of a 1×1 image: the container's fixed cost, reported apart."""
-    _, _, settings = CODECS[codec]
-    return len(encode(np.zeros((1, 1, 3), np.uint8), codec, settings[len(settings) // 2]))
+    return len(encode(np.zeros((1, 1, 3), np.uint8), codec, CODECS[codec].middle))
 
 
 def rd_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -512,13 +534,18 @@ def held_out_label(result: dict[str, Any]) -> str:
     return f"{result['images']} held-out {result['mosaic']}² mosaics"
 
 
-def _rd(points: list[dict], psnr: str = "psnr") -> list[tuple[float, float]]:
+def rd_curve(points: list[dict], psnr: str = "psnr") -> list[tuple[float, float]]:
+    """(bpp, PSNR) pairs of a curve's points (dicts as :meth:`Tally.point`), on the ``psnr``
+    key: ``psnr`` (the mean over images) or ``psnr_pooled``."""
     return [(p["bpp"], p[psnr]) for p in points]
 
 
-def _bd(anchor: list[dict], test: list[dict], psnr: str = "psnr") -> float | None:
+def bd_rate_of(anchor: list[dict], test: list[dict], psnr: str = "psnr",
+               digits: int = 2) -> float | None:  # fmt: skip
+    """:func:`bd_rate` (%) of two curves' points on the ``psnr`` key, rounded to ``digits``;
+    None where it is undefined (a front of < 2 points, PSNR ranges that do not meet)."""
     try:
-        return round(bd_rate(_rd(anchor, psnr), _rd(test, psnr)), 2)
+        return round(bd_rate(rd_curve(anchor, psnr), rd_curve(test, psnr)), digits)
     except ValueError:
         return None
 
@@ -576,18 +603,19 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
     learned.sort(key=lambda p: p["bpp"])
     curves = {b: tally.points() for b, tally in baselines.items()}
     anchor = curves[cfg.anchor]
-    bd = {"learned": _bd(anchor, learned)}
-    bd |= {b: _bd(anchor, pts) for b, pts in curves.items() if b != cfg.anchor}
-    vs = {b: _bd(pts, learned) for b, pts in curves.items() if b != cfg.anchor}
-    overlap = {b: round(bd_overlap(_rd(pts), _rd(learned)), 3) for b, pts in curves.items()}
+    bd = {"learned": bd_rate_of(anchor, learned)}
+    bd |= {b: bd_rate_of(anchor, pts) for b, pts in curves.items() if b != cfg.anchor}
+    vs = {b: bd_rate_of(pts, learned) for b, pts in curves.items() if b != cfg.anchor}
+    overlap = {b: round(bd_overlap(rd_curve(pts), rd_curve(learned)), 3)
+               for b, pts in curves.items()}  # fmt: skip
     # the same on the pooled PSNR: one figure per codec pair, its overlap beside it
-    pooled = {b: {"bd_rate": _bd(pts, learned, "psnr_pooled"),
-                  "overlap": round(bd_overlap(_rd(pts, "psnr_pooled"),
-                                              _rd(learned, "psnr_pooled")), 3)}
+    pooled = {b: {"bd_rate": bd_rate_of(pts, learned, "psnr_pooled"),
+                  "overlap": round(bd_overlap(rd_curve(pts, "psnr_pooled"),
+                                              rd_curve(learned, "psnr_pooled")), 3)}
               for b, pts in curves.items()}  # fmt: skip
-    pooled |= {f"{b}_vs_{cfg.anchor}": {"bd_rate": _bd(anchor, pts, "psnr_pooled")}
+    pooled |= {f"{b}_vs_{cfg.anchor}": {"bd_rate": bd_rate_of(anchor, pts, "psnr_pooled")}
                for b, pts in curves.items() if b != cfg.anchor}  # fmt: skip
-    front = rd_front(_rd(learned))
+    front = rd_front(rd_curve(learned))
     dominated = [p["name"] for p in learned if (p["bpp"], p["psnr"]) not in front]
     return {
         **held_out_layout(cfg, shapes),
