@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -52,7 +51,9 @@ POOL = 256  # synthetic images per domain, cycled through
 
 def job_models() -> dict[str, dict]:
     """The default pipeline's ``model`` dict of each family (params.yaml, first job of it)."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    from gm.config import yaml_load
+
+    raw = yaml_load((REPO / "params.yaml").read_text())
     found: dict[str, dict] = {}
     for section in ("train", "train_paired", "train_codec"):
         for job in (raw.get(section) or {}).values():

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from gm import tracking
+from gm.config import yaml_load
 from gm.errors import ConfigError, GmError
 
 # Columns of `gm runs`: the metrics a user compares first, in this order, when present.
@@ -292,7 +293,7 @@ def _code_check(root: Path, commit: str, head: str, deps: dict[str, str]) -> Che
 def _set_value(text: str) -> str:
     """A run param's string as the value `dvc exp run -S` (Hydra's override grammar) parses
     back to the same value."""
-    value = yaml.safe_load(text) if text not in ("None", "") else None
+    value = yaml_load(text) if text not in ("None", "") else None
     if text in ("True", "False"):
         value = text == "True"
     return _flow(value)
@@ -302,7 +303,7 @@ def _flow(value: Any) -> str:
     """A YAML value in Hydra's override grammar: flow style, strings quoted unless plain
     (an unquoted comma would make a sweep of them, a space or a colon another value)."""
     plain = isinstance(value, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_./-]*", value)
-    if isinstance(value, str) and not (plain and yaml.safe_load(value) == value):
+    if isinstance(value, str) and not (plain and yaml_load(value) == value):
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     if isinstance(value, list):
         return "[" + ", ".join(_flow(v) for v in value) + "]"
@@ -385,7 +386,7 @@ def audit_run(root: str | Path, run_id: str) -> Audit:
     if job:
         logged = _job_keys(p)
         try:
-            raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
+            raw = yaml_load((root / "params.yaml").read_text()) or {}
             section, here = job_params(raw, job, "params.yaml")
             diff = sorted(k for k in logged if here.get(k) != logged[k])
             for k in diff:
@@ -399,7 +400,7 @@ def audit_run(root: str | Path, run_id: str) -> Audit:
     if commit and (job or "dvc.upstream_params" in t):
         shown = _git(root, "show", f"{commit}:params.yaml")
         if shown.returncode == 0:
-            commit_params = yaml.safe_load(shown.stdout) or {}
+            commit_params = yaml_load(shown.stdout) or {}
         else:
             a.notes.append(f"commit {commit[:8]} is not in this repository (git fetch it)")
     if job and commit_params is not None:

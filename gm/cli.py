@@ -170,13 +170,14 @@ def _cmd_models(args) -> int:
 def _parse_override(text: str) -> tuple[list[str], object]:
     import yaml
 
+    from gm.config import yaml_load
     from gm.errors import ConfigError
 
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. run.steps=200")
     try:
-        parsed = yaml.safe_load(value)
+        parsed = yaml_load(value)
     except yaml.YAMLError:
         parsed = value
     return key.split("."), parsed

@@ -22,6 +22,32 @@ from gm.errors import ConfigError
 T = TypeVar("T")
 
 
+class Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float syntax.
+
+    PyYAML implements YAML 1.1, whose floats need a dot: ``lr: 5e-4`` loads as the string
+    ``'5e-4'`` (yaml/pyyaml#173), while DVC (ruamel.yaml, YAML 1.2) and Hydra's ``-S`` read it
+    as the number 0.0005. This loader reads ``5e-4``, ``1E3`` and ``.5`` as floats, so a params
+    file means the same number to gm and to DVC; everything else loads as ``safe_load`` does.
+    """
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text as :class:`Loader` reads it (``yaml.safe_load`` with YAML 1.2 floats).
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a safe loader
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or a syntax error is a ConfigError naming the file."""
     path = Path(path)
@@ -30,7 +56,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read params file ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:

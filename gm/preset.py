@@ -56,6 +56,7 @@ from typing import Any
 
 import yaml
 
+from gm.config import yaml_load
 from gm.errors import ConfigError
 
 
@@ -245,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         path, root = Path(args.preset), Path(args.params)
         try:
-            preset = yaml.safe_load(path.read_text()) or {}
-            base = yaml.safe_load(root.read_text()) or {}
+            preset = yaml_load(path.read_text()) or {}
+            base = yaml_load(root.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{getattr(e, 'filename', None) or path}: {e}") from None
         if not isinstance(preset, dict):

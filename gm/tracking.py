@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from gm.config import yaml_load
 from gm.errors import ConfigError, DataError, GmError
 
 EXPERIMENT = "gm"
@@ -245,7 +246,7 @@ def upstream_param_changes(
             return {}
         keys = graph[1]
     try:
-        now, then = yaml.safe_load(path.read_text()) or {}, yaml.safe_load(head_text) or {}
+        now, then = yaml_load(path.read_text()) or {}, yaml_load(head_text) or {}
     except yaml.YAMLError:
         return {}
 

@@ -8,7 +8,7 @@ import yaml
 
 from gm import params
 from gm.cli import main as gm_main
-from gm.config import check_literal, from_dict
+from gm.config import check_literal, from_dict, yaml_load
 from gm.data.config import DatasetConfig, PairConfig
 from gm.errors import ConfigError
 
@@ -134,6 +134,37 @@ def test_malformed_yaml_names_the_file(tmp_path):
     p.write_text("datasets: {toy: [unclosed\n")
     with pytest.raises(ConfigError, match=f"{p}: not valid YAML"):
         params.load(p)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("5e-4", 0.0005), ("1E3", 1000.0), (".5", 0.5), ("-2.5e+3", -2500.0), ("0.001", 0.001),
+     ("3", 3), ("1e", "1e"), ("e3", "e3"), ("'5e-4'", "5e-4")],
+)  # fmt: skip
+def test_yaml_reads_exponent_floats_as_dvc_does(text, value):
+    """PyYAML alone (YAML 1.1) reads `lr: 5e-4` as a string; gm and DVC (ruamel.yaml, YAML
+    1.2) both read the number, and integers and quoted strings keep their types."""
+    from ruamel.yaml import YAML
+
+    got = yaml_load(f"lr: {text}")["lr"]
+    assert got == value and type(got) is type(value)
+    dvc = YAML(typ="safe", pure=True).load(f"lr: {text}")["lr"]
+    assert dvc == value and type(dvc) is type(value)
+
+
+def test_an_exponent_learning_rate_in_params_and_in_set(tmp_path):
+    from gm.cli import _parse_override
+
+    data = base()
+    data["train"]["gan"]["model"]["optim_g"] = {"lr": "LR"}
+    text = yaml.safe_dump(data).replace("lr: LR", "lr: 5e-4")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert yaml.safe_load(text)["train"]["gan"]["model"]["optim_g"]["lr"] == "5e-4"  # PyYAML's
+    cfg = params.load(path).job("gan")[1].family_config("train.gan")
+    assert cfg.optim_g.lr == 0.0005 and cfg.ngf == 16
+    assert _parse_override("model.optim_d.lr=2e-3") == (["model", "optim_d", "lr"], 0.002)
+    assert _parse_override("model.style=demod") == (["model", "style"], "demod")
 
 
 def test_bool_is_not_an_integer():
