@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     from gm import params
     from gm.metrics.rd import (
         CODECS,
-        LABELS,
         BaselineTally,
         bd_overlap,
         bd_rate_of,
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.report}: {len(learned)} learned points; {n} held-out images of {args.dataset}")
     for b, tally in tallies.items():
         pts = tally.points()
-        print(f"\n{LABELS[b]} ({b}): setting, bpp, PSNR mean / pooled (dB)")
+        print(f"\n{CODECS[b].label} ({b}): setting, bpp, PSNR mean / pooled (dB)")
         for p in pts:
             mean, pooled = p["psnr"], p["psnr_pooled"]
             print(f"  {p['setting']:>4}  {p['bpp']:.3f}  {mean:6.2f} / {pooled:6.2f}")

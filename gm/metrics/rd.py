@@ -42,12 +42,14 @@ from gm.config import check
 
 class StandardCodec(NamedTuple):
     """A standard codec as Pillow writes it: ``settings`` (its sweep, low rate first or by
-    quality) go to the save option ``key``, with the fixed save ``options`` beside it."""
+    quality) go to the save option ``key``, with the fixed save ``options`` beside it;
+    ``label`` names its curve in plots and tables."""
 
     format: str  # Pillow's format name
     key: str  # the save option a setting is passed as
     settings: tuple[int, ...]
     options: dict[str, Any]
+    label: str
 
     @property
     def middle(self) -> int:
@@ -57,8 +59,8 @@ class StandardCodec(NamedTuple):
 
 # JPEG 2000: the 9/7 wavelet (irreversible, lossy) under either of OpenJPEG's rate controls
 CODECS = {
-    "jpeg": StandardCodec("JPEG", "quality", (10, 20, 30, 40, 50, 60, 70, 80, 90, 95), {}),
-    "webp": StandardCodec("WEBP", "quality", (5, 10, 20, 30, 40, 50, 60, 70, 80, 90), {}),
+    "jpeg": StandardCodec("JPEG", "quality", (10, 20, 30, 40, 50, 60, 70, 80, 90, 95), {}, "JPEG"),
+    "webp": StandardCodec("WEBP", "quality", (5, 10, 20, 30, 40, 50, 60, 70, 80, 90), {}, "WebP"),
     # by target compression ratio (quality_layers), high ratio = low rate: the same bits per
     # pixel for every image, whatever its content
     "jpeg2000": StandardCodec(
@@ -66,6 +68,7 @@ CODECS = {
         "quality_layers",
         (200, 120, 80, 50, 35, 25, 16, 10, 6, 4),
         {"quality_mode": "rates", "irreversible": True},
+        "JPEG 2000 (ratio target)",
     ),
     # by target PSNR in dB (OpenJPEG's fixed-quality mode): about the same PSNR for every
     # image, the bits going where the content needs them
@@ -74,11 +77,9 @@ CODECS = {
         "quality_layers",
         (22, 24, 26, 28, 30, 32, 34, 36, 38, 42),
         {"quality_mode": "dB", "irreversible": True},
+        "JPEG 2000 (PSNR target)",
     ),
 }
-# the curves' names in plots and tables
-LABELS = {"jpeg": "JPEG", "webp": "WebP", "jpeg2000": "JPEG 2000 (ratio target)",
-          "jpeg2000_psnr": "JPEG 2000 (PSNR target)"}  # fmt: skip
 
 
 def psnr_of_mse(mse: float) -> float:
@@ -418,17 +419,21 @@ def load_mosaics(dataset_dir: str | Path, split: str, side: int,
     return list(iter_mosaics(dataset_dir, split, side, max_images))
 
 
-def _block_key(dataset_dir, id_: str, source: str, b: int):
-    """(block key (source, block row, block column), cell (row, column) in the block)."""
+def _block_keys(dataset_dir, b: int):
+    """A function of a tile's (id, source) giving (block key (source, block row, block column),
+    cell (row, column) in the block) for blocks of ``b`` tiles a side."""
     from gm.data.images import tile_position
     from gm.data.splits import tile_block
     from gm.errors import DataError
 
-    position = tile_position(id_)
-    if position is None:
-        raise DataError(f"{dataset_dir}: {id_!r} is not a tile id (source#r<row>c<col>)")
-    r, c = position
-    return (source, *tile_block(position, b)), (r % b, c % b)
+    def key_of(id_: str, source: str):
+        position = tile_position(id_)
+        if position is None:
+            raise DataError(f"{dataset_dir}: {id_!r} is not a tile id (source#r<row>c<col>)")
+        r, c = position
+        return (source, *tile_block(position, b)), (r % b, c % b)
+
+    return key_of
 
 
 def iter_blocks(dataset_dir: str | Path, split: str,
@@ -456,11 +461,12 @@ def iter_blocks(dataset_dir: str | Path, split: str,
                         f"block (it has split_by: {config.get('split_by', 'image')}); or set "
                         "rd.*.layout: mosaic")  # fmt: skip
     path, b = level_path(dataset_dir, max(manifest["resolutions"])), int(config["split_block"])
+    key_of = _block_keys(dataset_dir, b)
     cells: dict[tuple[str, int, int], set[tuple[int, int]]] = {}  # in order of first tile
     for table in iter_split(path, split, ["id", "source"]):
         for id_, source in zip(table.column("id").to_pylist(),
                                table.column("source").to_pylist(), strict=True):  # fmt: skip
-            key, cell = _block_key(dataset_dir, id_, source, b)
+            key, cell = key_of(id_, source)
             cells.setdefault(key, set()).add(cell)
     if not cells:
         raise DataError(f"{dataset_dir}: the {split} split has no tiles")
@@ -482,7 +488,7 @@ def iter_blocks(dataset_dir: str | Path, split: str,
                             f"(has {tiles.shape[-1]} channels)")  # fmt: skip
         ids, sources = table.column("id").to_pylist(), table.column("source").to_pylist()
         for id_, source, tile in zip(ids, sources, tiles, strict=True):
-            key, cell = _block_key(dataset_dir, id_, source, b)
+            key, cell = key_of(id_, source)
             if key not in chosen:
                 continue
             got = begun.setdefault(key, {})
@@ -648,7 +654,7 @@ def plot_rd(result: dict[str, Any], title: str):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15.5, 4.4), dpi=110)
-    curves = [(LABELS[b], pts, "o-", 1.2) for b, pts in result["baselines"].items()]
+    curves = [(CODECS[b].label, pts, "o-", 1.2) for b, pts in result["baselines"].items()]
     curves.append(("learned codec", result["learned"], "s-", 2.4))
     panels = ((axes[0], "psnr", "PSNR (dB), mean over images"),
               (axes[1], "psnr_pooled", "PSNR (dB) of the pooled squared error"),
