@@ -72,6 +72,9 @@ class SearchConfig:
     # OUT folder of an earlier search with kept checkpoints: each trial starts from the weights
     # of the kept trial with the same searched values (run.init_from); '' = random init
     warm_start: str = ""
+    # the job's run keys as every trial has them, held, not searched (not in best_params.yaml):
+    # e.g. {ema_beta: 0.0} where trials are too short for the job's EMA of G to warm up
+    trial_run: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         check(bool(self.space), "space", "declare at least one searched key")
@@ -95,6 +98,13 @@ class SearchConfig:
                 f"space.{key}",
                 "set by the search itself (steps, report_every), not searchable",
             )
+        for key in self.trial_run:
+            check(
+                key not in ("steps", "checkpoint_every", "num_workers", "data"),
+                f"trial_run.{key}",
+                "set by the search itself (steps, report_every) or the job, not per trial",
+            )
+            check(f"run.{key}" not in self.space, f"trial_run.{key}", f"searched (space.run.{key})")
         grid = [k for k, s in self.space.items() if "grid" in s]
         check(
             not (grid and self.search == "optuna"),
@@ -215,6 +225,7 @@ def check_search(search: SearchConfig, job, where: str) -> None:
             except ConfigError as e:
                 msg = str(e).removeprefix(f"space.{key}: ")
                 raise ConfigError(f"{where}.space.{key}: value {v!r}: {msg}") from None
+    held_run(search, job, where)
     if job.run.num_workers != 1:
         raise ConfigError(
             f"{where}.job: trials train in one process each; {search.job} has "
@@ -222,6 +233,20 @@ def check_search(search: SearchConfig, job, where: str) -> None:
         )
     if search.metric == "kid" and not job.run.kid_samples:
         raise ConfigError(f"{where}.metric: kid, but {search.job} has run.kid_samples 0 (no KID)")
+
+
+def held_run(search: SearchConfig, job, where: str) -> dict[str, Any]:
+    """``search.trial_run`` validated against the job's run config; a ConfigError names
+    ``<where>.trial_run.<key>`` and the value when the job refuses it."""
+    held = {}
+    for key, value in search.trial_run.items():
+        try:
+            _, cfg = trial_config(job, {f"run.{key}": value})
+        except ConfigError as e:
+            msg = str(e).removeprefix(f"space.run.{key}: ").removeprefix(f"trial.run.{key}: ")
+            raise ConfigError(f"{where}.trial_run.{key}: value {value!r}: {msg}") from None
+        held[key] = getattr(cfg.run, key)
+    return held
 
 
 def overrides(section: str, job_name: str, values: dict[str, Any], job) -> dict[str, Any]:
@@ -508,7 +533,9 @@ def run_search(
     where = f"tune.{name}"
     check_search(search, job, where)
     steps = search.steps or job.run.steps
-    job = _with_run(job, steps=steps, checkpoint_every=search.report_every)
+    job = _with_run(
+        job, steps=steps, checkpoint_every=search.report_every, **held_run(search, job, where)
+    )
     info = data_info(dataset_dir, job.resolution)
     if search.metric == "kid" and not classifier:
         raise ConfigError(

@@ -20,10 +20,11 @@ import yaml
 from mlflow import MlflowClient
 
 from gm import params
+from gm.config import yaml_load
 from gm.errors import ConfigError
 from gm.train.job import TrainConfig
 from gm.train.ray_train import RunSettings
-from gm.tune import SearchConfig, check_search, nested, overrides, set_arguments
+from gm.tune import SearchConfig, check_search, held_run, nested, overrides, set_arguments
 
 from .conftest import BIN, REPO, free_port, git
 from .test_models_contract import TINY
@@ -97,6 +98,29 @@ def test_searched_keys_must_exist_in_the_jobs_config_and_give_valid_configs():
     with pytest.raises(ConfigError, match=r"tune\.t\.metric: kid, but toy has run.kid_samples 0"):
         check_search(ok, no_kid, "tune.t")
     check_search(SearchConfig(job="toy", metric="loss/G", space=ok.space), no_kid, "tune.t")
+
+
+def test_held_run_keys_are_checked_against_the_search_and_the_job():
+    space = {"model.optim_g.lr": {"choice": [1e-3]}}
+    for held, message in [
+        ({"steps": 10}, r"trial_run\.steps: set by the search itself"),
+        ({"checkpoint_every": 5}, r"trial_run\.checkpoint_every: set by the search itself"),
+        ({"batch_size": 4}, r"trial_run\.batch_size: searched \(space\.run\.batch_size\)"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            SearchConfig(job="x", space={**space, "run.batch_size": {"choice": [4]}},
+                         trial_run=held)  # fmt: skip
+    job = dcgan_job(ema_beta=0.99)
+    search = SearchConfig(job="toy", space=space, trial_run={"ema_beta": 0, "seed": 3})
+    assert held_run(search, job, "tune.t") == {"ema_beta": 0.0, "seed": 3}
+    check_search(search, job, "tune.t")
+    for held, message in [
+        ({"ema_beta": 1.5}, r"ema_beta: value 1\.5: must be in \[0, 1\)$"),
+        ({"bogus": 1}, r"bogus: value 1: run\.bogus is not a key of the job's config"),
+    ]:
+        bad = SearchConfig(job="toy", space=space, trial_run=held)
+        with pytest.raises(ConfigError, match=rf"^tune\.t\.trial_run\.{message}"):
+            check_search(bad, job, "tune.t")
 
 
 def test_params_tune_section_names_an_existing_job(tmp_path):
@@ -228,6 +252,7 @@ def test_tune_stage_asha_stops_a_bad_lr_and_best_params_round_trip_into_dvc_exp_
         "grace_steps": 10,
         "reduction_factor": 2,
         "space": {"model.optim.lr": {"grid": [0.003, 0.003, 1.0e-9]}},
+        "trial_run": {"seed": 3},  # held in every trial, not a searched value
     }
     root = search_repo(project, search, family="cvae")
     env = env_for(root)
@@ -249,7 +274,7 @@ def test_tune_stage_asha_stops_a_bad_lr_and_best_params_round_trip_into_dvc_exp_
     assert summary["trials"] == 3 and summary["stopped_early"] >= 1
     assert summary["trial_steps"] < summary["full_budget_steps"] == 60
     assert (root / "reports/tune/toy.png").stat().st_size > 1000
-    best = yaml.safe_load((root / "tune/toy/best_params.yaml").read_text())
+    best = yaml_load((root / "tune/toy/best_params.yaml").read_text())
     assert best["params"]["train"]["toy"]["model"]["optim"]["lr"] == 0.003
     assert best["set"] == ["++train.toy.model.optim.lr=0.003"]
 
@@ -259,6 +284,7 @@ def test_tune_stage_asha_stops_a_bad_lr_and_best_params_round_trip_into_dvc_exp_
     assert parent.data.metrics[f"best_{bpd}"] == pytest.approx(best["metric"]["value"])
     kids = children_of(client, parent.info.run_id)
     assert len(kids) == 3
+    assert {k.data.params["run.seed"] for k in kids} == {"3"}  # trial_run, not the job's 0
     by_id = {k.info.run_id: k for k in kids}
     assert {row["mlflow_run_id"] for row in rows} == set(by_id)
     bad_run = by_id[bad[0]["mlflow_run_id"]]
@@ -277,10 +303,11 @@ def test_tune_stage_asha_stops_a_bad_lr_and_best_params_round_trip_into_dvc_exp_
         cmd += ["-S", s]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    used = yaml.safe_load((root / "params.yaml").read_text())["train"]["toy"]["model"]
+    used = yaml_load((root / "params.yaml").read_text())["train"]["toy"]["model"]
     assert used["optim"]["lr"] == 0.003
     m = json.loads((root / "models/toy/metrics.json").read_text())
-    assert client.get_run(m["mlflow_run_id"]).data.params["model.optim.lr"] == "0.003"
+    trained = client.get_run(m["mlflow_run_id"]).data.params
+    assert trained["model.optim.lr"] == "0.003" and trained["run.seed"] == "0"
 
 
 def trial_folders(folder: Path):
