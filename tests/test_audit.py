@@ -17,6 +17,7 @@ from PIL import Image
 from gm import tracking
 from gm.audit import _set_value, audit_run, job_params, render_audit
 from gm.cli import main
+from gm.config import yaml_load
 from gm.sample import Generator, load_generator, sample
 from gm.train.checkpoint import save_checkpoint
 
@@ -524,7 +525,7 @@ def test_audit_prints_overrides_dvc_accepts_and_shows_the_values_that_differ(tmp
     target = tmp_path / "params.yaml"
     target.write_text(yaml.safe_dump(base, sort_keys=False))
     apply_overrides(target, sets)
-    applied = yaml.safe_load(target.read_text())
+    applied = yaml_load(target.read_text())
     _, want = job_params({"datasets": base["datasets"], "train": {"toy": entry}}, "toy", "run")
     assert job_params(applied, "toy", "applied")[1] == want
     assert applied["evaluate"]["classifier"] == {"steps": 3, "lr": 0.01}

@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+from gm.config import yaml_load
 from gm.errors import ConfigError, DataError
 from tests.conftest import REPO
 
@@ -155,14 +156,14 @@ def test_too_few_held_out_samples_are_unavailable_not_a_number(digits, sample_fi
 def test_bad_detect_settings_are_refused_naming_the_key(edit, match):
     from gm import params
 
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p = yaml_load((REPO / "params.yaml").read_text())
     p["detect"] = {"d": edit}
     with pytest.raises(ConfigError, match=match):
         params.parse(p)
 
 
 def _stage_params(tmp_path, steps: int = 60):
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p = yaml_load((REPO / "params.yaml").read_text())
     base = p["train"]["cvae"]
     p["train"] = {job: dict(base) for job in ("noise", "copy", "copy8")}
     p["tune"], p["rd"] = {}, {}  # their jobs are gone

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from gm.config import yaml_load
+
 from .conftest import REPO, random_rgb, registered_checkpoints, save
 
 pytestmark = pytest.mark.slow
@@ -197,7 +199,7 @@ def test_repro_builds_everything_then_does_nothing(repo):
     assert "up to date" in sh(["dvc", "status"], repo).stdout
     lock = (repo / "dvc.lock").read_text()
     # A param of one dataset reruns that dataset and what depends on it, nothing else.
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml_load((repo / "params.yaml").read_text())
     params["datasets"]["gray"]["resample"] = "bilinear"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran(sh([*WITH_RAY, "dvc", "repro"], repo).stdout) == {
@@ -229,7 +231,7 @@ def test_repro_builds_everything_then_does_nothing(repo):
 
 
 def test_bad_params_fail_the_stage_cleanly(repo):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml_load((repo / "params.yaml").read_text())
     params["datasets"]["toy"]["top_resolution"] = 24
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     r = sh(["dvc", "repro", "prepare@toy"], repo, check=False)
@@ -298,7 +300,7 @@ def interrupt_training(repo, sig, seen: frozenset = frozenset()):
 def test_repro_interrupted_by_sigint_then_sigkill_resumes_from_its_checkpoint(repo):
     import signal
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml_load((repo / "params.yaml").read_text())
     run = {"steps": 240, "batch_size": 4, "checkpoint_every": 20}
     params["train"]["toy_gan"]["run"] = run
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
@@ -335,7 +337,7 @@ def test_your_own_data_walkthrough_builds_just_that_chain(repo, rng):
             save(repo / "data" / "mine" / cls / f"{i:03d}.png", random_rgb(rng, 24))
     r = sh(["gm", "data", "inspect", "data/mine"], repo, check=False)
     assert r.returncode == 0 and "circles" in r.stdout, r.stdout + r.stderr
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml_load((repo / "params.yaml").read_text())
     params["datasets"]["mine"] = {"top_resolution": 16, "channels": 3, "fit": "center_crop"}
     params["train"]["mine_gan"] = {
         "family": "cgan", "dataset": "mine",

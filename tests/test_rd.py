@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from gm import params
+from gm.config import yaml_load
 from gm.errors import ConfigError
 from gm.metrics import rd
 from gm.models.codec import Codec, CodecConfig
@@ -281,7 +282,7 @@ def test_blocks_layout_puts_held_out_tiles_back_where_they_were_cut(
 
 
 def default_params() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    return yaml_load((REPO / "params.yaml").read_text())
 
 
 @pytest.mark.parametrize(
@@ -314,18 +315,17 @@ def test_the_codec_presets_sweep_the_context_model_of_the_same_codec_job(name, t
     overrides, applied by DVC's own code to params.yaml, add the stages tune@codec_rd_<name>
     and rd@photos_<name> and change nothing else (the codec job is params.yaml's own; the
     search sets the context model, flips and rotations; the held-out blocks are scored)."""
-    import yaml
     from dvc.utils.hydra import apply_overrides
 
     from gm.preset import main, merge, overrides
 
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
-    preset = yaml.safe_load((REPO / f"presets/{name}/params.yaml").read_text())
+    base = yaml_load((REPO / "params.yaml").read_text())
+    preset = yaml_load((REPO / f"presets/{name}/params.yaml").read_text())
     assert set(preset) == {"tune", "rd"}  # adds entries only; main declares no preset stage
     target = tmp_path / "params.yaml"
     target.write_text((REPO / "params.yaml").read_text())
     apply_overrides(target, overrides(base, preset))
-    applied = yaml.safe_load(target.read_text())
+    applied = yaml_load(target.read_text())
     assert applied == merge(base, preset)
     assert {k: v for k, v in applied.items() if k not in ("tune", "rd")} == {
         k: v for k, v in base.items() if k not in ("tune", "rd")
