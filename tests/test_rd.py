@@ -281,6 +281,17 @@ def test_blocks_layout_puts_held_out_tiles_back_where_they_were_cut(
         rd.load_blocks(toy_dataset, "train")
 
 
+def test_a_tile_goes_to_its_block_and_a_whole_image_id_is_refused_naming_it():
+    from gm.data.images import tile_suffix
+    from gm.errors import DataError
+
+    key_of = rd._block_keys("datasets/pyramid/p", 2)
+    assert key_of("p.png" + tile_suffix(3, 4), "p.png") == (("p.png", 1, 2), (1, 0))
+    assert key_of("p.png" + tile_suffix(0, 5), "p.png") == (("p.png", 0, 2), (0, 1))
+    with pytest.raises(DataError, match=r"datasets/pyramid/p: 'p\.png' is not a tile id"):
+        key_of("p.png", "p.png")
+
+
 def default_params() -> dict:
     return yaml_load((REPO / "params.yaml").read_text())
 
