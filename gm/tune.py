@@ -44,6 +44,8 @@ from gm.errors import ConfigError
 
 STATE_FILE = "gm_tune.json"
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+# run keys a search sets itself (or the job fixes): neither searched nor held per trial
+SEARCH_RUN_KEYS = ("steps", "checkpoint_every", "num_workers", "data")
 
 
 @dataclass(frozen=True)
@@ -94,13 +96,13 @@ class SearchConfig:
                 "searched keys start with model. or run.",
             )
             check(
-                key not in ("run.steps", "run.checkpoint_every", "run.num_workers", "run.data"),
+                key not in tuple(f"run.{k}" for k in SEARCH_RUN_KEYS),
                 f"space.{key}",
                 "set by the search itself (steps, report_every), not searchable",
             )
         for key in self.trial_run:
             check(
-                key not in ("steps", "checkpoint_every", "num_workers", "data"),
+                key not in SEARCH_RUN_KEYS,
                 f"trial_run.{key}",
                 "set by the search itself (steps, report_every) or the job, not per trial",
             )
