@@ -91,7 +91,7 @@ def _rd_table(cfg, sweep) -> None:
     from gm.metrics import rd
 
     print(f"rate-distortion of {sweep}:")
-    result = rd.evaluate_rd(cfg, REPO / "datasets/pyramid" / cfg.dataset, sweep,
+    result, _ = rd.evaluate_rd(cfg, REPO / "datasets/pyramid" / cfg.dataset, sweep,
                             progress=False)  # fmt: skip
     for b, pts in result["baselines"].items():
         curve = ", ".join(f"{q['bpp']:.2f}/{q['psnr']:.1f}" for q in pts)

@@ -60,7 +60,7 @@ try:
 except OSError:
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 if mode == "stream":
-    result = rd.evaluate_rd(cfg, ds, sweep, progress=False)
+    result, _ = rd.evaluate_rd(cfg, ds, sweep, progress=False)
     images, psnr = result["images"], result["learned"][0]["psnr"]
 else:  # every held-out block in memory, then each codec's pass over the list
     blocks = rd.held_out_images(cfg, ds)

@@ -217,8 +217,10 @@ def trial_config(job, values: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     return tree, cfg
 
 
-def check_search(search: SearchConfig, job, where: str) -> None:
-    """Every searched key exists in the job's config and every bound gives a valid config."""
+def check_search(search: SearchConfig, job, where: str) -> dict[str, Any]:
+    """Every searched key exists in the job's config and every bound gives a valid config;
+    returns the validated ``trial_run`` values (:func:`held_run`). Raises ConfigError naming
+    ``<where>.<key>`` and the value."""
     for key, spec in search.space.items():
         ((_, values),) = spec.items()  # choices, or the two bounds
         for v in values:
@@ -227,7 +229,7 @@ def check_search(search: SearchConfig, job, where: str) -> None:
             except ConfigError as e:
                 msg = str(e).removeprefix(f"space.{key}: ")
                 raise ConfigError(f"{where}.space.{key}: value {v!r}: {msg}") from None
-    held_run(search, job, where)
+    held = held_run(search, job, where)
     if job.run.num_workers != 1:
         raise ConfigError(
             f"{where}.job: trials train in one process each; {search.job} has "
@@ -235,6 +237,7 @@ def check_search(search: SearchConfig, job, where: str) -> None:
         )
     if search.metric == "kid" and not job.run.kid_samples:
         raise ConfigError(f"{where}.metric: kid, but {search.job} has run.kid_samples 0 (no KID)")
+    return held
 
 
 def held_run(search: SearchConfig, job, where: str) -> dict[str, Any]:
@@ -533,11 +536,9 @@ def run_search(
     root = Path(root).resolve()
     dataset_dir, out_dir = Path(dataset_dir).resolve(), Path(out_dir).resolve()
     where = f"tune.{name}"
-    check_search(search, job, where)
+    held = check_search(search, job, where)
     steps = search.steps or job.run.steps
-    job = _with_run(
-        job, steps=steps, checkpoint_every=search.report_every, **held_run(search, job, where)
-    )
+    job = _with_run(job, steps=steps, checkpoint_every=search.report_every, **held)
     info = data_info(dataset_dir, job.resolution)
     if search.metric == "kid" and not classifier:
         raise ConfigError(

@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{args.params}: rd.{args.name}: no such rate–distortion evaluation")
     cfg = p.rd[args.name]
     sweep = load_sweep(args.sweep)  # every codec loaded once, for the table and the strip
-    result = evaluate_rd(cfg, args.dataset, sweep, progress=not args.quiet)
+    # and the largest held-out image (the first among equals), kept by the same pass
+    result, example = evaluate_rd(cfg, args.dataset, sweep, progress=not args.quiet)
     plot = plot_rd(result, f"rd.{args.name}")
     from PIL import Image
 
-    # the largest held-out image (the first among equals), kept by the pass above
-    strip = Image.fromarray(comparison_strip(result["example"], result, sweep))
+    strip = Image.fromarray(comparison_strip(example, result, sweep))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = rd_rows(result)
@@ -88,25 +88,24 @@ POINT_METRICS = ("lmbda", "bpp", "bpp_payload", "bpp_estimate", "psnr", "psnr_po
 
 def _metrics(result: dict) -> dict:
     """The headline numbers (DVC metrics, MLflow): BD-rates and each learned point."""
-    m = {f"bd_rate_vs_{result['anchor']}": result["bd_rate"]["learned"]}
-    m |= {f"bd_rate_{b}_vs_{result['anchor']}": v
-          for b, v in result["bd_rate"].items() if b != "learned"}  # fmt: skip
-    m |= {f"bd_rate_vs_{b}": v for b, v in result["bd_rate_learned_vs"].items()}
-    m |= {f"bd_overlap_{b}": v for b, v in result["bd_overlap"].items()}
-    for b, v in result["bd_rate_pooled"].items():  # "jpeg" or "webp_vs_jpeg"
-        pair = b if "_vs_" in b else f"learned_vs_{b}"
-        m[f"bd_rate_pooled_{pair}"] = v["bd_rate"]
-        if "overlap" in v:
-            m[f"bd_overlap_pooled_{b}"] = v["overlap"]
+    anchor = result["anchor"]
+    m = {}
+    # per-image mean PSNR: bd_rate_vs_jpeg, bd_rate_webp_vs_jpeg, bd_rate_vs_webp, ...;
+    # pooled PSNR: bd_rate_pooled_learned_vs_jpeg, bd_rate_pooled_webp_vs_jpeg, ...
+    for tables, tag, learned in ((result, "", ""), (result["pooled"], "_pooled", "_learned")):
+        for b, v in tables["bd_rate"].items():
+            m[f"bd_rate{tag}{learned}_vs_{anchor}" if b == "learned"
+              else f"bd_rate{tag}_{b}_vs_{anchor}"] = v  # fmt: skip
+        m |= {f"bd_rate{tag}{learned}_vs_{b}": v for b, v in tables["bd_rate_learned_vs"].items()}
+        m |= {f"bd_overlap{tag}_{b}": v for b, v in tables["bd_overlap"].items()}
     m["dominated_points"] = len(result["dominated"])
     for i, pt in enumerate(result["learned"]):
         for k in POINT_METRICS:
             m[f"learned_{i}_{k}"] = pt[k]
-    speed = result["learned"][-1]
-    anchor = result["anchor_speed"]
+    speed, ref = result["learned"][-1], result["anchor_speed"]
     m |= {
-        "encode_speed_vs_anchor": speed["encode_images_per_s"] / anchor["encode_images_per_s"],
-        "decode_speed_vs_anchor": speed["decode_images_per_s"] / anchor["decode_images_per_s"],
+        "encode_speed_vs_anchor": speed["encode_images_per_s"] / ref["encode_images_per_s"],
+        "decode_speed_vs_anchor": speed["decode_images_per_s"] / ref["decode_images_per_s"],
         "decode_exact": all(pt["decode_exact"] for pt in result["learned"]),
     }
     return m

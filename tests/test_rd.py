@@ -123,7 +123,8 @@ def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dat
     # toy_dataset: 16x16 RGB tiles; 16 of them fill one 64x64 mosaic
     cfg = rd.RDConfig(dataset="toy", sweep="s", split="train", mosaic=64)
     sweep = sweep_dir(tmp_path)
-    result = rd.evaluate_rd(cfg, toy_dataset, sweep, progress=False)
+    result, example = rd.evaluate_rd(cfg, toy_dataset, sweep, progress=False)
+    json.dumps(result)  # the table alone, for the stage's JSON
     assert result["images"] >= 1 and result["mosaic"] == 64
     learned = result["learned"]
     assert [p["name"] for p in sorted(learned, key=lambda p: p["lmbda"])] == [
@@ -141,29 +142,33 @@ def test_evaluate_rd_writes_a_curve_the_baselines_and_bd_rates(tmp_path, toy_dat
         assert len(pts) == len(rd.CODECS[b].settings)
         assert pts[-1]["psnr"] > pts[0]["psnr"]  # more bits, better quality
         assert result["container_bytes"][b] > 0
-    assert set(result["bd_rate"]) == {"learned", *baselines[1:]}
-    assert set(result["bd_overlap"]) == set(baselines)
-    pooled = result["bd_rate_pooled"]
-    assert set(pooled) == {*baselines, *(f"{b}_vs_jpeg" for b in baselines[1:])}
-    assert all(0 <= pooled[b]["overlap"] <= 1 for b in baselines)
+    pooled = result["pooled"]
+    for tables, quality in ((result, "psnr"), (pooled, "psnr_pooled")):
+        assert set(tables["bd_rate"]) == {"learned", *baselines[1:]}
+        assert set(tables["bd_rate_learned_vs"]) == set(baselines[1:])
+        assert set(tables["bd_overlap"]) == set(baselines)
+        assert all(0 <= v <= 1 for v in tables["bd_overlap"].values())
+        # each figure on its own quality key: webp against JPEG, the learned curve against WebP
+        jpeg, webp = result["baselines"]["jpeg"], result["baselines"]["webp"]
+        assert tables["bd_rate"]["webp"] == rd.bd_rate_of(jpeg, webp, quality)
+        assert tables["bd_rate_learned_vs"]["webp"] == rd.bd_rate_of(webp, learned, quality)
     for p in (*learned, *result["baselines"]["jpeg"]):  # pooled: the MSE of all pixels
         assert 0 < p["psnr_pooled"] < 100
-    assert all(0 <= v <= 1 for v in result["bd_overlap"].values())
     front = rd.rd_front([(p["bpp"], p["psnr"]) for p in learned])
     assert len(result["dominated"]) == len(learned) - len(front)
     rows = rd.rd_rows(result)
     assert len(rows) == 4 + sum(len(rd.CODECS[b].settings) for b in rd.CODECS)
     # the strip's image, kept by the pass: the first mosaic (all are the same size)
-    assert np.array_equal(result["example"], rd.load_mosaics(toy_dataset, "train", 64, 1)[0])
-    strip = rd.comparison_strip(result["example"], result, sweep, crop=64)
+    assert np.array_equal(example, rd.load_mosaics(toy_dataset, "train", 64, 1)[0])
+    strip = rd.comparison_strip(example, result, sweep, crop=64)
     assert strip.shape == (64, 64 * 6 + 4 * 5, 3)  # original, 4 learned, JPEG
     # images of several sizes in the pass (blocks at a photo's edge): the largest is kept, the
     # first of two equal ones, whatever comes before or after it
     a, b, c = smooth_images(3, 64, 11)
     images = [a, np.concatenate([b, a]), np.concatenate([c, b]), b]
     monkeypatch.setattr(rd, "iter_held_out", lambda *args: iter(images))
-    again = rd.evaluate_rd(cfg, toy_dataset, sweep, progress=False)
-    assert again["images"] == 4 and np.array_equal(again["example"], images[1])
+    again, example = rd.evaluate_rd(cfg, toy_dataset, sweep, progress=False)
+    assert again["images"] == 4 and np.array_equal(example, images[1])
 
 
 def test_no_kept_checkpoints_and_too_few_tiles_are_clear_errors(tmp_path, toy_dataset):
@@ -256,7 +261,7 @@ def test_blocks_layout_puts_held_out_tiles_back_where_they_were_cut(
     # through the stage: blocks of different sizes, counted and labelled as such
     rcfg = rd.RDConfig(dataset="p", sweep="s", split="train", layout="blocks")
     sweep = rd.load_sweep(sweep_dir(tmp_path, (0.01, 0.1)))
-    result = rd.evaluate_rd(rcfg, ds, sweep, progress=False)
+    result, example = rd.evaluate_rd(rcfg, ds, sweep, progress=False)
     blocks = rd.load_blocks(ds, "train")
     n = len(blocks)
     assert result["images"] == n and result["layout"] == "blocks" and result["block"] == 32
@@ -275,8 +280,12 @@ def test_blocks_layout_puts_held_out_tiles_back_where_they_were_cut(
         assert p["bpp"] == alone["bpp"] and p["psnr"] == pytest.approx(alone["psnr"])
     assert rd.held_out_label(result) == f"{n} held-out blocks in place (up to 32²)"
     # the strip's image: the largest block, the one a reader asked for one block gets
-    assert result["example"].shape[:2] == (32, 32)
-    assert np.array_equal(result["example"], rd.load_blocks(ds, "train", 1)[0])
+    assert example.shape[:2] == (32, 32)
+    # blocks of unequal quality: the pooled PSNR ranks the codecs on other figures
+    jpeg, webp = result["baselines"]["jpeg"], result["baselines"]["webp"]
+    assert result["pooled"]["bd_rate"]["webp"] == rd.bd_rate_of(jpeg, webp, "psnr_pooled")
+    assert result["pooled"]["bd_rate"]["webp"] != result["bd_rate"]["webp"]
+    assert np.array_equal(example, rd.load_blocks(ds, "train", 1)[0])
     with pytest.raises(DataError, match="split_by: block .*split_by: image"):
         rd.load_blocks(toy_dataset, "train")
 
@@ -418,9 +427,14 @@ def test_the_rd_stage_writes_its_reports_and_logs_both_rates_to_mlflow(
     assert metrics["decode_exact"] is True
     assert {f"learned_{i}_bpp" for i in range(4)} <= set(metrics)
     assert {f"learned_{i}_psnr_pooled" for i in range(4)} <= set(metrics)
-    assert {"bd_rate_pooled_learned_vs_jpeg", "bd_overlap_pooled_jpeg",
-            "bd_rate_pooled_jpeg2000_vs_jpeg", "bd_rate_pooled_jpeg2000_psnr_vs_jpeg",
-            "bd_rate_vs_jpeg2000_psnr"} <= set(metrics)  # fmt: skip
+    bd = {k for k in metrics if k.startswith("bd_")}
+    others = ("webp", "jpeg2000", "jpeg2000_psnr")
+    for tag in ("", "_pooled"):  # the same figures on the per-image and the pooled PSNR
+        assert {f"bd_rate{tag}_{b}_vs_jpeg" for b in others} <= bd
+        assert {f"bd_overlap{tag}_{b}" for b in ("jpeg", *others)} <= bd
+    assert {f"bd_rate_vs_{b}" for b in ("jpeg", *others)} <= bd
+    assert {f"bd_rate_pooled_learned_vs_{b}" for b in ("jpeg", *others)} <= bd
+    assert len(bd) == 2 * (3 + 4 + 4)
     with open(out.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
     assert {r["codec"] for r in rows} == {"learned", "jpeg", "webp", "jpeg2000", "jpeg2000_psnr"}

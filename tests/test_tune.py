@@ -113,7 +113,7 @@ def test_held_run_keys_are_checked_against_the_search_and_the_job():
     job = dcgan_job(ema_beta=0.99)
     search = SearchConfig(job="toy", space=space, trial_run={"ema_beta": 0, "seed": 3})
     assert held_run(search, job, "tune.t") == {"ema_beta": 0.0, "seed": 3}
-    check_search(search, job, "tune.t")
+    assert check_search(search, job, "tune.t") == {"ema_beta": 0.0, "seed": 3}
     for held, message in [
         ({"ema_beta": 1.5}, r"ema_beta: value 1\.5: must be in \[0, 1\)$"),
         ({"bogus": 1}, r"bogus: value 1: run\.bogus is not a key of the job's config"),

@@ -574,16 +574,47 @@ def _sweep(sweep) -> list[tuple[dict[str, Any], Any]]:
     return load_sweep(sweep) if isinstance(sweep, str | Path) else sweep
 
 
+def bd_tables(curves: dict[str, list[dict]], learned: list[dict], anchor: str,
+              quality: str = "psnr") -> dict[str, dict[str, float | None]]:  # fmt: skip
+    """BD-rates (%, bits at equal quality; negative: fewer bits) on one quality key of the
+    points (``psnr`` or ``psnr_pooled``), from the baselines' curves (name → points, the
+    anchor among them) and the learned codec's points:
+
+    - ``bd_rate``: the learned curve (``"learned"``) and each other baseline against the anchor;
+    - ``bd_rate_learned_vs``: the learned curve against each baseline but the anchor;
+    - ``bd_overlap``: the share of the joint quality range the learned curve and each baseline
+      (the anchor too) both cover, in [0, 1]: a BD-rate averages over that part only, and the
+      bjontegaard package warns below 0.75.
+
+    A BD-rate is None where its two curves do not overlap or a front has < 2 points."""
+    ref = curves[anchor]
+    others = {b: pts for b, pts in curves.items() if b != anchor}
+    bd = {"learned": bd_rate_of(ref, learned, quality)}
+    bd |= {b: bd_rate_of(ref, pts, quality) for b, pts in others.items()}
+    return {
+        "bd_rate": bd,
+        "bd_rate_learned_vs": {b: bd_rate_of(pts, learned, quality) for b, pts in others.items()},
+        "bd_overlap": {
+            b: round(bd_overlap(rd_curve(pts, quality), rd_curve(learned, quality)), 3)
+            for b, pts in curves.items()
+        },
+    }
+
+
 def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
-                progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """The rate–distortion table: each kept codec of the sweep (its OUT folder, or
-    :func:`load_sweep`'s result) as a point, each baseline's sweep, BD-rates (None where the
-    curves' PSNR ranges do not overlap or a front has < 2 points).
+                progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    """The rate–distortion table and the largest held-out image.
+
+    The table (JSON-able): each kept codec of the sweep (its OUT folder, or
+    :func:`load_sweep`'s result) as a point, each baseline's sweep, and :func:`bd_tables` on
+    the per-image mean PSNR (``bd_rate``, ``bd_rate_learned_vs``, ``bd_overlap``) and on the
+    pooled PSNR (``pooled``: the same three).
 
     One pass over the held-out images (:func:`iter_held_out`): each image is coded by every
     learned codec and every baseline setting, then dropped, so memory is one image (and the
-    reader's row group), not the split; the largest image seen is kept (``example``: the first
-    yielded among equals, for :func:`comparison_strip`), so at most two images are held."""
+    reader's row group), not the split; the largest image seen is kept and returned (uint8
+    (H, W, 3), the first yielded among equals, for :func:`comparison_strip`), so at most two
+    images are held."""
     from tqdm import tqdm
 
     codecs = _sweep(sweep)
@@ -608,19 +639,6 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
         learned.append(point | tally.point())
     learned.sort(key=lambda p: p["bpp"])
     curves = {b: tally.points() for b, tally in baselines.items()}
-    anchor = curves[cfg.anchor]
-    bd = {"learned": bd_rate_of(anchor, learned)}
-    bd |= {b: bd_rate_of(anchor, pts) for b, pts in curves.items() if b != cfg.anchor}
-    vs = {b: bd_rate_of(pts, learned) for b, pts in curves.items() if b != cfg.anchor}
-    overlap = {b: round(bd_overlap(rd_curve(pts), rd_curve(learned)), 3)
-               for b, pts in curves.items()}  # fmt: skip
-    # the same on the pooled PSNR: one figure per codec pair, its overlap beside it
-    pooled = {b: {"bd_rate": bd_rate_of(pts, learned, "psnr_pooled"),
-                  "overlap": round(bd_overlap(rd_curve(pts, "psnr_pooled"),
-                                              rd_curve(learned, "psnr_pooled")), 3)}
-              for b, pts in curves.items()}  # fmt: skip
-    pooled |= {f"{b}_vs_{cfg.anchor}": {"bd_rate": bd_rate_of(anchor, pts, "psnr_pooled")}
-               for b, pts in curves.items() if b != cfg.anchor}  # fmt: skip
     front = rd_front(rd_curve(learned))
     dominated = [p["name"] for p in learned if (p["bpp"], p["psnr"]) not in front]
     return {
@@ -630,19 +648,13 @@ def evaluate_rd(cfg: RDConfig, dataset_dir: str | Path, sweep,
         "learned": learned,
         "baselines": curves,
         "container_bytes": {b: container_overhead(b) for b in cfg.baselines},
-        "bd_rate": bd,  # % bits against the anchor at equal PSNR (negative: fewer bits)
-        "bd_rate_learned_vs": vs,  # the learned curve against each other baseline
-        # share of the joint PSNR range the learned curve and each baseline both cover (a
-        # BD-rate averages over that part only; the bjontegaard package warns below 0.75)
-        "bd_overlap": overlap,
-        # BD-rates of the learned curve against each baseline (and of each baseline against
-        # the anchor) on psnr_pooled: it weighs the images a codec codes worst more than the
+        **bd_tables(curves, learned, cfg.anchor),  # on the per-image mean PSNR
+        # the same on psnr_pooled: it weighs the images a codec codes worst more than the
         # per-image mean does
-        "bd_rate_pooled": pooled,
+        "pooled": bd_tables(curves, learned, cfg.anchor, "psnr_pooled"),
         "dominated": dominated,  # learned points off the RD front, left out of the BD-rates
         "anchor_speed": speed.speed(),
-        "example": example,  # uint8 HxWx3: the largest held-out image (not for the JSON)
-    }
+    }, example
 
 
 def plot_rd(result: dict[str, Any], title: str):
