@@ -92,7 +92,7 @@ def _rd_table(cfg, sweep) -> None:
 
     print(f"rate-distortion of {sweep}:")
     result, _ = rd.evaluate_rd(cfg, REPO / "datasets/pyramid" / cfg.dataset, sweep,
-                            progress=False)  # fmt: skip
+                               progress=False)  # fmt: skip
     for b, pts in result["baselines"].items():
         curve = ", ".join(f"{q['bpp']:.2f}/{q['psnr']:.1f}" for q in pts)
         print(f"{b:>9} (bpp/PSNR dB): {curve}; container {result['container_bytes'][b]} bytes")
