@@ -96,7 +96,7 @@ class SearchConfig:
                 "searched keys start with model. or run.",
             )
             check(
-                key not in tuple(f"run.{k}" for k in SEARCH_RUN_KEYS),
+                key.removeprefix("run.") not in SEARCH_RUN_KEYS,
                 f"space.{key}",
                 "set by the search itself (steps, report_every), not searchable",
             )
@@ -224,11 +224,7 @@ def check_search(search: SearchConfig, job, where: str) -> dict[str, Any]:
     for key, spec in search.space.items():
         ((_, values),) = spec.items()  # choices, or the two bounds
         for v in values:
-            try:
-                trial_config(job, {key: v})
-            except ConfigError as e:
-                msg = str(e).removeprefix(f"space.{key}: ")
-                raise ConfigError(f"{where}.space.{key}: value {v!r}: {msg}") from None
+            _checked_trial(job, key, v, f"{where}.space.{key}")
     held = held_run(search, job, where)
     if job.run.num_workers != 1:
         raise ConfigError(
@@ -245,13 +241,19 @@ def held_run(search: SearchConfig, job, where: str) -> dict[str, Any]:
     ``<where>.trial_run.<key>`` and the value when the job refuses it."""
     held = {}
     for key, value in search.trial_run.items():
-        try:
-            _, cfg = trial_config(job, {f"run.{key}": value})
-        except ConfigError as e:
-            msg = str(e).removeprefix(f"space.run.{key}: ").removeprefix(f"trial.run.{key}: ")
-            raise ConfigError(f"{where}.trial_run.{key}: value {value!r}: {msg}") from None
+        cfg = _checked_trial(job, f"run.{key}", value, f"{where}.trial_run.{key}")
         held[key] = getattr(cfg.run, key)
     return held
+
+
+def _checked_trial(job, key: str, value: Any, where: str):
+    """The job's validated TrainConfig with dotted ``key`` set to ``value``; a ConfigError
+    names ``where`` and the value, then the job's own message."""
+    try:
+        return trial_config(job, {key: value})[1]
+    except ConfigError as e:
+        msg = str(e).removeprefix(f"space.{key}: ").removeprefix(f"trial.{key}: ")
+        raise ConfigError(f"{where}: value {value!r}: {msg}") from None
 
 
 def overrides(section: str, job_name: str, values: dict[str, Any], job) -> dict[str, Any]:
