@@ -89,7 +89,9 @@ def test_searched_keys_must_exist_in_the_jobs_config_and_give_valid_configs():
     with pytest.raises(ConfigError, match="has no item 2"):
         check_search(beyond, job, "tune.t")
     invalid = SearchConfig(job="toy", space={"run.batch_size": {"choice": [8, 0]}})
-    with pytest.raises(ConfigError, match=r"tune\.t\.space\.run\.batch_size: value 0"):
+    # the job's own message once, as for trial_run below
+    refused = r"^tune\.t\.space\.run\.batch_size: value 0: must be >= 1$"
+    with pytest.raises(ConfigError, match=refused):
         check_search(invalid, job, "tune.t")
     two_workers = dcgan_job(num_workers=2)
     with pytest.raises(ConfigError, match="one process each"):
