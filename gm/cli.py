@@ -32,10 +32,26 @@ def guarded(fn: Callable[..., int]) -> Callable[..., int]:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USER_ERROR
         except KeyboardInterrupt:
+            # Ray's driver forwards worker output from a thread: stop it first, so that a
+            # worker line logged before the interrupt does not print after this one
+            try:
+                _stop_ray()
+            except KeyboardInterrupt:  # a second Ctrl-C: leave the rest to the exit
+                pass
             print("interrupted", file=sys.stderr)
             return 130
 
     return wrapper
+
+
+def _stop_ray() -> None:
+    """Shut down this process's Ray connection (and the local Ray it started), if it has one;
+    the driver's forwarding of worker output ends with it."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def exit_now(code: int) -> None:
@@ -47,11 +63,7 @@ def exit_now(code: int) -> None:
     import logging
     import os
 
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    _stop_ray()
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
