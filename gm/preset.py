@@ -31,7 +31,11 @@ reports/quality/)::
       samples: true   # also models/<job>/samples.png of every job of the preset's train
                       # section, and of each ablation job and value at its first seed
 
-``--keep PATH … --into DIR`` on the command line replaces the section.
+``--keep PATH … --into DIR`` on the command line replaces the section. The folder also gets
+``jobs.json``: every job the preset trains as it trained (:func:`job_records`: the family's
+full config with its defaults filled in, the run settings, the data), with the git commit the
+experiment ran from, so a committed report says what made it and a test can tell when the
+preset no longer makes it (``tests/test_preset.py``).
 
 A ``train`` job of a preset (or of its ablation section) may be derived from another with
 ``from:`` (:func:`derive`): the job as the preset leaves it, with only the keys written beside
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shlex
 import subprocess
 import sys
@@ -147,6 +152,30 @@ def ablation_name(job: str, value: Any, seed: int) -> str:
     return f"{job}_{value}_s{seed}"
 
 
+def job_records(params: Any, names: Any) -> dict[str, dict[str, Any]]:
+    """The train jobs ``names`` of parsed ``params`` (:class:`gm.params.Params`) as they train,
+    as JSON values: ``family``, ``dataset``, ``resolution``, ``model`` (the family's config
+    dataclass with every default filled in, so a changed default shows) and ``run`` (every run
+    setting). Written beside a preset's kept reports as ``jobs.json``; two records are equal
+    exactly when the jobs are configured alike. ``ConfigError`` naming the job when one is
+    not a train job or its model config is invalid."""
+    from gm.config import to_dict
+
+    out = {}
+    for name in names:
+        job = params.train.get(name)
+        if job is None:
+            raise ConfigError(f"train.{name}: not a train job")
+        out[name] = {
+            "family": job.family,
+            "dataset": job.data_name,
+            "resolution": job.resolution,
+            "model": to_dict(job.family_config(f"train.{name}")),
+            "run": to_dict(job.run),
+        }
+    return json.loads(json.dumps(out))  # JSON's own values: string keys, lists for tuples
+
+
 def kept(preset: dict[str, Any], where: str = "preset") -> tuple[list[str], str] | None:
     """The paths and the folder of ``preset``'s ``keep`` section (module docstring), or None
     when it has none. With ``samples: true`` the sample grids of the jobs the preset trains are
@@ -187,12 +216,13 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[last] = value
 
 
-def keep(paths: list[str], into: str | Path) -> None:
+def keep(paths: list[str], into: str | Path, files: dict[str, str] | None = None) -> None:
     """Copy ``paths`` (relative files or folders) into the folder ``into``, each without its
     first component (``reports/eval`` → ``into/eval``, ``models/cgan/samples.png`` →
-    ``into/cgan/samples.png``). ``into`` is replaced whole: everything is copied to a
-    temporary sibling first, then renamed into place. ``ConfigError`` for a missing path or
-    two paths with the same destination, before anything is copied."""
+    ``into/cgan/samples.png``), and write ``files`` (name → text) there. ``into`` is replaced
+    whole: everything is copied to a temporary sibling first, then renamed into place.
+    ``ConfigError`` for a missing path or two paths (or a path and a file) with the same
+    destination, before anything is copied."""
     import shutil
 
     into = Path(into)
@@ -200,14 +230,19 @@ def keep(paths: list[str], into: str | Path) -> None:
     if missing:
         raise ConfigError(f"--keep: {', '.join(missing)}: no such file or folder")
     dest = {p: Path(*Path(p).parts[1:]) if len(Path(p).parts) > 1 else Path(p) for p in paths}
-    if len(set(dest.values())) != len(dest):
-        raise ConfigError(f"--keep: {', '.join(paths)}: two paths have the same destination")
+    files = files or {}
+    targets = list(dest.values()) + [Path(f) for f in files]
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"--keep: {', '.join([*paths, *files])}: two paths have the same "
+                          "destination")  # fmt: skip
     tmp = into.with_name(f".{into.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for p, d in dest.items():
         (tmp / d).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if Path(p).is_dir() else shutil.copy2)(p, tmp / d)
+    for name, text in files.items():
+        (tmp / name).write_text(text)
     old = into.with_name(f".{into.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if into.exists():
@@ -228,6 +263,7 @@ def overrides(base: dict[str, Any], preset: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from gm import params
     from gm.cli import guarded
+    from gm.tracking import lineage_tags
 
     ap = argparse.ArgumentParser(prog="python -m gm.preset", description=__doc__.split("\n")[0])
     ap.add_argument("preset", help="a YAML file of params.yaml entries")
@@ -254,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{path}: expected a mapping of params.yaml entries")
         raw, preset = preset, derive(base, preset, str(path))
         keeps = (args.keep, args.into) if args.keep else kept(raw, str(path))
-        params.parse(merge(base, preset), f"{root} with {path}")  # bad keys named, before DVC
+        parsed = params.parse(merge(base, preset), f"{root} with {path}")  # bad keys named
+        records = job_records(parsed, preset.get("train") or {})
         name = args.name or path.parent.name
         cmd = ["dvc", "exp", "run", "--name", name]
         for o in overrides(base, preset):
@@ -264,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"then keeps in {keeps[1]}: {' '.join(keeps[0])}", flush=True)
         if args.dry:
             return 0
+        tags = lineage_tags(root.resolve().parent)  # the commit the experiment starts from
         rc = subprocess.run(cmd).returncode
         if rc == 0 and keeps:
-            keep(*keeps)
+            lineage = {k: tags.get(f"git.{k}") for k in ("commit", "dirty")}
+            doc = {"preset": str(path), "params": str(root), **lineage, "jobs": records}
+            keep(*keeps, files={"jobs.json": json.dumps(doc, indent=1, sort_keys=True) + "\n"})
             print(f"kept {len(keeps[0])} paths in {keeps[1]}", flush=True)
         return rc
 

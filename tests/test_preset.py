@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gm import params
 from gm.config import yaml_load
 from gm.errors import ConfigError
-from gm.preset import derive, expand, keep, kept, main, merge, overrides
+from gm.preset import derive, expand, job_records, keep, kept, main, merge, overrides
 
 from .conftest import REPO
 
@@ -55,6 +57,39 @@ def test_the_quality_preset_expands_into_seed_averaged_ablations_of_three_gan_fa
         assert (old.dataset, new.dataset, new.resolution) == ("emoji", "digits", 16)
         assert new.run.steps > old.run.steps
     assert set(applied.train) - set(default.train) == set(names) | set(on_digits)
+
+
+def test_the_committed_quality_reports_are_of_the_jobs_the_preset_makes_today():
+    # reports/quality/jobs.json records every job of the run that wrote the reports; a change
+    # to params.yaml, to the preset or to a family's defaults that reaches one of those jobs
+    # makes the committed reports stale: pin the job in the preset, or rerun it
+    recorded = json.loads((REPO / "reports/quality/jobs.json").read_text())["jobs"]
+    base = yaml_load((REPO / "params.yaml").read_text())
+    preset = derive(base, yaml_load((REPO / "presets/quality/params.yaml").read_text()))
+    now = job_records(params.parse(merge(base, preset), "quality"), preset["train"])
+    assert sorted(now) == sorted(recorded)
+    stale = {job: sorted(k for k in now[job] if now[job][k] != recorded[job][k])
+             for job in now if now[job] != recorded[job]}  # fmt: skip
+    assert stale == {}, f"jobs whose committed quality reports are of other settings: {stale}"
+
+
+def test_job_records_fill_in_defaults_so_that_only_a_real_change_shows():
+    job = {"family": "progan", "dataset": "emoji", "resolution": 32, "run": {"steps": 10}}
+    base = yaml_load((REPO / "params.yaml").read_text())
+
+    def record(**model):
+        p = params.parse(merge(base, {"train": {"j": {**job, "model": model}}}))
+        return job_records(p, ["j"])["j"]
+
+    plain = record()
+    assert plain["model"]["optim_g"] == {"lr": 0.001, "betas": [0.0, 0.99], "eps": 1e-08,
+                                         "weight_decay": 0.0, "grad_clip": 0.0}  # fmt: skip
+    assert plain["run"]["steps"] == 10 and plain["dataset"] == "emoji"
+    assert record(optim_g={"lr": 1e-3}) == plain  # the default written out: the same job
+    assert record(optim_g={"lr": 2e-3})["model"]["optim_g"]["lr"] == 0.002
+    assert json.loads(json.dumps(plain)) == plain  # JSON values already
+    with pytest.raises(ConfigError, match=r"train\.nope: not a train job"):
+        job_records(params.parse(base), ["nope"])
 
 
 def test_make_repro_quality_runs_one_experiment_with_the_generated_jobs(capsys):
@@ -178,9 +213,13 @@ def test_keep_copies_outputs_into_a_folder_replaced_whole(tmp_path, monkeypatch,
     into = tmp_path / "reports/quality"
     into.mkdir()
     (into / "stale.txt").write_text("old")
-    keep(["reports/summary.md", "reports/eval", "models/cgan/samples.png"], "reports/quality")
+    keep(["reports/summary.md", "reports/eval", "models/cgan/samples.png"], "reports/quality",
+         files={"jobs.json": "{}\n"})  # fmt: skip
     assert sorted(str(p.relative_to(into)) for p in into.rglob("*") if p.is_file()) == [
-        "cgan/samples.png", "eval/a.json", "summary.md"]  # fmt: skip
+        "cgan/samples.png", "eval/a.json", "jobs.json", "summary.md"]  # fmt: skip
+    assert (into / "jobs.json").read_text() == "{}\n"
+    with pytest.raises(ConfigError, match="same destination"):  # a file over a kept path
+        keep(["reports/summary.md"], "reports/quality", files={"summary.md": "x"})
     assert not list(tmp_path.glob("reports/.quality*"))  # no temporary folder left
     with pytest.raises(ConfigError, match="nope: no such file"):
         keep(["reports/summary.md", "nope"], "reports/quality")
@@ -195,3 +234,42 @@ def test_keep_copies_outputs_into_a_folder_replaced_whole(tmp_path, monkeypatch,
               "--keep", "reports/summary.md"])  # fmt: skip
     assert e.value.code == 2
     assert "--keep and --into go together" in capsys.readouterr().err
+
+
+def test_a_preset_run_keeps_its_reports_with_the_jobs_it_trained(tmp_path, monkeypatch, capsys):
+    import shlex
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .conftest import git
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    write = "import yaml,pathlib; s=yaml.safe_load(open('params.yaml'))['train']['cgan']['run']"
+    write += "['steps']; pathlib.Path('reports').mkdir(exist_ok=True); "
+    write += "pathlib.Path('reports/summary.md').write_text(f'steps {s}')"
+    stage = {"cmd": f'{shlex.quote(sys.executable)} -c "{write}"',
+             "params": ["train.cgan.run.steps"], "outs": ["reports/summary.md"]}  # fmt: skip
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"report": stage}}))
+    git(root, "init", "-q")
+    subprocess.run(["dvc", "init", "-q"], cwd=root, check=True)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    preset = tmp_path / "preset.yaml"  # outside the repository: the tree stays clean
+    preset.write_text("train: {cgan: {run: {steps: 7}}}\n"
+                      "keep: {into: reports/kept, paths: [reports/summary.md]}\n")  # fmt: skip
+    monkeypatch.chdir(root)
+    assert main([str(preset), "--name", "t"]) == 0
+    assert "kept 1 paths in reports/kept" in capsys.readouterr().out
+    assert (root / "reports/kept/summary.md").read_text() == "steps 7"  # the experiment's
+    doc = json.loads((root / "reports/kept/jobs.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    assert (doc["commit"], doc["dirty"], doc["preset"]) == (head, "false", str(preset))
+    assert list(doc["jobs"]) == ["cgan"] and doc["jobs"]["cgan"]["run"]["steps"] == 7
+    base = yaml_load((REPO / "params.yaml").read_text())
+    applied = params.parse(merge(base, {"train": {"cgan": {"run": {"steps": 7}}}}))
+    assert doc["jobs"] == job_records(applied, ["cgan"])
