@@ -291,7 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         raw, preset = preset, derive(base, preset, str(path))
         keeps = (args.keep, args.into) if args.keep else kept(raw, str(path))
         parsed = params.parse(merge(base, preset), f"{root} with {path}")  # bad keys named
-        records = job_records(parsed, preset.get("train") or {})
         name = args.name or path.parent.name
         cmd = ["dvc", "exp", "run", "--name", name]
         for o in overrides(base, preset):
@@ -301,10 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"then keeps in {keeps[1]}: {' '.join(keeps[0])}", flush=True)
         if args.dry:
             return 0
-        tags = lineage_tags(root.resolve().parent)  # the commit the experiment starts from
+        # the commit the experiment starts from, read before it changes the workspace
+        tags = lineage_tags(root.resolve().parent) if keeps else {}
         rc = subprocess.run(cmd).returncode
         if rc == 0 and keeps:
             lineage = {k: tags.get(f"git.{k}") for k in ("commit", "dirty")}
+            records = job_records(parsed, preset.get("train") or {})
             doc = {"preset": str(path), "params": str(root), **lineage, "jobs": records}
             keep(*keeps, files={"jobs.json": json.dumps(doc, indent=1, sort_keys=True) + "\n"})
             print(f"kept {len(keeps[0])} paths in {keeps[1]}", flush=True)
