@@ -38,11 +38,14 @@ class Params:
         return [name for name, cfg in self.train.items() if cfg.dataset == dataset]
 
     def job(self, name: str) -> tuple[str, Any]:
-        """(section, TrainConfig) of training job ``name`` (train, train_paired, train_codec)."""
-        for section in JOB_SECTIONS:
-            jobs = getattr(self, section)
-            if name in jobs:
-                return section, jobs[name]
+        """(section, TrainConfig) of training job ``name``: a job's name, looked up in train,
+        train_paired and train_codec in that order, or its params key ``SECTION.NAME``
+        (``train.dcgan``). Raises KeyError where there is no such job."""
+        section, _, bare = name.rpartition(".")
+        for s in (section,) if section else JOB_SECTIONS:
+            jobs = getattr(self, s) if s in JOB_SECTIONS else {}
+            if bare in jobs:
+                return s, jobs[bare]
         raise KeyError(name)
 
 
@@ -160,7 +163,7 @@ def _parse_rd(raw: dict[str, Any], p: Params) -> dict[str, Any]:
         if sweep is None:
             raise ConfigError(f"{where}.sweep: {cfg.sweep!r} is not a key of tune "
                               f"({', '.join(p.tune) or 'none'})")  # fmt: skip
-        if sweep.job not in p.train_codec:
+        if p.job(sweep.job)[0] != "train_codec":
             raise ConfigError(f"{where}.sweep: tune.{cfg.sweep} searches {sweep.job}, not a job "
                               f"of train_codec ({', '.join(p.train_codec) or 'none'})")  # fmt: skip
         if not sweep.keep_checkpoints:
@@ -171,22 +174,29 @@ def _parse_rd(raw: dict[str, Any], p: Params) -> dict[str, Any]:
 
 
 def _parse_tune(raw: dict[str, Any], p: Params) -> dict[str, Any]:
-    """Searches: each names a training job and a space over its config's keys."""
+    """Searches: each names a training job by its params key (``train.dcgan``), the one
+    params dependency of its DVC stage besides its own entry, and a space over the job's
+    config's keys."""
     from gm.tune import SearchConfig, check_search
 
     out = {}
+    keys = [f"{s}.{j}" for s in JOB_SECTIONS for j in getattr(p, s)]
     for name, node in raw.items():
         _check_name("tune", name)
         where = f"tune.{name}"
         cfg = from_dict(SearchConfig, node or {}, where)
-        try:
-            _, job = p.job(cfg.job)
-        except KeyError:
-            jobs = ", ".join([*p.train, *p.train_paired, *p.train_codec]) or "none"
+        if cfg.job not in keys:
+            hint = [k for k in keys if k.rpartition(".")[2] == cfg.job]
             raise ConfigError(
-                f"{where}.job: {cfg.job!r} is not a job of train, train_paired or train_codec "
-                f"({jobs})"
-            ) from None
+                f"{where}.job: {cfg.job!r} "
+                + (
+                    f"names no section: write {hint[0]} (the tune stage depends on that "
+                    "params key alone)"
+                    if hint
+                    else f"is not a job's params key ({', '.join(keys) or 'no jobs'})"
+                )
+            )
+        _, job = p.job(cfg.job)
         check_search(cfg, job, where)
         out[name] = cfg
     return out

@@ -52,7 +52,9 @@ SEARCH_RUN_KEYS = ("steps", "checkpoint_every", "num_workers", "data")
 class SearchConfig:
     """A search of ``params.yaml: tune``."""
 
-    job: str  # a key of train or train_paired: the config trials start from
+    # the config trials start from: its params key, SECTION.NAME (train.dcgan), in params.yaml
+    # (where a tune stage depends on that key alone); elsewhere a bare job name also resolves
+    job: str
     space: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted key → {dist: args}
     metric: str = "kid"  # a metric the job reports at each checkpoint (history.csv columns)
     mode: Literal["min", "max"] = "min"
@@ -538,6 +540,7 @@ def run_search(
     root = Path(root).resolve()
     dataset_dir, out_dir = Path(dataset_dir).resolve(), Path(out_dir).resolve()
     where = f"tune.{name}"
+    job_name = search.job.rpartition(".")[2]  # train.dcgan, or dcgan
     held = check_search(search, job, where)
     steps = search.steps or job.run.steps
     job = _with_run(job, steps=steps, checkpoint_every=search.report_every, **held)
@@ -579,7 +582,7 @@ def run_search(
 
     base = {
         "name": name,
-        "job": search.job,
+        "job": job_name,
         "job_config": to_dict(job),
         "family": job.family,
         "data_name": job.data_name,
@@ -728,6 +731,7 @@ def _write_results(
     from gm.io import atomic_dir, write_json
 
     steps = job.run.steps
+    job_name = search.job.rpartition(".")[2]
     rows, curves = [], {}
     client = parent.client
     children = {
@@ -764,7 +768,7 @@ def _write_results(
     sign = 1 if search.mode == "min" else -1
     best = min(full, key=lambda row: sign * row[search.metric])
     values = {k: best[k] for k in search.space}
-    flat = overrides(section, search.job, values, job)
+    flat = overrides(section, job_name, values, job)
     summary = {
         "best": {search.metric: best[search.metric], "trial_id": best["trial_id"],
                  "steps": best["steps"], "mlflow_run_id": best["mlflow_run_id"]},
@@ -781,7 +785,7 @@ def _write_results(
     }  # fmt: skip
     best_doc = {
         "search": name,
-        "job": f"{section}.{search.job}",
+        "job": f"{section}.{job_name}",
         "metric": {"name": search.metric, "mode": search.mode, "value": best[search.metric],
                    "steps": best["steps"]},
         "trial": {"id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"]},

@@ -308,7 +308,10 @@ def default_params() -> dict:
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda p: p["rd"]["photos"].update(sweep="dcgan"), "sweep: tune.dcgan searches dcgan"),
+        (
+            lambda p: p["rd"]["photos"].update(sweep="dcgan"),
+            "sweep: tune.dcgan searches train.dcgan, not a job of train_codec",
+        ),
         (lambda p: p["rd"]["photos"].update(sweep="nosuch"), "sweep: 'nosuch' is not a key"),
         (lambda p: p["tune"]["codec_rd"].update(keep_checkpoints=False), "does not keep its"),
         (lambda p: p["rd"]["photos"].update(dataset="digits"), "dataset: digits is not RGB"),

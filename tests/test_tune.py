@@ -131,12 +131,25 @@ def test_params_tune_section_names_an_existing_job(tmp_path):
         "train": {"toy": {"family": "dcgan", "dataset": "toy", "model": TINY["dcgan"]}},
         "tune": {"s": {"job": "nosuch", "space": {"model.optim_g.lr": {"choice": [0.1]}}}},
     }
-    with pytest.raises(ConfigError, match=r"tune\.s\.job: 'nosuch' is not a job .*\(toy\)"):
+    with pytest.raises(ConfigError, match=r"tune\.s\.job: 'nosuch' is not a job's params key "
+                       r"\(train\.toy\)"):  # fmt: skip
         params.parse(raw)
+    # the job by its params key, the one the tune stage depends on: a bare name is refused
     raw["tune"]["s"]["job"] = "toy"
+    with pytest.raises(ConfigError, match=r"tune\.s\.job: 'toy' names no section: write "
+                       r"train\.toy"):  # fmt: skip
+        params.parse(raw)
+    raw["tune"]["s"]["job"] = "train_paired.toy"  # the name, in another section
+    with pytest.raises(ConfigError, match=r"'train_paired\.toy' is not a job's params key"):
+        params.parse(raw)
+    raw["tune"]["s"]["job"] = "train.toy"
     p = params.parse(raw)
     assert p.tune["s"].space == {"model.optim_g.lr": {"choice": [0.1]}}
-    assert p.job("toy")[0] == "train"
+    assert p.job("toy")[0] == p.job("train.toy")[0] == "train"
+    assert p.job("train.toy")[1] is p.train["toy"]
+    for missing in ("train_paired.toy", "bogus.toy", "train.nosuch"):
+        with pytest.raises(KeyError):
+            p.job(missing)
 
 
 def test_best_values_become_params_keys_and_dvc_set_arguments():
@@ -189,7 +202,7 @@ def search_repo(project: Path, search: dict, family: str = "dcgan") -> Path:
                 "run": run,
             }
         },
-        "tune": {"toy": {"job": "toy", **search}},
+        "tune": {"toy": {"job": "train.toy", **search}},
     }
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     stages = {
@@ -198,7 +211,7 @@ def search_repo(project: Path, search: dict, family: str = "dcgan") -> Path:
             "do": {
                 "cmd": "python -m pipelines.tune --name ${key}",
                 "deps": ["datasets/pyramid/toy", "models/classifiers/toy/classifier.pt"],
-                "params": ["tune.${key}", "train"],
+                "params": ["tune.${key}", "${item.job}"],  # as the project's dvc.yaml
                 "outs": ["tune/${key}"],
                 "metrics": [{"reports/tune/${key}.json": {"cache": False}}],
                 "plots": [{"reports/tune/${key}.png": {"cache": False}}],
@@ -299,6 +312,16 @@ def test_tune_stage_asha_stops_a_bad_lr_and_best_params_round_trip_into_dvc_exp_
     assert len(client.get_metric_history(best_run.info.run_id, "kid")) == 4
     assert "images" in [a.path for a in client.list_artifacts(best_run.info.run_id)]
 
+    # the stage depends on its own entry and its job's params key alone: another job's
+    # change leaves it up to date, a change to its job does not
+    text = (root / "params.yaml").read_text()
+    raw = yaml_load(text)
+    raw["train"]["other"] = json.loads(json.dumps(raw["train"]["toy"]))  # a copy
+    assert stage_status(root, env, raw) == {}
+    raw["train"]["toy"]["run"]["batch_size"] = 4
+    assert "changed params" in str(stage_status(root, env, raw)["tune@toy"])
+    (root / "params.yaml").write_text(text)
+
     # best_params.yaml → dvc exp run -S: the job trains with the best lr
     cmd = ["dvc", "exp", "run", "train"]
     for s in best["set"]:
@@ -310,6 +333,15 @@ def test_tune_stage_asha_stops_a_bad_lr_and_best_params_round_trip_into_dvc_exp_
     m = json.loads((root / "models/toy/metrics.json").read_text())
     trained = client.get_run(m["mlflow_run_id"]).data.params
     assert trained["model.optim.lr"] == "0.003" and trained["run.seed"] == "0"
+
+
+def stage_status(root: Path, env: dict, raw: dict) -> dict:
+    """`dvc status tune@toy --json` with params.yaml set to ``raw``."""
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    r = subprocess.run(["dvc", "status", "tune@toy", "--json"], cwd=root, env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(r.stdout)
 
 
 def trial_folders(folder: Path):
