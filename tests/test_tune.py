@@ -205,13 +205,14 @@ def search_repo(project: Path, search: dict, family: str = "dcgan") -> Path:
         "tune": {"toy": {"job": "train.toy", **search}},
     }
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    own = yaml_load((REPO / "dvc.yaml").read_text())  # the project's tune stage's params
     stages = {
         "tune": {
             "foreach": "${tune}",
             "do": {
                 "cmd": "python -m pipelines.tune --name ${key}",
                 "deps": ["datasets/pyramid/toy", "models/classifiers/toy/classifier.pt"],
-                "params": ["tune.${key}", "${item.job}"],  # as the project's dvc.yaml
+                "params": own["stages"]["tune"]["do"]["params"],  # tested below
                 "outs": ["tune/${key}"],
                 "metrics": [{"reports/tune/${key}.json": {"cache": False}}],
                 "plots": [{"reports/tune/${key}.png": {"cache": False}}],
@@ -319,7 +320,8 @@ def test_tune_stage_asha_stops_a_bad_lr_and_best_params_round_trip_into_dvc_exp_
     raw["train"]["other"] = json.loads(json.dumps(raw["train"]["toy"]))  # a copy
     assert stage_status(root, env, raw) == {}
     raw["train"]["toy"]["run"]["batch_size"] = 4
-    assert "changed params" in str(stage_status(root, env, raw)["tune@toy"])
+    changed = {"changed deps": {"params.yaml": {"train.toy": "modified"}}}
+    assert stage_status(root, env, raw) == {"tune@toy": [changed]}
     (root / "params.yaml").write_text(text)
 
     # best_params.yaml → dvc exp run -S: the job trains with the best lr
