@@ -80,6 +80,11 @@ class SearchConfig:
     # e.g. {ema_beta: 0.0} where trials are too short for the job's EMA of G to warm up
     trial_run: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def job_name(self) -> str:
+        """The job's name in its section: dcgan of train.dcgan (or of a bare dcgan)."""
+        return self.job.rpartition(".")[2]
+
     def __post_init__(self):
         check(bool(self.space), "space", "declare at least one searched key")
         for name in ("num_samples", "report_every"):
@@ -540,7 +545,6 @@ def run_search(
     root = Path(root).resolve()
     dataset_dir, out_dir = Path(dataset_dir).resolve(), Path(out_dir).resolve()
     where = f"tune.{name}"
-    job_name = search.job.rpartition(".")[2]  # train.dcgan, or dcgan
     held = check_search(search, job, where)
     steps = search.steps or job.run.steps
     job = _with_run(job, steps=steps, checkpoint_every=search.report_every, **held)
@@ -582,7 +586,7 @@ def run_search(
 
     base = {
         "name": name,
-        "job": job_name,
+        "job": search.job_name,
         "job_config": to_dict(job),
         "family": job.family,
         "data_name": job.data_name,
@@ -731,7 +735,6 @@ def _write_results(
     from gm.io import atomic_dir, write_json
 
     steps = job.run.steps
-    job_name = search.job.rpartition(".")[2]
     rows, curves = [], {}
     client = parent.client
     children = {
@@ -768,7 +771,7 @@ def _write_results(
     sign = 1 if search.mode == "min" else -1
     best = min(full, key=lambda row: sign * row[search.metric])
     values = {k: best[k] for k in search.space}
-    flat = overrides(section, job_name, values, job)
+    flat = overrides(section, search.job_name, values, job)
     summary = {
         "best": {search.metric: best[search.metric], "trial_id": best["trial_id"],
                  "steps": best["steps"], "mlflow_run_id": best["mlflow_run_id"]},
@@ -785,7 +788,7 @@ def _write_results(
     }  # fmt: skip
     best_doc = {
         "search": name,
-        "job": f"{section}.{job_name}",
+        "job": f"{section}.{search.job_name}",
         "metric": {"name": search.metric, "mode": search.mode, "value": best[search.metric],
                    "steps": best["steps"]},
         "trial": {"id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"]},

@@ -145,6 +145,7 @@ def test_params_tune_section_names_an_existing_job(tmp_path):
     raw["tune"]["s"]["job"] = "train.toy"
     p = params.parse(raw)
     assert p.tune["s"].space == {"model.optim_g.lr": {"choice": [0.1]}}
+    assert p.tune["s"].job_name == "toy"  # of train.toy
     assert p.job("toy")[0] == p.job("train.toy")[0] == "train"
     assert p.job("train.toy")[1] is p.train["toy"]
     for missing in ("train_paired.toy", "bogus.toy", "train.nosuch"):
