@@ -50,11 +50,12 @@ def test_the_quality_preset_expands_into_seed_averaged_ablations_of_three_gan_fa
         if job == "progan_digits":  # but G's lr of the committed report (the pipeline's: 2e-3)
             assert old.model["optim_g"] == {"lr": 2e-3} and "optim_d" not in old.model
             model.update(optim_g={"lr": 1e-3})
-        else:  # and stylegan's G and D lr and plain D of the committed report (the pipeline's:
-            # 2e-3 and the residual D)
+        else:  # and stylegan's G and D lr, plain D and widths of the committed report (the
+            # pipeline's: 2e-3, the residual D and wider coarse layers)
             assert (old.model["optim_g"], old.model["optim_d"]) == ({"lr": 2e-3}, {"lr": 2e-3})
-            assert old.model["architecture"] == "resnet"
-            model.update(optim_g={"lr": 1e-3}, optim_d={"lr": 1e-3}, architecture="orig")
+            assert (old.model["architecture"], old.model["fmap_max"]) == ("resnet", 128)
+            model.update(optim_g={"lr": 1e-3}, optim_d={"lr": 1e-3}, architecture="orig",
+                         fmap_max=32)  # fmt: skip
         assert new.family == old.family and new.model == model
         assert new.run.batch_size == old.run.batch_size
         assert (old.dataset, new.dataset, new.resolution) == ("emoji", "digits", 16)
